@@ -1,0 +1,1 @@
+"""Consent model, decision engine and patient web form."""

@@ -1,0 +1,1 @@
+"""De-identification profiles, keys, differential privacy and budgets."""

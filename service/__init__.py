@@ -1,0 +1,1 @@
+"""Passerelle service: HTTP API, storage, auth, audit and CLI."""

@@ -1,0 +1,86 @@
+"""The CapabilityStatement, generated from the search-parameter table.
+
+Deriving it from `searchparams` means what the server advertises is exactly what the
+query builder accepts.
+"""
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from fhir.resources.R4B import fhirtypes
+
+from service.store.searchparams import params_for
+from service.validation import model_for
+
+SOFTWARE_VERSION = "0.1.0"
+FHIR_VERSION = "4.3.0"  # R4B: the models every resource is validated against
+_WRITE = ("create", "update", "delete")
+_READ = ("read", "vread", "history-instance", "search-type")
+_SMART_OAUTH = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+
+
+@cache
+def resource_types() -> tuple[str, ...]:
+    """Every FHIR R4B resource type: all of them can be stored, read and searched."""
+    names = (name[:-4] for name in dir(fhirtypes) if name.endswith("Type") and name[:1].isupper())
+    return tuple(sorted(n for n in names if model_for(n) is not None))
+
+
+def _resource(resource_type: str, writable: bool) -> dict[str, Any]:
+    params = params_for(resource_type)
+    interactions = _READ + (_WRITE if writable else ())
+    entry: dict[str, Any] = {
+        "type": resource_type,
+        "interaction": [{"code": code} for code in interactions],
+        "versioning": "versioned",
+        "readHistory": True,
+        "updateCreate": writable,
+        "conditionalCreate": writable,
+        "conditionalUpdate": False,
+        "conditionalDelete": "not-supported",
+        "searchParam": [{"name": p.name, "type": p.kind, **({"documentation": p.documentation}
+                                                               if p.documentation else {})}
+                        for p in params.values()],
+    }
+    includes = [f"{resource_type}:{p.name}" for p in params.values() if p.kind == "reference"]
+    if includes:
+        entry["searchInclude"] = includes
+    return entry
+
+
+def statement(base: str, *, writable: bool = True, types: tuple[str, ...] | None = None,
+              description: str = "Passerelle custodian FHIR API") -> dict[str, Any]:
+    """A CapabilityStatement for a FHIR base URL (`writable` False for the read-only research view)."""
+    chosen = types if types is not None else resource_types()
+    server_base = base.rsplit("/fhir", 1)[0].rsplit("/research", 1)[0]
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-29",
+        "publisher": "Passerelle",
+        "kind": "instance",
+        "software": {"name": "Passerelle", "version": SOFTWARE_VERSION},
+        "implementation": {"description": description, "url": base},
+        "fhirVersion": FHIR_VERSION,
+        "format": ["application/fhir+json", "json"],
+        "rest": [{
+            "mode": "server",
+            "documentation": "Search parameters are listed per type; unknown parameters are refused "
+                             "unless the request says Prefer: handling=lenient.",
+            "security": {
+                "cors": False,
+                "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                         "code": "SMART-on-FHIR"}]}],
+                "description": "OAuth2 client_credentials (SMART Backend Services private_key_jwt, or "
+                               "client_secret_basic); bearer tokens live at most 300 seconds.",
+                "extension": [{"url": _SMART_OAUTH, "extension": [
+                    {"url": "token", "valueUri": f"{server_base}/auth/token"}]}],
+            },
+            "resource": [_resource(t, writable) for t in chosen],
+            **({"interaction": [{"code": "transaction"}, {"code": "batch"}]} if writable else {}),
+            "searchParam": [{"name": name, "type": kind} for name, kind in
+                            (("_count", "number"), ("_sort", "string"), ("_total", "token"),
+                             ("_summary", "token"), ("_include", "special"))],
+        }],
+    }

@@ -1,0 +1,28 @@
+"""The application factory: one blueprint per surface, one error handler for all."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+
+from service import db, errors
+from service.config import load_config
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Build a Passerelle app; `config` overrides values read from the environment."""
+    app = Flask(__name__, instance_relative_config=False)
+    app.config.update(load_config())
+    app.config.update(config or {})
+    app.json.sort_keys = False
+    db.init_app(app)
+    errors.register(app)
+
+    from service import auth, cli, health
+    from service.api import custodian
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(custodian.bp, url_prefix="/fhir")
+    cli.register(app)
+    return app

@@ -1,0 +1,292 @@
+"""Transaction and batch Bundles (FHIR R4 §3.1.0.11).
+
+A transaction is all-or-nothing: every entry is validated before anything is written,
+`urn:uuid:` and conditional references are resolved to server ids, and the caller's
+single database transaction rolls everything back on the first error. A batch runs
+each entry in its own savepoint and reports per-entry outcomes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from sqlalchemy import Connection
+
+from service.errors import FhirError, InvalidRequest, NotFound, NotSupported, PreconditionFailed
+from service.store import repository, search
+from service.store.repository import Change, Stored
+from service.validation import check_type, validate
+
+_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
+
+#: Answers a GET entry's search (type, parameters) → searchset Bundle; only the HTTP API has one.
+SearchFn = Callable[[str, list[tuple[str, str]]], dict[str, Any]]
+
+
+@dataclass
+class Entry:
+    """One parsed Bundle entry with its target once resolved."""
+
+    index: int
+    method: str
+    resource_type: str
+    resource_id: str | None
+    query: list[tuple[str, str]] | None
+    full_url: str | None
+    resource: dict[str, Any] | None
+    if_none_exist: list[tuple[str, str]] | None
+    if_match: int | None
+    existing: str | None = None  # id found by If-None-Exist: nothing to write
+    response: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_if_match(value: str | None, where: str = "If-Match") -> int | None:
+    """`W/"3"` → 3."""
+    if not value:
+        return None
+    text = value.strip()
+    text = text[2:] if text.startswith("W/") else text
+    text = text.strip('"')
+    if not text.isdigit():
+        raise InvalidRequest(f"{where} must be a version ETag like W/\"3\", got {value!r}")
+    return int(text)
+
+
+def _parse_entry(index: int, raw: Any, bundle_type: str) -> Entry:
+    where = f"Bundle.entry[{index}]"
+    if not isinstance(raw, dict) or not isinstance(raw.get("request"), dict):
+        raise InvalidRequest(f"{where}.request is required in a {bundle_type} Bundle", expression=f"{where}.request")
+    request = raw["request"]
+    method = request.get("method")
+    if method not in _ORDER:
+        raise InvalidRequest(f"{where}.request.method {method!r} is not supported (GET, POST, PUT, DELETE)",
+                             expression=f"{where}.request.method")
+    url = request.get("url")
+    if not isinstance(url, str) or not url:
+        raise InvalidRequest(f"{where}.request.url is required", expression=f"{where}.request.url")
+    split = urlsplit(url)
+    parts = [p for p in split.path.split("/") if p]
+    if not parts:
+        raise InvalidRequest(f"{where}.request.url {url!r} names no resource type", expression=f"{where}.request.url")
+    resource_type, resource_id = parts[0], parts[1] if len(parts) > 1 else None
+    check_type(resource_type)
+    query = parse_qsl(split.query, keep_blank_values=True) if split.query else None
+    resource = raw.get("resource")
+    if method in ("POST", "PUT"):
+        validate(resource, resource_type, where=f"{where}.resource")
+        if method == "PUT" and resource_id is None and query is None:
+            raise InvalidRequest(f"{where}: PUT needs Type/id or a conditional Type?query url")
+    elif method in ("DELETE",) and resource_id is None and query is None:
+        raise InvalidRequest(f"{where}: DELETE needs Type/id or a conditional Type?query url")
+    if resource_id is not None:
+        repository.check_id(resource_id)
+    if_none_exist = request.get("ifNoneExist")
+    return Entry(
+        index=index, method=method, resource_type=resource_type, resource_id=resource_id, query=query,
+        full_url=raw.get("fullUrl"), resource=resource,
+        if_none_exist=parse_qsl(if_none_exist.lstrip("?"), keep_blank_values=True) if if_none_exist else None,
+        if_match=parse_if_match(request.get("ifMatch"), f"{where}.request.ifMatch"),
+    )
+
+
+def _single_match(conn: Connection, resource_type: str, query: list[tuple[str, str]], what: str) -> str | None:
+    ids = search.matching_ids(conn, resource_type, query)
+    if len(ids) > 1:
+        raise PreconditionFailed(f"{what}: more than one {resource_type} matches the condition")
+    return ids[0] if ids else None
+
+
+def _rewrite_references(node: Any, resolve: Callable[[str], str]) -> None:
+    """Replace every Reference.reference in place using `resolve`."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                node[key] = resolve(value)
+            else:
+                _rewrite_references(value, resolve)
+    elif isinstance(node, list):
+        for item in node:
+            _rewrite_references(item, resolve)
+
+
+def _resolver(conn: Connection, ids: dict[str, str], where: str) -> Callable[[str], str]:
+    def resolve(reference: str) -> str:
+        if reference in ids:
+            return ids[reference]
+        if reference.startswith("urn:uuid:") or reference.startswith("urn:oid:"):
+            raise InvalidRequest(f"{where}: reference {reference!r} matches no fullUrl in the Bundle")
+        if "?" in reference and "/" not in reference.split("?", 1)[0]:
+            resource_type, query = reference.split("?", 1)
+            check_type(resource_type)
+            found = _single_match(conn, resource_type, parse_qsl(query, keep_blank_values=True),
+                                  f"{where}: conditional reference {reference!r}")
+            if found is None:
+                raise PreconditionFailed(f"{where}: conditional reference {reference!r} matches no resource")
+            ids[reference] = f"{resource_type}/{found}"
+            return ids[reference]
+        return reference
+    return resolve
+
+
+def _status(stored: Stored | None, created: bool) -> dict[str, Any]:
+    if stored is None:
+        return {"status": "204 No Content"}
+    response = {"status": "201 Created" if created else "200 OK",
+                "location": f"{stored.type}/{stored.id}/_history/{stored.version}",
+                "etag": stored.etag, "lastModified": stored.last_modified}
+    return response
+
+
+def _assign(conn: Connection, entry: Entry, ids: dict[str, str]) -> None:
+    """Decide the id each POST/PUT entry will have, so references can point at it."""
+    where = f"Bundle.entry[{entry.index}]"
+    if entry.method == "POST":
+        if entry.if_none_exist is not None:
+            entry.existing = _single_match(conn, entry.resource_type, entry.if_none_exist, f"{where} ifNoneExist")
+        entry.resource_id = entry.existing or repository.new_id()
+    elif entry.method == "PUT" and entry.resource_id is None:
+        assert entry.query is not None
+        entry.resource_id = _single_match(conn, entry.resource_type, entry.query, where) or repository.new_id()
+        if entry.resource is not None:
+            entry.resource["id"] = entry.resource_id
+    if entry.full_url and entry.resource_id:
+        ids[entry.full_url] = f"{entry.resource_type}/{entry.resource_id}"
+
+
+def _delete(conn: Connection, entry: Entry) -> None:
+    target = entry.resource_id
+    if target is None:
+        assert entry.query is not None
+        target = _single_match(conn, entry.resource_type, entry.query, f"Bundle.entry[{entry.index}]")
+    if target is None:
+        entry.response = {"status": "204 No Content"}
+        return
+    try:
+        stored = repository.remove(conn, entry.resource_type, target, entry.if_match)
+    except NotFound:
+        stored = None
+    entry.response = _status(stored, False)
+
+
+def _write(conn: Connection, entries: list[Entry], ids: dict[str, str]) -> None:
+    """Resolve references, then store every POST/PUT version with one batched write."""
+    changes: list[Change] = []
+    writing: list[Entry] = []
+    by_type: dict[str, list[str]] = {}
+    for entry in entries:
+        if entry.existing is None and entry.resource_id:
+            by_type.setdefault(entry.resource_type, []).append(entry.resource_id)
+    current = {rt: repository.current(conn, rt, rids) for rt, rids in by_type.items()}
+    seen: set[tuple[str, str]] = set()
+    for entry in entries:
+        assert entry.resource is not None and entry.resource_id is not None
+        where = f"Bundle.entry[{entry.index}]"
+        if entry.existing is not None:
+            stored = repository.read(conn, entry.resource_type, entry.existing)
+            entry.response = _status(stored, False)
+            continue
+        key = (entry.resource_type, entry.resource_id)
+        if key in seen:
+            raise InvalidRequest(f"{where}: {entry.resource_type}/{entry.resource_id} appears twice in the Bundle")
+        seen.add(key)
+        _rewrite_references(entry.resource, _resolver(conn, ids, where))
+        existing = current[entry.resource_type].get(entry.resource_id) if entry.method == "PUT" else None
+        if entry.method == "PUT":
+            if entry.resource.get("id") != entry.resource_id:
+                raise InvalidRequest(f"{where}: resource id must equal the id in request.url")
+            if entry.if_match is not None and (existing is None or existing.version != entry.if_match):
+                raise PreconditionFailed(f"{where}: ifMatch expected version {entry.if_match}")
+        changes.append(Change(entry.resource_type, entry.resource_id, entry.resource, existing))
+        writing.append(entry)
+    for entry, stored, change in zip(writing, repository.write(conn, changes), changes, strict=True):
+        entry.response = _status(stored, change.current is None or change.current.deleted)
+
+
+def _get(conn: Connection, entry: Entry, read_search: SearchFn | None) -> dict[str, Any]:
+    if read_search is None:
+        raise NotSupported(f"Bundle.entry[{entry.index}]: GET entries are only answered by the HTTP API")
+    if entry.resource_id is not None:
+        stored = repository.read(conn, entry.resource_type, entry.resource_id)
+        entry.response = _status(stored, False)
+        return stored.resource()
+    entry.response = {"status": "200 OK"}
+    return read_search(entry.resource_type, entry.query or [])
+
+
+def transaction(conn: Connection, bundle: dict[str, Any],
+                read_search: SearchFn | None) -> dict[str, Any]:
+    """Process a transaction Bundle on `conn`; any error propagates and the caller rolls back."""
+    entries = [_parse_entry(i, raw, "transaction") for i, raw in enumerate(bundle.get("entry") or [])]
+    ordered = sorted(entries, key=lambda e: _ORDER[e.method])
+    ids: dict[str, str] = {}
+    for entry in ordered:
+        if entry.method == "DELETE":
+            _delete(conn, entry)
+        elif entry.method in ("POST", "PUT"):
+            _assign(conn, entry, ids)
+    _write(conn, [e for e in ordered if e.method in ("POST", "PUT")], ids)
+    results: dict[int, dict[str, Any]] = {}
+    for entry in ordered:
+        if entry.method == "GET":
+            results[entry.index] = _get(conn, entry, read_search)
+    return _response_bundle("transaction-response", entries, results)
+
+
+def batch(conn: Connection, bundle: dict[str, Any],
+          read_search: SearchFn | None) -> dict[str, Any]:
+    """Process each batch entry independently, in its own savepoint."""
+    raws = bundle.get("entry") or []
+    order = sorted(range(len(raws)), key=lambda i: _ORDER.get((raws[i].get("request") or {}).get("method"), 9)
+                   if isinstance(raws[i], dict) else 9)
+    by_index: dict[int, dict[str, Any]] = {}
+    for i in order:
+        try:
+            with conn.begin_nested():
+                entry = _parse_entry(i, raws[i], "batch")
+                result = None
+                if entry.method == "DELETE":
+                    _delete(conn, entry)
+                elif entry.method == "GET":
+                    result = _get(conn, entry, read_search)
+                else:
+                    _assign(conn, entry, {})
+                    _write(conn, [entry], {})
+            item: dict[str, Any] = {"response": entry.response}
+            if result is not None:
+                item["resource"] = result
+        except FhirError as exc:
+            item = {"response": {"status": f"{exc.status} {_REASONS.get(exc.status, 'Error')}",
+                                 "outcome": exc.outcome()}}
+        by_index[i] = item
+    outcomes = [by_index[i] for i in range(len(raws))]
+    return {"resourceType": "Bundle", "type": "batch-response", "entry": outcomes}
+
+
+_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 409: "Conflict",
+            410: "Gone", 412: "Precondition Failed", 422: "Unprocessable Entity"}
+
+
+def _response_bundle(kind: str, entries: list[Entry], results: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    out = []
+    for entry in entries:
+        item: dict[str, Any] = {"response": entry.response}
+        if entry.index in results:
+            item["resource"] = results[entry.index]
+        out.append(item)
+    return {"resourceType": "Bundle", "type": kind, "entry": out}
+
+
+def process(conn: Connection, bundle: Any,
+            read_search: SearchFn | None = None) -> dict[str, Any]:
+    """Dispatch a Bundle POSTed to the base URL by its type."""
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise InvalidRequest("POST to the base URL takes a Bundle of type transaction or batch")
+    kind = bundle.get("type")
+    if kind not in ("transaction", "batch"):
+        raise InvalidRequest(f"Bundle.type {kind!r} cannot be processed here; use transaction or batch",
+                             expression="Bundle.type")
+    if not isinstance(bundle.get("entry", []), list):
+        raise InvalidRequest("Bundle.entry must be a list", expression="Bundle.entry")
+    return (transaction if kind == "transaction" else batch)(conn, bundle, read_search)

@@ -1,0 +1,13 @@
+"""`flask --app wsgi …` commands, one module per domain."""
+from __future__ import annotations
+
+from flask import Flask
+
+
+def register(app: Flask) -> None:
+    from service.cli import clients, data, database
+
+    app.cli.add_command(database.init_db_command)
+    app.cli.add_command(clients.client_group)
+    app.cli.add_command(data.demo_data_command)
+    app.cli.add_command(data.ingest_command)

@@ -1,0 +1,49 @@
+"""`ingest` and `demo-data`: load FHIR files, or the seeded synthetic population."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from service import db, ingest, synthetic
+from service.bundles import process
+
+
+@click.command("ingest")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+def ingest_command(paths: tuple[Path, ...]) -> None:
+    """Load Bundles (.json) and NDJSON (.ndjson) files or directories of them."""
+    files = ingest.expand(paths)
+    total = sum(p.stat().st_size for p in files)
+    with click.progressbar(length=total, label="Ingesting", file=click.get_text_stream("stderr")) as bar:
+        report = ingest.ingest(db.engine(), files, bar.update)
+    for problem in report.rejected:
+        click.echo(f"rejected: {problem}", err=True)
+    click.echo(f"Stored {report.stored} resources from {report.files} files; {len(report.rejected)} rejected.",
+               err=True)
+    if report.rejected:
+        raise SystemExit(1)
+
+
+@click.command("demo-data")
+@click.option("--patients", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--ndjson", "ndjson_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write NDJSON files here instead of loading (benchmark scale, no API).")
+def demo_data_command(patients: int, seed: int, ndjson_dir: Path | None) -> None:
+    """Generate seeded synthetic patients and load them through the transaction path."""
+    if ndjson_dir is not None:
+        counts = synthetic.write_ndjson(ndjson_dir, patients, seed)
+        click.echo(f"Wrote {sum(counts.values())} resources to {ndjson_dir}.", err=True)
+        return
+    engine = db.engine()
+    stored = 0
+    for bundle in synthetic.organisation_bundles(seed):
+        with db.write(engine) as conn:
+            stored += len(process(conn, bundle)["entry"])
+    with click.progressbar(synthetic.patient_bundles(patients, seed), length=patients, label="Loading patients",
+                           file=click.get_text_stream("stderr")) as bar:
+        for bundle in bar:
+            with db.write(engine) as conn:
+                stored += len(process(conn, bundle)["entry"])
+    click.echo(f"Loaded {patients} synthetic patients ({stored} resources, seed {seed}).", err=True)

@@ -1,0 +1,21 @@
+"""`init-db`: create or migrate the schema and the master key (idempotent)."""
+from __future__ import annotations
+
+import click
+from flask import current_app
+
+from policies.keys import MasterKeyError, ensure_master_key
+from service import db
+
+
+@click.command("init-db")
+def init_db_command() -> None:
+    """Create or migrate the database schema and create the master key if missing."""
+    try:
+        created = ensure_master_key(current_app.config["MASTER_KEY_FILE"])
+    except MasterKeyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    version = db.migrate(db.engine())
+    click.echo(f"Database ready (schema version {version}).", err=True)
+    if created:
+        click.echo(f"Created master key {current_app.config['MASTER_KEY_FILE']} (mode 0600).", err=True)

@@ -1,0 +1,1 @@
+"""Storage: schema, repository, search index and query builder."""

@@ -1,0 +1,164 @@
+"""Extract search-index rows and the patient compartment from a resource (pure).
+
+Runs once per stored version at ingest; the query builder then answers every search
+from these rows, never by scanning stored JSON.
+"""
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from service.store.fhirdates import MAX_US, MIN_US, DateFormatError, date_range
+from service.store.searchparams import COMPARTMENT, SearchParam, indexed_params
+
+Rows = dict[str, list[dict[str, Any]]]
+
+
+def normalise(text: str) -> str:
+    """Case- and accent-insensitive form used for string search (`Müller` → `muller`)."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()[:255]
+
+
+def walk(node: Any, steps: tuple[tuple[str, str | None, str | None], ...]) -> Iterator[Any]:
+    """Yield every value reached by following element names (lists are flattened)."""
+    if not steps:
+        if isinstance(node, list):
+            yield from node
+        else:
+            yield node
+        return
+    (name, key, wanted), rest = steps[0], steps[1:]
+    items = node if isinstance(node, list) else (node,)
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        child = item.get(name)
+        if child is None:
+            continue
+        for value in child if isinstance(child, list) else (child,):
+            if key is not None and (not isinstance(value, dict) or value.get(key) != wanted):
+                continue
+            yield from walk(value, rest)
+
+
+def parse_reference(ref: str) -> tuple[str | None, str] | None:
+    """`Patient/1`, `Patient/1/_history/2`, `http://x/fhir/Patient/1` → ("Patient", "1")."""
+    if not ref or ref.startswith("#") or ref.startswith("urn:"):
+        return None
+    parts = ref.split("?", 1)[0].rstrip("/").split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    if len(parts) >= 2 and parts[-2][:1].isupper():
+        return parts[-2], parts[-1]
+    if len(parts) == 1:
+        return None, parts[0]
+    return None
+
+
+def _tokens(value: Any, contact: bool) -> Iterable[tuple[str | None, str]]:
+    """(system, code) pairs of a code, boolean, Coding, CodeableConcept, Identifier or ContactPoint."""
+    if isinstance(value, bool):
+        yield None, "true" if value else "false"
+    elif isinstance(value, str):
+        yield None, value
+    elif not isinstance(value, dict):
+        return
+    elif "coding" in value:
+        for coding in value["coding"]:
+            if coding.get("code") is not None:
+                yield coding.get("system"), coding["code"]
+    elif "code" in value:
+        yield value.get("system"), value["code"]
+    elif "value" in value:
+        # A ContactPoint's `system` is a kind (phone, email), not a namespace: match on the value.
+        yield (None if contact else value.get("system")), value["value"]
+
+
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key in ("text", "family", "given", "prefix", "suffix", "line", "city", "district", "state",
+                    "postalCode", "country"):
+            part = value.get(key)
+            if isinstance(part, str):
+                yield part
+            elif isinstance(part, list):
+                yield from (p for p in part if isinstance(p, str))
+
+
+def _dates(value: Any) -> Iterable[tuple[int, int]]:
+    if isinstance(value, str):
+        yield date_range(value)
+    elif isinstance(value, dict):
+        if "start" in value or "end" in value:
+            low = date_range(value["start"])[0] if value.get("start") else MIN_US
+            high = date_range(value["end"])[1] if value.get("end") else MAX_US
+            yield low, high
+
+
+def _quantities(value: Any) -> Iterable[tuple[float, str | None, str | None]]:
+    if isinstance(value, dict) and isinstance(value.get("value"), (int, float)):
+        yield float(value["value"]), value.get("system"), value.get("code") or value.get("unit")
+
+
+def _references(value: Any, target: str | None) -> Iterable[tuple[str | None, str]]:
+    if isinstance(value, dict) and isinstance(value.get("reference"), str):
+        parsed = parse_reference(value["reference"])
+        if parsed and (target is None or parsed[0] == target):
+            yield parsed
+
+
+def _rows_for(param: SearchParam, resource: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    name = param.index_name
+    for steps in param.steps:
+        for value in walk(resource, steps):
+            if param.kind == "token":
+                if param.name == "deceased" and isinstance(value, str):
+                    value = True  # a death date means deceased
+                for system, code in _tokens(value, steps[0][0] == "telecom"):
+                    yield "idx_token", {"param": name, "system": system, "code": str(code)[:255]}
+            elif param.kind == "string":
+                for text in _strings(value):
+                    yield "idx_string", {"param": name, "value": normalise(text), "exact": text[:255]}
+            elif param.kind == "date":
+                try:
+                    for low, high in _dates(value):
+                        yield "idx_date", {"param": name, "low": low, "high": high}
+                except DateFormatError:
+                    continue  # the model validated the resource; an unparsable partial date is not indexed
+            elif param.kind == "quantity":
+                for number, system, code in _quantities(value):
+                    yield "idx_quantity", {"param": name, "value": number, "system": system, "code": code}
+            else:
+                for target_type, target_id in _references(value, param.target):
+                    yield "idx_reference", {"param": name, "target_type": target_type, "target_id": target_id}
+
+
+def extract(resource_type: str, resource: dict[str, Any]) -> Rows:
+    """Index rows for every indexed parameter of the resource, grouped by index table."""
+    rows: Rows = {}
+    seen: set[tuple[Any, ...]] = set()
+    for param in indexed_params(resource_type):
+        for table, row in _rows_for(param, resource):
+            key = (table, *row.values())
+            if key not in seen:
+                seen.add(key)
+                rows.setdefault(table, []).append(row)
+    return rows
+
+
+def patient_of(resource_type: str, resource: dict[str, Any]) -> str | None:
+    """The id of the patient whose compartment the resource belongs to, if any."""
+    if resource_type == "Patient":
+        return resource.get("id")
+    for element in COMPARTMENT.get(resource_type, ()):
+        value = resource.get(element)
+        for ref in value if isinstance(value, list) else (value,):
+            if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
+                parsed = parse_reference(ref["reference"])
+                if parsed and parsed[0] == "Patient":
+                    return parsed[1]
+    return None

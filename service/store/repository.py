@@ -1,0 +1,268 @@
+"""Versioned resource storage: create, read, update, delete, history.
+
+Every write goes through `write()`, which stores the new current version, appends it
+to `history` (old versions are never overwritten) and replaces the search-index rows,
+all on the caller's connection so a request's writes share one transaction.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, and_, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from service.db import now_us
+from service.errors import Conflict, Gone, InvalidRequest, NotFound, PreconditionFailed
+from service.store import indexer
+from service.store.fhirdates import instant
+from service.store.schema import INDEX_TABLES, history, resources
+
+_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_INDEX_BY_NAME = {table.name: table for table in INDEX_TABLES}
+
+
+@dataclass(frozen=True)
+class Current:
+    """What is stored now for a (type, id): enough to write its next version."""
+
+    pk: int
+    version: int
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class Change:
+    """One version to write: `resource` None means delete."""
+
+    type: str
+    id: str
+    resource: dict[str, Any] | None
+    current: Current | None = None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One stored version of a resource."""
+
+    pk: int
+    type: str
+    id: str
+    version: int
+    last_updated: int
+    deleted: bool
+    json: bytes | None
+    patient_id: str | None = None
+    method: str = ""
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version}"'
+
+    @property
+    def last_modified(self) -> str:
+        return instant(self.last_updated)
+
+    def resource(self) -> dict[str, Any]:
+        return orjson.loads(self.json) if self.json else {}
+
+
+def check_id(resource_id: str) -> str:
+    if not _ID.match(resource_id):
+        raise InvalidRequest(f"{resource_id!r} is not a valid FHIR id ([A-Za-z0-9-.], at most 64 characters)")
+    return resource_id
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def current(conn: Connection, resource_type: str, ids: Sequence[str]) -> dict[str, Current]:
+    """The current version of each of `ids` that exists (deleted ones included)."""
+    found: dict[str, Current] = {}
+    for start in range(0, len(ids), 500):
+        rows = conn.execute(
+            select(resources.c.id, resources.c.pk, resources.c.version, resources.c.deleted)
+            .where(resources.c.type == resource_type, resources.c.id.in_(ids[start:start + 500])))
+        found.update({row.id: Current(row.pk, row.version, row.deleted) for row in rows})
+    return found
+
+
+def write(conn: Connection, changes: Sequence[Change]) -> list[Stored]:
+    """Store the next version of each change (creations batched), with history and index rows."""
+    now = now_us()
+    stored: list[Stored | None] = [None] * len(changes)
+    fresh: list[tuple[int, dict[str, Any]]] = []
+    touched_pks: list[int] = []
+    index_rows: list[tuple[int, Change]] = []
+    for position, change in enumerate(changes):
+        version = change.current.version + 1 if change.current else 1
+        method = "DELETE" if change.resource is None else ("PUT" if change.current else "POST")
+        payload = None if change.resource is None else _stamp(change, version, now)
+        patient = None if change.resource is None else indexer.patient_of(change.type, change.resource)
+        row = {"type": change.type, "id": change.id, "patient_id": patient, "version": version,
+               "last_updated": now, "deleted": change.resource is None, "sensitive_mask": 0, "json": payload}
+        if change.current is None:
+            fresh.append((position, row))
+        else:
+            _update_row(conn, change.current, row)
+            touched_pks.append(change.current.pk)
+            stored[position] = Stored(change.current.pk, change.type, change.id, version, now,
+                                      change.resource is None, payload, patient, method)
+    if fresh:
+        try:
+            pks = conn.execute(insert(resources).returning(resources.c.pk, sort_by_parameter_order=True),
+                               [row for _, row in fresh]).scalars().all()
+        except IntegrityError as exc:
+            raise Conflict("A resource with this id was created concurrently; retry the request") from exc
+        for (position, row), pk in zip(fresh, pks, strict=True):
+            stored[position] = Stored(pk, row["type"], row["id"], 1, now, False, row["json"], row["patient_id"], "POST")
+    done = [s for s in stored if s is not None]
+    conn.execute(insert(history), [
+        {"resource_pk": s.pk, "version": s.version, "patient_id": s.patient_id, "last_updated": now,
+         "method": s.method, "deleted": s.deleted, "json": s.json} for s in done])
+    if touched_pks:
+        for table in INDEX_TABLES:
+            conn.execute(delete(table).where(table.c.resource_pk.in_(touched_pks)))
+    index_rows = [(s.pk, c) for s, c in zip(done, changes, strict=True) if c.resource is not None]
+    _insert_index(conn, index_rows, {s.pk: s.patient_id for s in done})
+    return done
+
+
+def _stamp(change: Change, version: int, now: int) -> bytes:
+    """Set id and meta.versionId/lastUpdated, then serialise the version to store."""
+    resource = change.resource
+    assert resource is not None
+    meta = {**(resource.get("meta") or {}), "versionId": str(version), "lastUpdated": instant(now)}
+    # resourceType, id and meta first, as FHIR servers conventionally serialise them.
+    ordered = {"resourceType": resource["resourceType"], "id": change.id, "meta": meta}
+    ordered.update((k, v) for k, v in resource.items() if k not in ordered)
+    resource.clear()
+    resource.update(ordered)
+    return orjson.dumps(resource)
+
+
+def _update_row(conn: Connection, existing: Current, row: dict[str, Any]) -> None:
+    values = {k: v for k, v in row.items() if k not in ("type", "id")}
+    result = conn.execute(update(resources)
+                          .where(and_(resources.c.pk == existing.pk, resources.c.version == existing.version))
+                          .values(**values))
+    if result.rowcount != 1:
+        raise PreconditionFailed(
+            f"{row['type']}/{row['id']} was changed concurrently (expected version {existing.version}); "
+            "read it again and retry")
+
+
+def _insert_index(conn: Connection, items: list[tuple[int, Change]], patients: dict[int, str | None]) -> None:
+    batches: dict[str, list[dict[str, Any]]] = {}
+    for pk, change in items:
+        assert change.resource is not None
+        for table_name, rows in indexer.extract(change.type, change.resource).items():
+            batch = batches.setdefault(table_name, [])
+            for row in rows:
+                batch.append({**row, "resource_pk": pk, "patient_id": patients[pk]})
+    for table_name, batch in batches.items():
+        conn.execute(insert(_INDEX_BY_NAME[table_name]), batch)
+
+
+# -- single-resource operations used by the API ------------------------------------------------
+
+_COLUMNS = (resources.c.pk, resources.c.type, resources.c.id, resources.c.version, resources.c.last_updated,
+            resources.c.deleted, resources.c.json, resources.c.patient_id)
+
+
+def read(conn: Connection, resource_type: str, resource_id: str) -> Stored:
+    """The current version; NotFound if it never existed, Gone if deleted."""
+    row = conn.execute(select(*_COLUMNS).where(resources.c.type == resource_type,
+                                               resources.c.id == resource_id)).first()
+    if row is None:
+        raise NotFound(f"{resource_type}/{resource_id} is not known")
+    if row.deleted:
+        raise Gone(f"{resource_type}/{resource_id} was deleted",
+                   headers={"ETag": f'W/"{row.version}"'})
+    return Stored(*row)
+
+
+def vread(conn: Connection, resource_type: str, resource_id: str, version: int) -> Stored:
+    """One version from history; Gone if that version records a deletion."""
+    row = conn.execute(
+        select(history.c.resource_pk, resources.c.type, resources.c.id, history.c.version,
+               history.c.last_updated, history.c.deleted, history.c.json, history.c.patient_id, history.c.method)
+        .join(resources, resources.c.pk == history.c.resource_pk)
+        .where(resources.c.type == resource_type, resources.c.id == resource_id, history.c.version == version)
+    ).first()
+    if row is None:
+        raise NotFound(f"{resource_type}/{resource_id} has no version {version}")
+    if row.deleted:
+        raise Gone(f"Version {version} of {resource_type}/{resource_id} is a deletion")
+    return Stored(*row)
+
+
+def instance_history(conn: Connection, resource_type: str, resource_id: str) -> list[Stored]:
+    """Every version, newest first; NotFound if the resource never existed."""
+    rows = conn.execute(
+        select(history.c.resource_pk, resources.c.type, resources.c.id, history.c.version,
+               history.c.last_updated, history.c.deleted, history.c.json, history.c.patient_id, history.c.method)
+        .join(resources, resources.c.pk == history.c.resource_pk)
+        .where(resources.c.type == resource_type, resources.c.id == resource_id)
+        .order_by(history.c.version.desc())
+    ).all()
+    if not rows:
+        raise NotFound(f"{resource_type}/{resource_id} is not known")
+    return [Stored(*row) for row in rows]
+
+
+def create(conn: Connection, resource_type: str, resource: dict[str, Any]) -> Stored:
+    """Store a new resource under a server-assigned id (a client-sent id is replaced, as FHIR says)."""
+    return write(conn, [Change(resource_type, new_id(), resource)])[0]
+
+
+def update(conn: Connection, resource_type: str, resource_id: str, resource: dict[str, Any],
+           if_match: int | None = None) -> tuple[Stored, bool]:
+    """Store the next version (or create with the client's id); returns (stored, created)."""
+    check_id(resource_id)
+    if resource.get("id") != resource_id:
+        raise InvalidRequest(f"The resource id {resource.get('id')!r} must equal the id in the URL "
+                             f"{resource_id!r}", expression=f"{resource_type}.id")
+    existing = current(conn, resource_type, [resource_id]).get(resource_id)
+    if if_match is not None and (existing is None or existing.version != if_match):
+        have = "does not exist" if existing is None else f"is at version {existing.version}"
+        raise PreconditionFailed(f"If-Match expected version {if_match} but {resource_type}/{resource_id} {have}")
+    created = existing is None or existing.deleted
+    return write(conn, [Change(resource_type, resource_id, resource, existing)])[0], created
+
+
+def remove(conn: Connection, resource_type: str, resource_id: str, if_match: int | None = None) -> Stored | None:
+    """Delete (a new, deleted version); None if it was already deleted."""
+    existing = current(conn, resource_type, [resource_id]).get(resource_id)
+    if existing is None:
+        raise NotFound(f"{resource_type}/{resource_id} is not known")
+    if if_match is not None and existing.version != if_match:
+        raise PreconditionFailed(f"If-Match expected version {if_match} but {resource_type}/{resource_id} "
+                                 f"is at version {existing.version}")
+    if existing.deleted:
+        return None
+    return write(conn, [Change(resource_type, resource_id, None, existing)])[0]
+
+
+def upsert(conn: Connection, items: Sequence[tuple[str, dict[str, Any]]]) -> list[Stored]:
+    """Store many validated resources at once: with an id as update-or-create, without as create."""
+    ids_by_type: dict[str, list[str]] = {}
+    for resource_type, resource in items:
+        if resource.get("id"):
+            ids_by_type.setdefault(resource_type, []).append(check_id(resource["id"]))
+    existing = {rt: current(conn, rt, ids) for rt, ids in ids_by_type.items()}
+    changes = []
+    seen: set[tuple[str, str]] = set()
+    for resource_type, resource in items:
+        resource_id = resource.get("id") or new_id()
+        if (resource_type, resource_id) in seen:
+            raise InvalidRequest(f"{resource_type}/{resource_id} appears twice in one batch")
+        seen.add((resource_type, resource_id))
+        changes.append(Change(resource_type, resource_id, resource,
+                              existing.get(resource_type, {}).get(resource_id)))
+    return write(conn, changes)

@@ -1,0 +1,89 @@
+"""Shared fixtures: the real app on a real database, SQLite and PostgreSQL.
+
+Every test that uses `app` runs once per backend. PostgreSQL runs when
+PASSERELLE_TEST_DATABASE_URL names a reachable server; without it the PostgreSQL
+variant is skipped on a laptop and fails in CI (CI=true), where it must run.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from policies.keys import ensure_master_key
+from service import db
+from service.app import create_app
+
+PG_URL = os.environ.get("PASSERELLE_TEST_DATABASE_URL", "")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _admin_url(url: str) -> str:
+    return make_url(url).set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+def _pg_available() -> str | None:
+    """None when PostgreSQL can be used, else the reason it cannot."""
+    if not PG_URL:
+        return "PASSERELLE_TEST_DATABASE_URL is not set"
+    try:
+        engine = create_engine(_admin_url(PG_URL))
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+        return f"PostgreSQL at {PG_URL} is not reachable: {exc}"
+    return None
+
+
+_PG_PROBLEM = _pg_available()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a private PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'passerelle.db'}"
+        return
+    if _PG_PROBLEM:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL tests must run in CI: {_PG_PROBLEM}")
+        pytest.skip(_PG_PROBLEM)
+    schema = f"t_{secrets.token_hex(6)}"
+    admin = create_engine(_admin_url(PG_URL))
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = make_url(_admin_url(PG_URL)).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def app(database_url: str, tmp_path: Path) -> Iterator[Flask]:
+    """The real application on an initialised database, with its own master key."""
+    application = create_app({
+        "TESTING": True,
+        "DATABASE_URL": database_url,
+        "INSTANCE_DIR": str(tmp_path),
+        "MASTER_KEY_FILE": str(tmp_path / "master.key"),
+    })
+    ensure_master_key(application.config["MASTER_KEY_FILE"])
+    db.migrate(application.extensions["passerelle.engine"])
+    yield application
+    application.extensions["passerelle.engine"].dispose()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()

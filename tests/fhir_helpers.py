@@ -1,0 +1,47 @@
+"""Small builders shared by the FHIR API tests (no logic under test lives here)."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask.testing import FlaskClient
+
+
+def patient(family: str = "Dupont", given: str = "Jean", **extra: Any) -> dict[str, Any]:
+    return {"resourceType": "Patient", "name": [{"family": family, "given": [given]}], **extra}
+
+
+def observation(patient_id: str, code: str = "8480-6", value: float = 120.0, when: str = "2020-03-04T10:00:00Z",
+                unit: str = "mm[Hg]", **extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                  "code": "vital-signs"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "effectiveDateTime": when,
+        "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit},
+        **extra,
+    }
+
+
+def create(client: FlaskClient, headers: dict[str, str], resource: dict[str, Any]) -> dict[str, Any]:
+    response = client.post(f"/fhir/{resource['resourceType']}", json=resource, headers=headers)
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()
+
+
+def search(client: FlaskClient, headers: dict[str, str], query: str) -> dict[str, Any]:
+    response = client.get(f"/fhir/{query}", headers=headers)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def ids(bundle: dict[str, Any], mode: str = "match") -> list[str]:
+    return [e["resource"]["id"] for e in bundle.get("entry", []) if e["search"]["mode"] == mode]
+
+
+def issue(response: Any) -> dict[str, Any]:
+    body = response.get_json()
+    assert body["resourceType"] == "OperationOutcome", body
+    return body["issue"][0]
