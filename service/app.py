@@ -18,11 +18,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     db.init_app(app)
     errors.register(app)
 
+    import consent.materialise  # noqa: F401 - registers decision materialisation on every write
     from service import auth, cli, health
-    from service.api import custodian
+    from service.api import custodian, operations, research
 
     app.register_blueprint(health.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(custodian.bp, url_prefix="/fhir")
+    app.register_blueprint(operations.bp, url_prefix="/fhir")
+    app.register_blueprint(research.bp, url_prefix="/research/fhir")
     cli.register(app)
     return app

@@ -167,7 +167,7 @@ def _delete(conn: Connection, entry: Entry) -> None:
         stored = repository.remove(conn, entry.resource_type, target, entry.if_match)
     except NotFound:
         stored = None
-    entry.response = _status(stored, False)
+    entry.response = {"status": "204 No Content", **({"etag": stored.etag} if stored else {})}
 
 
 def _write(conn: Connection, entries: list[Entry], ids: dict[str, str]) -> None:

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Access tokens never live longer than this (SMART Backend Services caps them at 5 min).
 MAX_TOKEN_LIFETIME = 300
+CONSENT_DEFAULTS = ("deny", "aggregate", "record")
 
 
 def _int(env: dict[str, str], name: str, default: int) -> int:
@@ -30,6 +31,9 @@ def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
     env = dict(os.environ if env is None else env)
     instance = Path(env.get("PASSERELLE_INSTANCE_DIR", str(ROOT / "instance")))
     database_url = env.get("PASSERELLE_DATABASE_URL") or f"sqlite:///{instance / 'passerelle.db'}"
+    consent_default = env.get("PASSERELLE_CONSENT_DEFAULT", "deny")
+    if consent_default not in CONSENT_DEFAULTS:
+        raise ValueError(f"PASSERELLE_CONSENT_DEFAULT must be one of {', '.join(CONSENT_DEFAULTS)}")
     token_lifetime = _int(env, "PASSERELLE_TOKEN_LIFETIME", MAX_TOKEN_LIFETIME)
     if not 1 <= token_lifetime <= MAX_TOKEN_LIFETIME:
         raise ValueError(f"PASSERELLE_TOKEN_LIFETIME must be between 1 and {MAX_TOKEN_LIFETIME} seconds")
@@ -43,5 +47,9 @@ def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
         "TOKEN_LIFETIME": token_lifetime,
         "DEFAULT_PAGE_SIZE": _int(env, "PASSERELLE_PAGE_SIZE", 20),
         "MAX_PAGE_SIZE": _int(env, "PASSERELLE_MAX_PAGE_SIZE", 1000),
+        # The regime for patients without a research consent: opt-in (deny) or opt-out.
+        "CONSENT_DEFAULT": consent_default,
+        "EXPORT_TTL_SECONDS": _int(env, "PASSERELLE_EXPORT_TTL", 24 * 3600),
+        "EXPORT_POLL_SECONDS": _int(env, "PASSERELLE_EXPORT_POLL_SECONDS", 2),
         "DB_POOL_SIZE": _int(env, "PASSERELLE_DB_POOL_SIZE", 5),
     }

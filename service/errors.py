@@ -97,6 +97,13 @@ class TooManyRequests(FhirError):
     code = "throttled"
 
 
+class ExportFailed(FhirError):
+    """A Bulk Data job ended in failure (reported on its status URL)."""
+
+    status = 500
+    code = "exception"
+
+
 def operation_outcome(message: str, *, code: str = "invalid", severity: str = "error",
                       expression: str | None = None) -> dict[str, Any]:
     issue: dict[str, Any] = {"severity": severity, "code": code, "diagnostics": message}

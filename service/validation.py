@@ -14,7 +14,6 @@ from pydantic import ValidationError
 
 from service.errors import InvalidRequest, NotFound
 
-
 _ABSTRACT = frozenset({"Resource", "DomainResource"})
 
 

@@ -38,7 +38,7 @@ def _pg_available() -> str | None:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         engine.dispose()
-    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+    except Exception as exc:  # any failure means "not reachable"
         return f"PostgreSQL at {PG_URL} is not reachable: {exc}"
     return None
 
@@ -87,3 +87,21 @@ def app(database_url: str, tmp_path: Path) -> Iterator[Flask]:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture
+def custodian_token(app: Flask, client: FlaskClient) -> str:
+    """A bearer token of a freshly registered custodian client, from the real token endpoint."""
+    from service.auth import register_client
+
+    with app.app_context(), db.write() as conn:
+        registered = register_client(conn, "test custodian", "custodian")
+    response = client.post("/auth/token", data={"grant_type": "client_credentials"},
+                           auth=(registered["client_id"], registered["client_secret"]))
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()["access_token"]
+
+
+@pytest.fixture
+def custodian_headers(custodian_token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {custodian_token}", "Content-Type": "application/fhir+json"}

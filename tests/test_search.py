@@ -134,7 +134,7 @@ def test_category_and_status(client, custodian_headers, readings):
 @pytest.mark.parametrize(("query", "count"), [
     ("value-quantity=gt130", 2),
     ("value-quantity=ge130", 3),
-    ("value-quantity=lt120", 1),
+    ("value-quantity=lt120||mm[Hg]", 1),
     ("value-quantity=130", 1),
     ("value-quantity=130|http://unitsofmeasure.org|mm[Hg]", 1),
     ("value-quantity=le150||mm[Hg]", 5),

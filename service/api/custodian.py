@@ -4,7 +4,7 @@ Views are thin: parse the request, call the store inside one transaction, render
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 from urllib.parse import parse_qsl
@@ -14,12 +14,12 @@ from flask import Blueprint, Response, request
 from service import auth, bundles, db
 from service.api import capability
 from service.api.fhirjson import base_url, check_format, fhir_response, parse_body
-from service.api.searchset import run_search
+from service.api.searchset import render_stored, run_search
 from service.bundles import parse_if_match
 from service.errors import InvalidRequest, NotFound, PreconditionFailed, operation_outcome
 from service.store import repository
-from service.store.search import matching_ids
 from service.store.repository import Stored
+from service.store.search import matching_ids
 from service.validation import check_type, validate
 
 bp = Blueprint("custodian", __name__)
@@ -39,7 +39,7 @@ def _base() -> str:
 
 
 def _http_date(us: int) -> str:
-    return format_datetime(datetime.fromtimestamp(us / 1e6, tz=timezone.utc), usegmt=True)
+    return format_datetime(datetime.fromtimestamp(us / 1e6, tz=UTC), usegmt=True)
 
 
 def _version_headers(stored: Stored) -> dict[str, str]:
@@ -86,7 +86,8 @@ def bundle() -> Response:
 
     def read_search(resource_type: str, args: list[tuple[str, str]]) -> dict[str, Any]:
         with db.read() as conn:
-            return run_search(conn, resource_type, args, base=base, strict=True)
+            return run_search(conn, resource_type, args, base=base, view=ROLE, strict=True,
+                              render=render_stored(base))
 
     with db.write() as conn:
         result = bundles.process(conn, body, read_search)
@@ -99,7 +100,8 @@ def search_type(resource_type: str) -> Response:
     check_type(resource_type)
     args = _search_args()
     with db.read() as conn:
-        return fhir_response(run_search(conn, resource_type, args, base=_base(), strict=_strict()))
+        return fhir_response(run_search(conn, resource_type, args, base=_base(), view=ROLE, strict=_strict(),
+                                        render=render_stored(_base())))
 
 
 @bp.post("/<resource_type>")

@@ -1,17 +1,20 @@
-"""Searchset Bundles: paging links with signed keyset cursors, entries from stored JSON.
+"""Searchset Bundles: paging links with encrypted keyset cursors.
 
-Stored resources are embedded as raw JSON fragments, so a page is never decoded and
-re-encoded on its way out.
+A cursor carries the last row's sort key, which may hold internal row numbers and
+real (unshifted) values, so it is encrypted and authenticated (Fernet), and bound to
+the search and to the caller's view (custodian, or one research project).
 """
 from __future__ import annotations
 
+import base64
 import hashlib
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
 import orjson
+from cryptography.fernet import Fernet, InvalidToken
 from flask import current_app
-from itsdangerous import BadSignature, URLSafeSerializer
 
 from policies.keys import derive_key, load_master_key
 from service.errors import InvalidRequest
@@ -19,27 +22,31 @@ from service.store import search
 from service.store.search import Page, Query
 
 
-def _serializer() -> URLSafeSerializer:
-    key = current_app.extensions.get("passerelle.cursor_key")
-    if key is None:
+def _fernet() -> Fernet:
+    cipher = current_app.extensions.get("passerelle.cursor_cipher")
+    if cipher is None:
         key = derive_key(load_master_key(current_app.config["MASTER_KEY_FILE"]), "paging-cursor")
-        current_app.extensions["passerelle.cursor_key"] = key
-    return URLSafeSerializer(key, salt="search-cursor")
+        cipher = current_app.extensions["passerelle.cursor_cipher"] = Fernet(base64.urlsafe_b64encode(key))
+    return cipher
 
 
-def _fingerprint(path: str, echo: list[tuple[str, str]]) -> str:
-    return hashlib.sha256(orjson.dumps([path, echo])).hexdigest()[:16]
+def _fingerprint(view: str, path: str, echo: list[tuple[str, str]]) -> str:
+    return hashlib.sha256(orjson.dumps([view, path, echo])).hexdigest()[:16]
 
 
-def decode_cursor(token: str | None, path: str, query: Query) -> tuple[list[Any] | None, bool]:
+def _encode(payload: dict[str, Any]) -> str:
+    return _fernet().encrypt(orjson.dumps(payload)).decode()
+
+
+def decode_cursor(token: str | None, view: str, path: str, query: Query) -> tuple[list[Any] | None, bool]:
     """The (anchor, backwards) a `_cursor` carries; refused if tampered with or from another search."""
     if not token:
         return None, False
     try:
-        data = _serializer().loads(token)
-    except BadSignature:
+        data = orjson.loads(_fernet().decrypt(token.encode()))
+    except (InvalidToken, orjson.JSONDecodeError, UnicodeError):
         raise InvalidRequest("The paging cursor is invalid", expression="_cursor") from None
-    if data.get("f") != _fingerprint(path, query.echo):
+    if data.get("f") != _fingerprint(view, path, query.echo):
         raise InvalidRequest("The paging cursor does not belong to this search", expression="_cursor")
     return data["k"], bool(data["b"])
 
@@ -52,39 +59,53 @@ def _link(relation: str, base: str, path: str, echo: list[tuple[str, str]], curs
     return {"relation": relation, "url": f"{base}{path}" + (f"?{query}" if query else "")}
 
 
-def bundle(page: Page, query: Query, *, base: str, path: str, request_cursor: str | None) -> dict[str, Any]:
+#: Turns stored rows into Bundle entries (fullUrl, resource, search.mode); research de-identifies here.
+Render = Callable[[list[Any], str], list[dict[str, Any]]]
+
+
+def render_stored(base: str) -> Render:
+    """Entries holding the stored JSON as is (the custodian view): embedded, never re-encoded."""
+    def render(rows: list[Any], mode: str) -> list[dict[str, Any]]:
+        return [{"fullUrl": f"{base}/{row.type}/{row.id}", "resource": orjson.Fragment(row.json),
+                 "search": {"mode": mode}} for row in rows]
+    return render
+
+
+def bundle(page: Page, query: Query, *, base: str, view: str, path: str, request_cursor: str | None,
+           render: Render) -> dict[str, Any]:
     """A searchset Bundle for one page. `base` is the FHIR base URL, `path` like `/Observation`."""
-    fingerprint = _fingerprint(path, query.echo)
-    serializer = _serializer()
+    fingerprint = _fingerprint(view, path, query.echo)
     links = [_link("self", base, path, query.echo, request_cursor), _link("first", base, path, query.echo)]
     if page.previous_key is not None:
-        token = serializer.dumps({"f": fingerprint, "k": page.previous_key, "b": True})
+        token = _encode({"f": fingerprint, "k": page.previous_key, "b": True})
         links.append(_link("previous", base, path, query.echo, token))
     if page.next_key is not None:
-        token = serializer.dumps({"f": fingerprint, "k": page.next_key, "b": False})
+        token = _encode({"f": fingerprint, "k": page.next_key, "b": False})
         links.append(_link("next", base, path, query.echo, token))
     result: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
     if page.total is not None:
         result["total"] = page.total
     result["link"] = links
-    entries = [_entry(base, row, "match") for row in page.rows]
-    entries += [_entry(base, row, "include") for row in page.included]
+    entries = render(page.rows, "match") + render(page.included, "include")
     if entries:
         result["entry"] = entries
     return result
 
 
-def _entry(base: str, row: Any, mode: str) -> dict[str, Any]:
-    return {"fullUrl": f"{base}/{row.type}/{row.id}", "resource": orjson.Fragment(row.json), "search": {"mode": mode}}
+def run_search(conn: Any, resource_type: str, args: list[tuple[str, str]], *, base: str, view: str,
+               strict: bool, render: Render, restrict: search.RowFilter | None = None,
+               echo: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Parse, execute and render one search request.
 
-
-def run_search(conn: Any, resource_type: str, args: list[tuple[str, str]], *, base: str, strict: bool,
-               restrict: search.RowFilter | None = None) -> dict[str, Any]:
-    """Parse, execute and render one search request."""
+    `echo` replaces the parameters shown in links (the research view shows the caller's
+    pseudonyms, not the real ids it searched with).
+    """
     cursor = next((value for name, value in args if name == "_cursor"), None)
     query = search.parse(resource_type, args, default_count=current_app.config["DEFAULT_PAGE_SIZE"],
                          max_count=current_app.config["MAX_PAGE_SIZE"], strict=strict)
+    if echo is not None:
+        query.echo = echo
     path = f"/{resource_type}"
-    anchor, backwards = decode_cursor(cursor, path, query)
+    anchor, backwards = decode_cursor(cursor, view, path, query)
     page = search.run(conn, query, anchor=anchor, backwards=backwards, restrict=restrict)
-    return bundle(page, query, base=base, path=path, request_cursor=cursor)
+    return bundle(page, query, base=base, view=view, path=path, request_cursor=cursor, render=render)

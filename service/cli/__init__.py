@@ -5,9 +5,13 @@ from flask import Flask
 
 
 def register(app: Flask) -> None:
-    from service.cli import clients, data, database
+    from service.cli import clients, consents, data, database, keys, projects
 
     app.cli.add_command(database.init_db_command)
     app.cli.add_command(clients.client_group)
     app.cli.add_command(data.demo_data_command)
     app.cli.add_command(data.ingest_command)
+    app.cli.add_command(projects.project_group)
+    app.cli.add_command(consents.consent_group)
+    app.cli.add_command(keys.keys_group)
+    app.cli.add_command(keys.reidentify_command)

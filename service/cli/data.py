@@ -4,12 +4,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from flask.cli import with_appcontext
+from sqlalchemy import select
 
 from service import db, ingest, synthetic
 from service.bundles import process
+from service.store.schema import resources
+
+
+def _has_patients() -> bool:
+    with db.read() as conn:
+        return conn.execute(select(resources.c.pk).where(resources.c.type == "Patient").limit(1)).first() is not None
 
 
 @click.command("ingest")
+@with_appcontext
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 def ingest_command(paths: tuple[Path, ...]) -> None:
     """Load Bundles (.json) and NDJSON (.ndjson) files or directories of them."""
@@ -26,12 +35,17 @@ def ingest_command(paths: tuple[Path, ...]) -> None:
 
 
 @click.command("demo-data")
+@with_appcontext
 @click.option("--patients", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--ndjson", "ndjson_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write NDJSON files here instead of loading (benchmark scale, no API).")
-def demo_data_command(patients: int, seed: int, ndjson_dir: Path | None) -> None:
+@click.option("--if-empty", is_flag=True, help="Load only if the database holds no Patient yet.")
+def demo_data_command(patients: int, seed: int, ndjson_dir: Path | None, if_empty: bool) -> None:
     """Generate seeded synthetic patients and load them through the transaction path."""
+    if if_empty and ndjson_dir is None and _has_patients():
+        click.echo("The database already holds patients; demo data not loaded.", err=True)
+        return
     if ndjson_dir is not None:
         counts = synthetic.write_ndjson(ndjson_dir, patients, seed)
         click.echo(f"Wrote {sum(counts.values())} resources to {ndjson_dir}.", err=True)

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import click
 from flask import current_app
+from flask.cli import with_appcontext
 
+from consent.materialise import consent_default, refresh
 from policies.keys import MasterKeyError, ensure_master_key
 from service import db
 
 
 @click.command("init-db")
+@with_appcontext
 def init_db_command() -> None:
     """Create or migrate the database schema and create the master key if missing."""
     try:
@@ -16,6 +19,8 @@ def init_db_command() -> None:
     except MasterKeyError as exc:
         raise click.ClickException(str(exc)) from exc
     version = db.migrate(db.engine())
-    click.echo(f"Database ready (schema version {version}).", err=True)
+    with db.write() as conn:
+        decisions = refresh(conn, consent_default())
+    click.echo(f"Database ready (schema version {version}); {decisions} consent decisions materialised.", err=True)
     if created:
         click.echo(f"Created master key {current_app.config['MASTER_KEY_FILE']} (mode 0600).", err=True)

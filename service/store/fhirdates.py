@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import calendar
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 #: Open ends of a Period (no start, no end) sort before and after every real instant.
 MIN_US = -(2**62)
@@ -20,7 +20,7 @@ _DATE = re.compile(
     r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d+))?)?"
     r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
 )
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class DateFormatError(ValueError):
@@ -67,8 +67,8 @@ def date_range(value: str) -> tuple[int, int]:
     if tz and tz != "Z":
         sign = 1 if tz[0] == "+" else -1
         offset = sign * timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6]))
-    low = _us(start.replace(tzinfo=timezone.utc) - offset)
-    high = MAX_US if end is None else _us(end.replace(tzinfo=timezone.utc) - offset) - 1
+    low = _us(start.replace(tzinfo=UTC) - offset)
+    high = MAX_US if end is None else _us(end.replace(tzinfo=UTC) - offset) - 1
     return low, high
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from service.store.fhirdates import MAX_US, MIN_US, DateFormatError, date_range
-from service.store.searchparams import COMPARTMENT, SearchParam, indexed_params
+from service.store.searchparams import CLINICAL_DATE, COMPARTMENT, SearchParam, indexed_params
 
 Rows = dict[str, list[dict[str, Any]]]
 
@@ -92,11 +92,10 @@ def _strings(value: Any) -> Iterable[str]:
 def _dates(value: Any) -> Iterable[tuple[int, int]]:
     if isinstance(value, str):
         yield date_range(value)
-    elif isinstance(value, dict):
-        if "start" in value or "end" in value:
-            low = date_range(value["start"])[0] if value.get("start") else MIN_US
-            high = date_range(value["end"])[1] if value.get("end") else MAX_US
-            yield low, high
+    elif isinstance(value, dict) and ("start" in value or "end" in value):
+        low = date_range(value["start"])[0] if value.get("start") else MIN_US
+        high = date_range(value["end"])[1] if value.get("end") else MAX_US
+        yield low, high
 
 
 def _quantities(value: Any) -> Iterable[tuple[float, str | None, str | None]]:
@@ -162,3 +161,12 @@ def patient_of(resource_type: str, resource: dict[str, Any]) -> str | None:
                 if parsed and parsed[0] == "Patient":
                     return parsed[1]
     return None
+
+
+def clinical_range(resource_type: str, rows: Rows | None) -> tuple[int | None, int | None]:
+    """The span of the resource's clinical date (its type's CLINICAL_DATE parameter), if it has one."""
+    param = CLINICAL_DATE.get(resource_type)
+    dates = [r for r in (rows or {}).get("idx_date", ()) if r["param"] == param]
+    if not dates:
+        return None, None
+    return min(r["low"] for r in dates), max(r["high"] for r in dates)

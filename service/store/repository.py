@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, delete, insert, select, update
+from sqlalchemy import Connection, and_, delete, insert, select
+from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 
+from policies.sensitivity import mask_of
 from service.db import now_us
 from service.errors import Conflict, Gone, InvalidRequest, NotFound, PreconditionFailed
 from service.store import indexer
@@ -23,6 +25,10 @@ from service.store.fhirdates import instant
 from service.store.schema import INDEX_TABLES, history, resources
 
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+#: Called in the writing transaction after every `write()` with (conn, stored, changes); an
+#: exception rolls the whole write back. Consent materialisation registers itself here.
+AFTER_WRITE: list[Callable[[Connection, list[Stored], Sequence[Change]], None]] = []
 _INDEX_BY_NAME = {table.name: table for table in INDEX_TABLES}
 
 
@@ -94,25 +100,26 @@ def current(conn: Connection, resource_type: str, ids: Sequence[str]) -> dict[st
 
 def write(conn: Connection, changes: Sequence[Change]) -> list[Stored]:
     """Store the next version of each change (creations batched), with history and index rows."""
+    if not changes:
+        return []
     now = now_us()
     stored: list[Stored | None] = [None] * len(changes)
+    index: list[indexer.Rows | None] = []
     fresh: list[tuple[int, dict[str, Any]]] = []
     touched_pks: list[int] = []
-    index_rows: list[tuple[int, Change]] = []
     for position, change in enumerate(changes):
         version = change.current.version + 1 if change.current else 1
         method = "DELETE" if change.resource is None else ("PUT" if change.current else "POST")
-        payload = None if change.resource is None else _stamp(change, version, now)
-        patient = None if change.resource is None else indexer.patient_of(change.type, change.resource)
-        row = {"type": change.type, "id": change.id, "patient_id": patient, "version": version,
-               "last_updated": now, "deleted": change.resource is None, "sensitive_mask": 0, "json": payload}
+        row = _row(change, version, now)
+        index.append(None if change.resource is None else indexer.extract(change.type, change.resource))
+        row["clinical_low"], row["clinical_high"] = indexer.clinical_range(change.type, index[-1])
         if change.current is None:
             fresh.append((position, row))
         else:
             _update_row(conn, change.current, row)
             touched_pks.append(change.current.pk)
             stored[position] = Stored(change.current.pk, change.type, change.id, version, now,
-                                      change.resource is None, payload, patient, method)
+                                      change.resource is None, row["json"], row["patient_id"], method)
     if fresh:
         try:
             pks = conn.execute(insert(resources).returning(resources.c.pk, sort_by_parameter_order=True),
@@ -128,9 +135,21 @@ def write(conn: Connection, changes: Sequence[Change]) -> list[Stored]:
     if touched_pks:
         for table in INDEX_TABLES:
             conn.execute(delete(table).where(table.c.resource_pk.in_(touched_pks)))
-    index_rows = [(s.pk, c) for s, c in zip(done, changes, strict=True) if c.resource is not None]
-    _insert_index(conn, index_rows, {s.pk: s.patient_id for s in done})
+    _insert_index(conn, [(s.pk, s.patient_id, rows) for s, rows in zip(done, index, strict=True) if rows])
+    for hook in AFTER_WRITE:
+        hook(conn, done, changes)
     return done
+
+
+def _row(change: Change, version: int, now: int) -> dict[str, Any]:
+    """The `resources` row of a new version (a deletion keeps no content)."""
+    if change.resource is None:
+        return {"type": change.type, "id": change.id, "patient_id": None, "version": version, "last_updated": now,
+                "deleted": True, "sensitive_mask": 0, "json": None}
+    payload = _stamp(change, version, now)  # sets the id, which a Patient's compartment is
+    return {"type": change.type, "id": change.id, "patient_id": indexer.patient_of(change.type, change.resource),
+            "version": version, "last_updated": now, "deleted": False,
+            "sensitive_mask": mask_of(change.resource), "json": payload}
 
 
 def _stamp(change: Change, version: int, now: int) -> bytes:
@@ -148,7 +167,7 @@ def _stamp(change: Change, version: int, now: int) -> bytes:
 
 def _update_row(conn: Connection, existing: Current, row: dict[str, Any]) -> None:
     values = {k: v for k, v in row.items() if k not in ("type", "id")}
-    result = conn.execute(update(resources)
+    result = conn.execute(sql_update(resources)
                           .where(and_(resources.c.pk == existing.pk, resources.c.version == existing.version))
                           .values(**values))
     if result.rowcount != 1:
@@ -157,14 +176,12 @@ def _update_row(conn: Connection, existing: Current, row: dict[str, Any]) -> Non
             "read it again and retry")
 
 
-def _insert_index(conn: Connection, items: list[tuple[int, Change]], patients: dict[int, str | None]) -> None:
+def _insert_index(conn: Connection, items: list[tuple[int, str | None, indexer.Rows]]) -> None:
     batches: dict[str, list[dict[str, Any]]] = {}
-    for pk, change in items:
-        assert change.resource is not None
-        for table_name, rows in indexer.extract(change.type, change.resource).items():
-            batch = batches.setdefault(table_name, [])
-            for row in rows:
-                batch.append({**row, "resource_pk": pk, "patient_id": patients[pk]})
+    for pk, patient_id, rows_by_table in items:
+        for table_name, rows in rows_by_table.items():
+            batches.setdefault(table_name, []).extend(
+                {**row, "resource_pk": pk, "patient_id": patient_id} for row in rows)
     for table_name, batch in batches.items():
         conn.execute(insert(_INDEX_BY_NAME[table_name]), batch)
 

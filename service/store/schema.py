@@ -42,6 +42,9 @@ resources = Table(
     Column("last_updated", BigInteger, nullable=False),
     Column("deleted", Boolean, nullable=False, default=False),
     Column("sensitive_mask", BigInteger, nullable=False, default=0),
+    # The clinical date range (e.g. Observation.effective[x]) a consent's data period is checked against.
+    Column("clinical_low", BigInteger),
+    Column("clinical_high", BigInteger),
     Column("json", LargeBinary),
     UniqueConstraint("type", "id", name="uq_resources_type_id"),
     Index("ix_resources_type_pk", "type", "pk"),
@@ -157,6 +160,184 @@ used_jti = Table(
     Column("expires_at", BigInteger, nullable=False),
     PrimaryKeyConstraint("client_id", "jti", name="pk_used_jti"),
     Index("ix_used_jti_expiry", "expires_at"),
+)
+
+projects = Table(
+    "projects",
+    metadata,
+    # The id of the project's ResearchStudy resource.
+    Column("project_id", String(64), primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("max_tier", Integer, nullable=False),
+    Column("epsilon", Float, nullable=False),
+    Column("delta", Float, nullable=False, default=0.0),
+    # JSON list of resource types the project may receive; NULL means every patient-data type.
+    Column("types", Text),
+    Column("organization_id", ID),
+    # The project's own de-identification profile (JSON text); NULL means the shipped default.
+    Column("profile", Text),
+    Column("status", String(16), nullable=False, default="active"),
+    Column("created", BigInteger, nullable=False),
+)
+
+decisions = Table(
+    "decisions",
+    metadata,
+    Column("patient_id", ID, nullable=False),
+    Column("project_id", String(64), nullable=False),
+    Column("tier", Integer, nullable=False),
+    Column("excluded_mask", BigInteger, nullable=False, default=0),
+    Column("excluded_classes", Text, nullable=False, default=""),
+    Column("period_start", BigInteger),
+    Column("period_end", BigInteger),
+    Column("valid_from", BigInteger),
+    Column("valid_until", BigInteger),
+    Column("consent", String(160)),
+    Column("basis", Text, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+    PrimaryKeyConstraint("patient_id", "project_id", name="pk_decisions"),
+    Index("ix_decisions_project", "project_id", "tier", "patient_id"),
+)
+
+#: One row per resource class a decision excludes, so research queries can filter in SQL.
+decision_classes = Table(
+    "decision_classes",
+    metadata,
+    Column("patient_id", ID, nullable=False),
+    Column("project_id", String(64), nullable=False),
+    Column("resource_type", String(64), nullable=False),
+    PrimaryKeyConstraint("patient_id", "project_id", "resource_type", name="pk_decision_classes"),
+)
+
+project_keys = Table(
+    "project_keys",
+    metadata,
+    Column("project_id", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("created", BigInteger, nullable=False),
+    PrimaryKeyConstraint("project_id", "version", name="pk_project_keys"),
+)
+
+#: Append-only, hash-chained record of every release and every custodian override.
+audit = Table(
+    "audit",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("ts", BigInteger, nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("project_id", String(64)),
+    Column("detail", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Index("ix_audit_project", "project_id", "seq"),
+)
+
+#: The chain's head, one row: writers lock it so the chain stays linear across nodes.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+#: Which patients' data each audited release carried (what the patient form shows them).
+audit_patients = Table(
+    "audit_patients",
+    metadata,
+    Column("seq", BigInteger, nullable=False),
+    Column("patient_id", ID, nullable=False),
+    PrimaryKeyConstraint("patient_id", "seq", name="pk_audit_patients"),
+)
+
+#: Each project's privacy budget, the only truth about what it may still spend
+#: (policies/budget.py). Integers avoid float drift: ε in micro-units (1e-6), δ in pico-units (1e-12).
+budgets = Table(
+    "budgets",
+    metadata,
+    Column("project_id", String(64), primary_key=True),
+    Column("total_micro", BigInteger, nullable=False),
+    Column("spent_micro", BigInteger, nullable=False, default=0),
+    Column("delta_total_pico", BigInteger, nullable=False, default=0),
+    Column("delta_spent_pico", BigInteger, nullable=False, default=0),
+    Column("updated", BigInteger, nullable=False),
+)
+
+#: Append-only history of every reservation ('query') and every increase of a total ('raise').
+budget_spends = Table(
+    "budget_spends",
+    metadata,
+    Column("seq", PK, primary_key=True, autoincrement=True),
+    Column("project_id", String(64), nullable=False),
+    Column("ts", BigInteger, nullable=False),
+    Column("kind", String(8), nullable=False),
+    Column("epsilon_micro", BigInteger, nullable=False),
+    Column("delta_pico", BigInteger, nullable=False, default=0),
+    Column("query_hash", String(64)),
+    Column("idempotency_key", String(255)),
+    Column("actor", String(64)),
+    Index("ix_budget_spends_project", "project_id", "seq"),
+)
+
+#: Released noisy answers: an identical query (same canonical hash, same data version) or a
+#: retried request (same idempotency key) gets the recorded answer and never fresh noise.
+answers = Table(
+    "answers",
+    metadata,
+    Column("project_id", String(64), nullable=False),
+    Column("query_hash", String(64), nullable=False),
+    Column("data_version", String(64), nullable=False),
+    Column("idempotency_key", String(255)),
+    Column("response", Text, nullable=False),
+    Column("created", BigInteger, nullable=False),
+    PrimaryKeyConstraint("project_id", "query_hash", "data_version", name="pk_answers"),
+    UniqueConstraint("project_id", "idempotency_key", name="uq_answers_idempotency"),
+)
+
+#: Bulk Data export jobs: every node sees every job; a worker holds a job by a lease.
+export_jobs = Table(
+    "export_jobs",
+    metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("project_id", String(64), nullable=False),
+    Column("client_id", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("group_id", ID),
+    Column("types", Text, nullable=False),
+    Column("since", BigInteger),
+    Column("request", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("transaction_time", BigInteger, nullable=False),
+    Column("progress", String(255), nullable=False, default=""),
+    Column("error", Text),
+    Column("owner", String(64)),
+    Column("lease_until", BigInteger),
+    Column("last_poll", BigInteger),
+    Column("created", BigInteger, nullable=False),
+    Column("expires", BigInteger),
+    Index("ix_export_jobs_state", "state", "lease_until"),
+)
+
+export_files = Table(
+    "export_files",
+    metadata,
+    Column("job_id", String(64), nullable=False),
+    Column("file_no", Integer, nullable=False),
+    Column("resource_type", String(64), nullable=False),
+    Column("count", Integer, nullable=False),
+    PrimaryKeyConstraint("job_id", "file_no", name="pk_export_files"),
+)
+
+#: NDJSON content in parts of about a megabyte, so nodes share files through the database.
+export_parts = Table(
+    "export_parts",
+    metadata,
+    Column("job_id", String(64), nullable=False),
+    Column("file_no", Integer, nullable=False),
+    Column("part", Integer, nullable=False),
+    Column("content", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("job_id", "file_no", "part", name="pk_export_parts"),
 )
 
 schema_migrations = Table(

@@ -261,7 +261,7 @@ def _approx(vlow: int, vhigh: int) -> int:
 
 def _quantity_clause(value: str) -> ColumnElement[bool]:
     prefix, text = _prefix(value)
-    number_text, system, code = (text.split("|") + ["", ""])[:3] if "|" in text else (text, "", "")
+    number_text, system, code = [*text.split("|"), "", ""][:3]
     number = Decimal(number_text)
     if not number.is_finite():
         raise ValueError(f"{number_text!r} is not a number")
@@ -366,11 +366,13 @@ def _ordered(query: Query, statement: Select[Any], anchor: list[Any] | None, bac
 # -- execution ---------------------------------------------------------------------------------
 
 RowFilter = Callable[[Select[Any]], Select[Any]]
+#: What every result row carries, before the sort-key columns.
+ROW_COLUMNS = (resources.c.pk, resources.c.type, resources.c.id, resources.c.json, resources.c.patient_id)
 
 
 def base_statement(query: Query, restrict: RowFilter | None = None) -> Select[Any]:
     """The matching resources of a query (no ordering), optionally narrowed by `restrict`."""
-    statement = (select(resources.c.pk, resources.c.type, resources.c.id, resources.c.json)
+    statement = (select(*ROW_COLUMNS)
                  .where(resources.c.type == query.resource_type, resources.c.deleted == false(), *query.where))
     return restrict(statement) if restrict else statement
 
@@ -392,7 +394,7 @@ def run(conn: Connection, query: Query, *, anchor: list[Any] | None = None, back
     rows = rows[:query.count]
     if backwards:
         rows.reverse()
-    keys = [list(row[4:4 + width]) for row in rows]
+    keys = [list(row[len(ROW_COLUMNS):len(ROW_COLUMNS) + width]) for row in rows]
     has_next = more if not backwards else True
     has_previous = (anchor is not None) if not backwards else more
     if total is None and anchor is None and not more:
@@ -421,7 +423,7 @@ def _included(conn: Connection, query: Query, rows: list[Any], restrict: RowFilt
     wanted = sorted(targets - matched)
     if not wanted:
         return []
-    statement = (select(resources.c.pk, resources.c.type, resources.c.id, resources.c.json)
+    statement = (select(*ROW_COLUMNS)
                  .where(tuple_(resources.c.type, resources.c.id).in_(wanted), resources.c.deleted == false())
                  .order_by(resources.c.pk))
     if restrict:

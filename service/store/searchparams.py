@@ -283,6 +283,16 @@ COMPARTMENT: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The search parameter holding each type's clinical date: what a consent's data period restricts.
+CLINICAL_DATE: dict[str, str] = {
+    "Observation": "date", "Condition": "onset-date", "Encounter": "date", "Procedure": "date",
+    "MedicationRequest": "authoredon", "MedicationAdministration": "effective-time", "Immunization": "date",
+    "DiagnosticReport": "date", "DocumentReference": "date", "AllergyIntolerance": "date", "CarePlan": "date",
+    "CareTeam": "date", "Goal": "start-date", "Claim": "created", "ExplanationOfBenefit": "created",
+    "ImagingStudy": "started", "Provenance": "recorded", "Consent": "date",
+}
+
+
 def params_for(resource_type: str) -> dict[str, SearchParam]:
     """Every search parameter of a resource type, by name."""
     return _REGISTRY.get(resource_type) or {p.name: p for p in COMMON}

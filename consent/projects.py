@@ -1,0 +1,133 @@
+"""Research projects: a FHIR ResearchStudy plus Passerelle's release settings.
+
+The ResearchStudy (title, description, sponsor = recipient Organization, purpose,
+period) is an ordinary stored resource the custodian can read and search; the
+settings that drive enforcement (highest tier, privacy budget, resource types,
+status) live in the `projects` table under the same id.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, func, select, update
+
+from consent import engine
+from service.db import now_us
+from service.errors import InvalidRequest, NotFound
+from service.store import repository
+from service.store.schema import decisions, projects
+from service.store.searchparams import COMPARTMENT
+from service.validation import validate
+
+#: Resource types of patient data a project may receive (all of them without a type list).
+#: Consents and provenance are about the release itself, never research data.
+PATIENT_DATA_TYPES: tuple[str, ...] = tuple(sorted({"Patient", *COMPARTMENT} - {"Consent", "Provenance"}))
+
+
+@dataclass(frozen=True)
+class ProjectRecord:
+    """A project's settings as stored."""
+
+    project_id: str
+    name: str
+    max_tier: int
+    epsilon: float
+    delta: float
+    types: tuple[str, ...] | None
+    organization_id: str | None
+    status: str
+    #: The project's own de-identification profile as JSON text, or None for the shipped default.
+    profile: str | None = None
+
+    def view(self) -> engine.Project:
+        """What the consent engine needs (a closed project may receive nothing)."""
+        tier = engine.NONE if self.status != "active" else self.max_tier
+        return engine.Project(self.project_id, tier, self.types or PATIENT_DATA_TYPES, self.organization_id)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"project_id": self.project_id, "name": self.name, "tier": engine.TIERS[self.max_tier],
+                "epsilon": self.epsilon, "delta": self.delta, "types": list(self.types) if self.types else None,
+                "organization": self.organization_id, "status": self.status}
+
+
+def _record(row: Any) -> ProjectRecord:
+    return ProjectRecord(row.project_id, row.name, row.max_tier, row.epsilon, row.delta,
+                         tuple(json.loads(row.types)) if row.types else None, row.organization_id, row.status,
+                         row.profile)
+
+
+def parse_types(text: str | None) -> tuple[str, ...] | None:
+    """`Observation,Condition` → validated tuple; None or empty means every patient-data type."""
+    if not text:
+        return None
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    unknown = [t for t in names if t not in PATIENT_DATA_TYPES]
+    if unknown:
+        raise InvalidRequest(f"not patient-data resource types: {', '.join(unknown)} "
+                             f"(choose from {', '.join(PATIENT_DATA_TYPES)})")
+    return names
+
+
+def create(conn: Connection, *, name: str, tier: str, epsilon: float, delta: float = 0.0,
+           types: tuple[str, ...] | None = None, description: str | None = None,
+           organization_id: str | None = None, profile: str | None = None) -> ProjectRecord:
+    """Store the ResearchStudy and the project settings in the caller's transaction."""
+    if tier not in ("aggregate", "record"):
+        raise InvalidRequest("tier must be aggregate or record")
+    if not epsilon > 0 or delta < 0 or delta >= 1:
+        raise InvalidRequest("epsilon must be > 0 and delta in [0, 1)")
+    if organization_id is not None:
+        repository.read(conn, "Organization", organization_id)
+    study: dict[str, Any] = {
+        "resourceType": "ResearchStudy",
+        "status": "active",
+        "title": name,
+        "category": [{"coding": [{"system": engine.PURPOSE_SYSTEM, "code": "HRESCH",
+                                  "display": "health research"}]}],
+        "period": {"start": datetime.now(UTC).date().isoformat()},
+    }
+    if description:
+        study["description"] = description
+    if organization_id:
+        study["sponsor"] = {"reference": f"Organization/{organization_id}"}
+    validate(study, "ResearchStudy")
+    stored = repository.create(conn, "ResearchStudy", study)
+    conn.execute(projects.insert().values(
+        project_id=stored.id, name=name, max_tier=engine.TIERS.index(tier), epsilon=epsilon, delta=delta,
+        types=json.dumps(list(types)) if types else None, organization_id=organization_id, profile=profile,
+        status="active",
+        created=now_us()))
+    return get(conn, stored.id)
+
+
+def get(conn: Connection, project_id: str) -> ProjectRecord:
+    row = conn.execute(select(projects).where(projects.c.project_id == project_id)).first()
+    if row is None:
+        raise NotFound(f"Project {project_id!r} is not known")
+    return _record(row)
+
+
+def all_projects(conn: Connection) -> list[ProjectRecord]:
+    return [_record(row) for row in conn.execute(select(projects).order_by(projects.c.created))]
+
+
+def close(conn: Connection, project_id: str) -> ProjectRecord:
+    """Close a project for good: it receives nothing more; its ResearchStudy is marked completed."""
+    get(conn, project_id)
+    conn.execute(update(projects).where(projects.c.project_id == project_id).values(status="closed"))
+    study = repository.read(conn, "ResearchStudy", project_id).resource()
+    study["status"] = "completed"
+    repository.update(conn, "ResearchStudy", project_id, study)
+    return get(conn, project_id)
+
+
+def tier_counts(conn: Connection, project_id: str) -> dict[str, int]:
+    """How many patients each tier currently holds for the project."""
+    rows = conn.execute(select(decisions.c.tier, func.count()).where(decisions.c.project_id == project_id)
+                        .group_by(decisions.c.tier))
+    counts = dict.fromkeys(engine.TIERS, 0)
+    counts.update({engine.TIERS[tier]: n for tier, n in rows})
+    return counts

@@ -1,0 +1,58 @@
+"""Gunicorn settings for Passerelle: `gunicorn -c deploy/gunicorn.conf.py wsgi:app`.
+
+Every value can be overridden from the environment, so one file serves a laptop
+(`make run`) and every node of a deployment (see deploy/README.md):
+
+    PASSERELLE_BIND        host:port to listen on           (default 127.0.0.1:8000)
+    PASSERELLE_WORKERS     worker processes                 (default 2)
+    PASSERELLE_THREADS     threads per worker               (default 4)
+    PASSERELLE_TIMEOUT     seconds before a silent worker is restarted (default 120)
+    PASSERELLE_FORWARDED_ALLOW_IPS  proxies whose X-Forwarded-* headers are trusted
+                                    (default 127.0.0.1,::1)
+
+Workers are independent processes: the application is not preloaded, so each worker
+opens its own database pool after the fork (a pool must never cross a fork). Keep
+PASSERELLE_THREADS at or below PASSERELLE_DB_POOL_SIZE (default 5).
+"""
+from __future__ import annotations
+
+import os
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw) if raw else default
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+bind = [address.strip() for address in os.environ.get("PASSERELLE_BIND", "127.0.0.1:8000").split(",")]
+workers = _int("PASSERELLE_WORKERS", 2)
+threads = _int("PASSERELLE_THREADS", 4)  # > 1 selects the gthread worker
+worker_class = "gthread" if threads > 1 else "sync"
+preload_app = False
+
+# Bulk transaction Bundles and $export pages can take a while; a stuck worker still gets recycled.
+timeout = _int("PASSERELLE_TIMEOUT", 120)
+graceful_timeout = 30
+keepalive = 5
+# Recycle workers now and then so that a slow leak can never take a node down.
+max_requests = 10_000
+max_requests_jitter = 1_000
+
+# Behind a reverse proxy: trust its X-Forwarded-Proto / -For only from these addresses.
+forwarded_allow_ips = os.environ.get("PASSERELLE_FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+limit_request_line = 8190  # long FHIR search URLs
+
+# Logs go to stdout/stderr for the supervisor (systemd journal, container runtime).
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("PASSERELLE_LOG_LEVEL", "info")
+# The query string is deliberately NOT logged: search parameters can carry names,
+# identifiers and birth dates. Method, path, status, size and duration are enough.
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss'
+
+proc_name = "passerelle"
+if os.path.isdir("/dev/shm"):
+    worker_tmp_dir = "/dev/shm"  # worker heartbeats off the (possibly slow) disk

@@ -1,0 +1,268 @@
+"""The privacy-budget ledger: the database is the only truth (SQLite and PostgreSQL).
+
+Every function takes the caller's SQLAlchemy `Connection`; the caller owns the
+transaction (`service.db.write(engine)`, which on SQLite is `BEGIN IMMEDIATE`). An
+`$aggregate` request runs, in ONE write transaction:
+
+    answer = recorded_answer(conn, project, query_hash, data_version, idempotency_key)
+    if answer is not None: return answer                  # spends nothing, no fresh noise
+    reserve(conn, project, epsilon, delta, query_hash=..., idempotency_key=..., actor=...)
+    ... bounded SQL aggregate, policies.dp noise, suppression ...
+    record_answer(conn, project, query_hash, data_version, response, idempotency_key)
+    # commit, then return the response
+
+Guarantees:
+- No overspend, under any concurrency: `reserve` is one conditional UPDATE
+  (`spent + ε <= total`); its row lock (PostgreSQL) or the database write lock
+  (SQLite) serialises reservations, and a refused one changes nothing.
+- Amounts are integers: ε in micro-units (1e-6), δ in pico-units (1e-12). A spend is
+  rounded up (ceil) and a total down (floor), from the shortest decimal form of the float
+  (so 0.07 is 70 000 µε, not 70 001), so rounding can only make the ledger stricter.
+- No refunds: nothing ever lowers `spent`, nor a `total` (only `raise_budget` changes it,
+  upwards, audited).
+- Fail closed: nothing here catches a database error; it propagates, the transaction
+  rolls back (reservation included) and the caller answers nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from numbers import Real
+from typing import Any
+
+from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from service.db import now_us
+from service.errors import Conflict, Forbidden, InvalidRequest, TooManyRequests, Unprocessable
+from service.store.schema import answers, budget_spends, budgets
+
+MICRO = 10**6   # ε units per 1.0
+PICO = 10**12   # δ units per 1.0
+
+
+class BudgetExhausted(TooManyRequests):
+    """The reservation would exceed the project's total; `remaining_*` say what is left."""
+
+    def __init__(self, remaining_epsilon: float, remaining_delta: float):
+        super().__init__(f"Privacy budget exhausted: remaining epsilon {remaining_epsilon:.6f}, "
+                         f"remaining delta {remaining_delta:.12g}")
+        self.remaining_epsilon = remaining_epsilon
+        self.remaining_delta = remaining_delta
+
+
+class BudgetMissing(Forbidden):
+    """The project has no budget row: it may release no aggregate (fail closed)."""
+
+
+class BudgetLoweringRefused(Conflict):
+    """A budget total can only be raised; lowering it would silently rewrite history."""
+
+
+class IdempotencyConflict(Unprocessable):
+    """An idempotency key reused for a different query."""
+
+
+# --- amounts ---------------------------------------------------------------------------------
+
+def _units(value: Any, scale: int, rounding: str, name: str, *, upper: float | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        raise InvalidRequest(f"{name} must be a finite number ≥ 0, got {value!r}")
+    if upper is not None and value > upper:
+        raise InvalidRequest(f"{name} must be ≤ {upper}, got {value!r}")
+    # repr() is the shortest decimal that round-trips, so 0.07 stays 0.07 instead of 0.0700000000000000067.
+    return int((Decimal(repr(float(value))) * scale).to_integral_value(rounding=rounding))
+
+
+def epsilon_micro(epsilon: float, *, spend: bool = True) -> int:
+    """ε in micro-units: a spend rounds up, a total rounds down."""
+    return _units(epsilon, MICRO, ROUND_CEILING if spend else ROUND_FLOOR, "epsilon")
+
+
+def delta_pico(delta: float, *, spend: bool = True) -> int:
+    """δ in pico-units: a spend rounds up, a total rounds down."""
+    return _units(delta, PICO, ROUND_CEILING if spend else ROUND_FLOOR, "delta", upper=1.0)
+
+
+def canonical_hash(params: dict[str, Any]) -> str:
+    """SHA-256 of the query's canonical JSON (sorted keys, no whitespace, no NaN).
+
+    Normalise values before hashing (e.g. `1` vs `1.0`, list order where order does not
+    matter): two spellings of one query that hash differently are two queries, and each
+    would draw fresh noise.
+    """
+    text = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --- budgets ---------------------------------------------------------------------------------
+
+def ensure_budget(conn: Connection, project_id: str, total_epsilon: float, total_delta: float = 0.0,
+                  actor: str = "system") -> bool:
+    """Create the project's budget if it has none (audited as a 'raise' from 0). Returns True if created.
+
+    An existing budget is left as it is: changing a total goes through `raise_budget`.
+    """
+    total = epsilon_micro(total_epsilon, spend=False)
+    delta_total = delta_pico(total_delta, spend=False)
+    if total <= 0:
+        raise InvalidRequest("a budget's total epsilon must be at least 1e-6")
+    now = now_us()
+    # ON CONFLICT DO NOTHING: two concurrent creators both succeed and exactly one row (and
+    # one history entry) results, on PostgreSQL as on SQLite.
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    created = conn.execute(dialect_insert(budgets).values(
+        project_id=project_id, total_micro=total, spent_micro=0, delta_total_pico=delta_total,
+        delta_spent_pico=0, updated=now).on_conflict_do_nothing(index_elements=["project_id"])
+        # RETURNING, not rowcount: psycopg reports -1 for an INSERT … ON CONFLICT.
+        .returning(budgets.c.project_id)).first()
+    if created is None:
+        return False
+    _history(conn, project_id, "raise", total, delta_total, actor=actor, ts=now)
+    return True
+
+
+def raise_budget(conn: Connection, project_id: str, new_total: float, actor: str,
+                 new_delta_total: float | None = None) -> bool:
+    """Raise the total ε (and optionally δ); the increase is audited as a 'raise'.
+
+    Lowering either total raises `BudgetLoweringRefused`; the same totals again change
+    nothing and return False (so a re-run command is harmless).
+    """
+    row = _locked_row(conn, project_id)
+    if row is None:
+        raise BudgetMissing(f"Project {project_id!r} has no privacy budget")
+    total = epsilon_micro(new_total, spend=False)
+    delta_total = row.delta_total_pico if new_delta_total is None else delta_pico(new_delta_total, spend=False)
+    if total < row.total_micro or delta_total < row.delta_total_pico:
+        raise BudgetLoweringRefused(
+            f"A privacy budget can only be raised: current total epsilon {row.total_micro / MICRO:.6f}, "
+            f"delta {row.delta_total_pico / PICO:.12g}")
+    if total == row.total_micro and delta_total == row.delta_total_pico:
+        return False
+    now = now_us()
+    conn.execute(update(budgets).where(budgets.c.project_id == project_id)
+                 .values(total_micro=total, delta_total_pico=delta_total, updated=now))
+    _history(conn, project_id, "raise", total - row.total_micro, delta_total - row.delta_total_pico,
+             actor=actor, ts=now)
+    return True
+
+
+def reserve(conn: Connection, project_id: str, epsilon: float, delta: float = 0.0, *,
+            query_hash: str | None = None, idempotency_key: str | None = None, actor: str | None = None) -> None:
+    """Spend ε (and δ) before any noise is drawn, or raise `BudgetExhausted` and spend nothing.
+
+    One conditional UPDATE decides: on PostgreSQL a concurrent reservation waits for this
+    row's lock and re-checks the condition on the committed row; on SQLite the write
+    transaction holds the database lock. Never refunded, even if the caller fails later
+    (a failure rolls the whole transaction back, so nothing was released either).
+    """
+    _check_key(idempotency_key)
+    e = epsilon_micro(epsilon)
+    d = delta_pico(delta)
+    if e <= 0:
+        raise InvalidRequest("epsilon must be > 0")
+    result = conn.execute(
+        update(budgets)
+        .where(budgets.c.project_id == project_id,
+               budgets.c.spent_micro + e <= budgets.c.total_micro,
+               budgets.c.delta_spent_pico + d <= budgets.c.delta_total_pico)
+        .values(spent_micro=budgets.c.spent_micro + e, delta_spent_pico=budgets.c.delta_spent_pico + d,
+                updated=now_us()))
+    if result.rowcount != 1:
+        row = conn.execute(select(budgets).where(budgets.c.project_id == project_id)).first()
+        if row is None:
+            raise BudgetMissing(f"Project {project_id!r} has no privacy budget")
+        raise BudgetExhausted((row.total_micro - row.spent_micro) / MICRO,
+                              (row.delta_total_pico - row.delta_spent_pico) / PICO)
+    _history(conn, project_id, "query", e, d, query_hash=query_hash, idempotency_key=idempotency_key, actor=actor)
+
+
+def status(conn: Connection, project_id: str, history_limit: int | None = 100) -> dict[str, Any]:
+    """Totals, spent and remaining (ε and δ) and the most recent history entries, newest first."""
+    row = conn.execute(select(budgets).where(budgets.c.project_id == project_id)).first()
+    if row is None:
+        raise BudgetMissing(f"Project {project_id!r} has no privacy budget")
+    query = (select(budget_spends).where(budget_spends.c.project_id == project_id)
+             .order_by(budget_spends.c.seq.desc()))
+    if history_limit is not None:
+        query = query.limit(history_limit)
+    history = [{"seq": h.seq, "ts": h.ts, "kind": h.kind, "epsilon": h.epsilon_micro / MICRO,
+                "delta": h.delta_pico / PICO, "query_hash": h.query_hash, "idempotency_key": h.idempotency_key,
+                "actor": h.actor} for h in conn.execute(query)]
+    return {
+        "project_id": project_id,
+        "total": row.total_micro / MICRO,
+        "spent": row.spent_micro / MICRO,
+        "remaining": (row.total_micro - row.spent_micro) / MICRO,
+        "delta_total": row.delta_total_pico / PICO,
+        "delta_spent": row.delta_spent_pico / PICO,
+        "delta_remaining": (row.delta_total_pico - row.delta_spent_pico) / PICO,
+        "history": history,
+    }
+
+
+# --- recorded answers --------------------------------------------------------------------------
+
+def recorded_answer(conn: Connection, project_id: str, query_hash: str, data_version: str | int,
+                    idempotency_key: str | None = None) -> Any | None:
+    """The answer already released for this request, or None if the query must be computed.
+
+    A known idempotency key returns its answer whatever the data version (a retry never
+    draws fresh noise); a key reused for another query raises `IdempotencyConflict`.
+    Otherwise the same canonical query on the same data version returns the recorded
+    answer. Call it first in the write transaction: it locks the project's budget row, so
+    on PostgreSQL two identical concurrent queries serialise and the second finds the
+    first's answer instead of spending twice.
+    """
+    _check_key(idempotency_key)
+    _locked_row(conn, project_id)
+    if idempotency_key is not None:
+        row = conn.execute(select(answers.c.query_hash, answers.c.response).where(
+            answers.c.project_id == project_id, answers.c.idempotency_key == idempotency_key)).first()
+        if row is not None:
+            if row.query_hash != query_hash:
+                raise IdempotencyConflict("This idempotency key was already used for a different query")
+            return json.loads(row.response)
+    response = conn.scalar(select(answers.c.response).where(
+        answers.c.project_id == project_id, answers.c.query_hash == query_hash,
+        answers.c.data_version == str(data_version)))
+    return None if response is None else json.loads(response)
+
+
+def record_answer(conn: Connection, project_id: str, query_hash: str, data_version: str | int, response: Any,
+                  idempotency_key: str | None = None) -> None:
+    """Store the noisy answer (JSON-serialisable) in the reservation's transaction, before returning it.
+
+    A second answer for the same (project, query, data version) or the same idempotency key
+    violates a unique constraint: the error propagates and the whole transaction, the
+    reservation included, rolls back.
+    """
+    _check_key(idempotency_key)
+    conn.execute(insert(answers).values(
+        project_id=project_id, query_hash=query_hash, data_version=str(data_version),
+        idempotency_key=idempotency_key, created=now_us(),
+        response=json.dumps(response, sort_keys=True, separators=(",", ":"), allow_nan=False)))
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def _check_key(idempotency_key: str | None) -> None:
+    if idempotency_key is not None and (not isinstance(idempotency_key, str) or not 1 <= len(idempotency_key) <= 255):
+        raise InvalidRequest("An idempotency key must be a string of 1 to 255 characters")
+
+
+def _locked_row(conn: Connection, project_id: str) -> Any:
+    # FOR UPDATE on PostgreSQL; SQLAlchemy omits it on SQLite, where BEGIN IMMEDIATE
+    # already holds the database's write lock.
+    return conn.execute(select(budgets).where(budgets.c.project_id == project_id).with_for_update()).first()
+
+
+def _history(conn: Connection, project_id: str, kind: str, epsilon_units: int, delta_units: int, *,
+             query_hash: str | None = None, idempotency_key: str | None = None, actor: str | None = None,
+             ts: int | None = None) -> None:
+    conn.execute(insert(budget_spends).values(
+        project_id=project_id, ts=ts or now_us(), kind=kind, epsilon_micro=epsilon_units, delta_pico=delta_units,
+        query_hash=query_hash, idempotency_key=idempotency_key, actor=actor))

@@ -1,0 +1,893 @@
+"""De-identification of FHIR R4 resources by a declarative, default-deny profile.
+
+A profile is an ordered list of rules (`policies/profiles/README.md` documents the
+format). It is checked against the FHIR R4B element definitions when it is loaded and
+compiled, once per resource type, into a plan: for every element a ready-made action,
+so de-identifying a resource is a walk over plain dicts with one dictionary look-up per
+key and no pattern matching.
+
+What every released resource is guaranteed, whatever the profile says:
+
+* **Default deny**: an element that no rule releases is removed, and so is every key
+  that is not a FHIR element of its parent.
+* `id` is the project's pseudonym of the stored row; every `Reference.reference` that
+  points at a stored resource is rewritten to `Type/<pseudonym>` the same way, so a
+  research client can follow it; `urn:uuid:` references get a keyed pseudonym UUID;
+  references to nothing stored are removed. `Reference.display` and
+  `Reference.identifier` are always removed (they embed names and identifier values).
+* The narrative `text` is removed; `meta` keeps only `versionId` and `security`, to
+  which the `PSEUDED` label (and `ABSTRED` when a value was generalised) is added.
+* An extension stays only if a rule keeps its URL; an element carrying a
+  `modifierExtension` that no rule keeps is removed, because its meaning depends on it.
+* A date, dateTime or instant is released unshifted only if a rule names it directly
+  with `keep`; inside any other released element it is shifted by the patient's offset
+  (and removed from a resource of no patient).
+* Element ids (`id` inside data types) are removed; contained resources keep their
+  local ids and are de-identified by the rules of their own type.
+* A required element that was removed is replaced by a data-absent-reason extension
+  (`masked`), so the output still validates against the R4B models.
+
+The engine works on dicts as `orjson` loads them and never mutates its input.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from functools import cache, partial
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from policies.pseudonym import PseudonymError, PseudonymKey
+
+METHODS = ("keep", "redact", "pseudonymise", "dateshift", "generalize", "encrypt")
+SECURITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+PSEUDED = {"system": SECURITY_SYSTEM, "code": "PSEUDED", "display": "pseudonymized"}
+ABSTRED = {"system": SECURITY_SYSTEM, "code": "ABSTRED", "display": "abstracted"}
+REDACTED = {"system": SECURITY_SYSTEM, "code": "REDACTED", "display": "redacted"}
+DATA_ABSENT_REASON = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
+#: Marks a resource in which a birth year was top-coded (ages over `max_age` aggregated).
+TOP_CODED_AGE = "https://passerelle.example/fhir/StructureDefinition/age-top-coded"
+
+_DATE_TYPES = frozenset({"date", "dateTime", "instant"})
+_STRING_TYPES = frozenset({"string", "markdown"})
+#: The types each method can transform; keep and redact apply to every element.
+_APPLIES: dict[str, frozenset[str]] = {
+    "dateshift": _DATE_TYPES | {"Period", "Timing"},
+    "pseudonymise": _STRING_TYPES | {"code", "id", "uri", "Identifier", "ContactPoint"},
+    "encrypt": _STRING_TYPES,
+    "generalize:to": frozenset({"date", "dateTime"}),
+    "generalize:digits": frozenset({"string"}),
+}
+#: Root elements the engine manages itself: no rule may name them.
+_ENGINE_ROOT = frozenset({"id", "meta", "text"})
+_EXTENSIONS = frozenset({"extension", "modifierExtension"})
+_RULE_KEYS = frozenset({"path", "method", "url", "to", "max_age", "digits", "suppress", "why"})
+_PARAMS: dict[str, frozenset[str]] = {"generalize": frozenset({"to", "max_age", "digits", "suppress"})}
+_PATH = re.compile(r"(\*|[A-Z][A-Za-z]*)(\.[a-z][A-Za-z0-9]*(\[x\])?)+")
+_SCALARS = (str, int, float, bool)
+_DAR = orjson.dumps({"extension": [{"url": DATA_ABSENT_REASON, "valueCode": "masked"}]})
+_HISTORY_VERSION = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+class ProfileError(ValueError):
+    """A profile cannot be loaded: the message names the file, the rule and the problem."""
+
+
+class DeidentificationError(ValueError):
+    """The input is not a resource the engine can de-identify (no or unknown resourceType)."""
+
+
+class _Drop:
+    """The result of an action that releases nothing."""
+
+    __slots__ = ()
+
+
+_DROP = _Drop()
+
+
+class _Withheld(Exception):
+    """An element carries a modifier extension no rule keeps: the element must go."""
+
+
+# -- the FHIR R4B element definitions, read from the fhir.resources models ---------------------
+
+@dataclass(frozen=True, slots=True)
+class _Element:
+    key: str        # the JSON property: "valueQuantity"
+    name: str       # the element name in a path: "value[x]" for a choice, else the key
+    type: str       # FHIR type code: "dateTime", "CodeableConcept", "ObservationComponent", "Resource"
+    many: bool
+    required: bool  # min >= 1; for a choice, the choice as a whole
+
+    @property
+    def primitive(self) -> bool:
+        return self.type[0].islower()
+
+
+@cache
+def _model(type_name: str) -> Any:
+    from fhir.resources.R4B import get_fhir_model_class  # slow to import: only when compiling
+    return get_fhir_model_class(type_name)
+
+
+@cache
+def _is_resource_type(name: str) -> bool:
+    from fhir.resources.R4B.resource import Resource
+    try:
+        return issubclass(_model(name), Resource)
+    except ValueError:
+        return False
+
+
+@cache
+def _elements(type_name: str) -> dict[str, _Element]:
+    """The elements of a resource, data type or backbone element, by JSON property."""
+    out: dict[str, _Element] = {}
+    for field_name, info in _model(type_name).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        kind = _type_of(info.annotation) if extra.get("element_property") else None
+        if kind is None:
+            continue
+        key = info.alias or field_name
+        choice = extra.get("one_of_many")
+        required = info.is_required() or bool(extra.get("element_required") or extra.get("one_of_many_required"))
+        out[key] = _Element(key, f"{choice}[x]" if choice else key, kind[0], kind[1], required)
+    return out
+
+
+def _type_of(annotation: Any) -> tuple[str, bool] | None:
+    """(FHIR type code, repeats) of a model field's annotation; None for what is not an element."""
+    many = False
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return None
+            annotation = args[0]
+        elif origin is list:
+            many, annotation = True, typing.get_args(annotation)[0]
+        elif origin is typing.Annotated:
+            names = [getattr(m, "__visit_name__", None) for m in typing.get_args(annotation)[1:]]
+            found = [n for n in names if isinstance(n, str)]
+            return (found[0], many) if found else None
+        else:
+            break
+    if annotation is bool:
+        return "boolean", many
+    name = getattr(annotation, "__name__", "")
+    return (name[:-4], many) if name.endswith("Type") and name != "FHIRPrimitiveExtensionType" else None
+
+
+# -- profiles -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    """One profile rule, as written, with its position (lower wins)."""
+
+    index: int
+    path: str
+    scope: str                  # a resource type, or "*"
+    segments: tuple[str, ...]
+    method: str
+    url: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def applies_to(self, element_type: str) -> bool:
+        """Whether this rule's method can transform an element of this FHIR type."""
+        if self.method in ("keep", "redact"):
+            return True
+        if self.method == "generalize":
+            return element_type in _APPLIES["generalize:to" if "to" in self.params else "generalize:digits"]
+        return element_type in _APPLIES[self.method]
+
+    @property
+    def behaviour(self) -> tuple[Any, ...]:
+        """What the rule does, independent of where it is written (plans are shared by it)."""
+        return self.method, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in self.params.items()))
+
+
+class Profile:
+    """A checked profile. Compiles, and caches, one plan per resource type on first use."""
+
+    def __init__(self, name: str, rules: Iterable[Rule], source: str = "<memory>") -> None:
+        self.name = name
+        self.source = source
+        self.rules = tuple(rules)
+        self._plans: dict[str, _Plan] = {}
+
+    def __repr__(self) -> str:
+        return f"Profile({self.name!r}, {len(self.rules)} rules, from {self.source})"
+
+    def plan_for(self, resource_type: str) -> _Plan:
+        """The compiled plan of one resource type (DeidentificationError if it is not one)."""
+        plan = self._plans.get(resource_type)
+        if plan is None:
+            if not isinstance(resource_type, str) or not _is_resource_type(resource_type):
+                raise DeidentificationError(f"{resource_type!r} is not a FHIR R4B resource type")
+            plan = self._plans[resource_type] = _Compiler(self, resource_type).root()
+        return plan
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and check a profile file: JSON, or YAML when it ends in .yaml or .yml."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProfileError(f"{source}: cannot read the profile: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text) if source.suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ProfileError(f"{source}: not valid {'YAML' if source.suffix in ('.yaml', '.yml') else 'JSON'}: "
+                           f"{exc}") from exc
+    return parse_profile(data, source=str(source), default_name=source.stem)
+
+
+def parse_profile(data: Any, *, source: str = "<memory>", default_name: str = "profile") -> Profile:
+    """Check a profile given as parsed JSON; ProfileError names the first problem found."""
+    if not isinstance(data, dict):
+        raise ProfileError(f"{source}: a profile is an object with a 'rules' list")
+    unknown = sorted(set(data) - {"name", "description", "rules"})
+    if unknown:
+        raise ProfileError(f"{source}: unknown profile keys {unknown} (expected name, description, rules)")
+    rules_data = data.get("rules")
+    if not isinstance(rules_data, list) or not rules_data:
+        raise ProfileError(f"{source}: 'rules' must be a non-empty list")
+    name = data.get("name", default_name)
+    if not isinstance(name, str) or not name:
+        raise ProfileError(f"{source}: 'name' must be a non-empty string")
+    rules = [_parse_rule(index, item, source) for index, item in enumerate(rules_data)]
+    _check_reachable(rules, source)
+    return Profile(name, rules, source)
+
+
+def _parse_rule(index: int, item: Any, source: str) -> Rule:
+    where = f"{source}: rule {index + 1}"
+    if not isinstance(item, dict):
+        raise ProfileError(f"{where}: a rule is an object with 'path' and 'method'")
+    unknown = sorted(set(item) - _RULE_KEYS)
+    if unknown:
+        raise ProfileError(f"{where}: unknown keys {unknown}")
+    path, method = item.get("path"), item.get("method")
+    if not isinstance(path, str) or not _PATH.fullmatch(path):
+        raise ProfileError(f"{where}: bad path {path!r}: expected '<ResourceType or *>.<element>[.<element>…]' "
+                           "with FHIR element names, e.g. 'Observation.value[x]'")
+    where = f"{where} ({path})"
+    if method not in METHODS:
+        raise ProfileError(f"{where}: unknown method {method!r} (one of {', '.join(METHODS)})")
+    scope, *segments = path.split(".")
+    params = {k: item[k] for k in item if k in _PARAMS.get(method, ())}
+    stray = sorted(set(item) - {"path", "method", "url", "why"} - set(params))
+    if stray:
+        raise ProfileError(f"{where}: method {method} takes no {stray}")
+    if method == "generalize":
+        _check_generalize(params, where)
+    rule = Rule(index, path, scope, tuple(segments), method, item.get("url"), params)
+    if scope != "*" and not _is_resource_type(scope):
+        raise ProfileError(f"{where}: unknown resource type {scope!r}")
+    _check_rule_path(rule, where)
+    return rule
+
+
+def _check_generalize(params: dict[str, Any], where: str) -> None:
+    if ("to" in params) == ("digits" in params):
+        raise ProfileError(f"{where}: generalize needs either 'to' (year or month) or 'digits'")
+    if "to" in params:
+        if params["to"] not in ("year", "month"):
+            raise ProfileError(f"{where}: 'to' must be 'year' or 'month'")
+        if "suppress" in params:
+            raise ProfileError(f"{where}: 'suppress' goes with 'digits'")
+        age = params.get("max_age")
+        if age is not None and (params["to"] != "year" or not _is_int(age) or not 0 < age < 150):
+            raise ProfileError(f"{where}: 'max_age' is an age in years, with 'to': 'year'")
+        return
+    digits = params["digits"]
+    if not _is_int(digits) or not 0 < digits < 10:
+        raise ProfileError(f"{where}: 'digits' must be an integer from 1 to 9")
+    if "max_age" in params:
+        raise ProfileError(f"{where}: 'max_age' goes with 'to': 'year'")
+    suppress = params.get("suppress", [])
+    if not isinstance(suppress, list) or not all(isinstance(s, str) and len(s) == digits for s in suppress):
+        raise ProfileError(f"{where}: 'suppress' must be a list of {digits}-character prefixes")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_rule_path(rule: Rule, where: str) -> None:
+    """Check what can be checked of a path: all of it for a resource type, its form for '*'."""
+    head, last = rule.segments[0], rule.segments[-1]
+    if head in _ENGINE_ROOT:
+        raise ProfileError(f"{where}: {head!r} is managed by the engine and cannot be named by a rule")
+    if rule.url is not None or last in _EXTENSIONS:
+        _check_extension_rule(rule, where)
+        return
+    if any(s in _EXTENSIONS for s in rule.segments):
+        raise ProfileError(f"{where}: extensions are selected by URL: use a rule on "
+                           f"'{rule.scope}.extension' with a 'url'")
+    if rule.scope == "*":
+        return
+    finals = _resolve(rule.scope, rule.segments, where)
+    if not any(rule.applies_to(e.type) for e in finals):
+        kinds = ", ".join(sorted({e.type for e in finals}))
+        raise ProfileError(f"{where}: method {rule.method} cannot apply to {kinds} "
+                           f"(it applies to {', '.join(sorted(_applicable_types(rule)))})")
+
+
+def _applicable_types(rule: Rule) -> frozenset[str]:
+    key = rule.method if rule.method != "generalize" else ("generalize:to" if "to" in rule.params
+                                                           else "generalize:digits")
+    return _APPLIES[key]
+
+
+def _check_extension_rule(rule: Rule, where: str) -> None:
+    if len(rule.segments) != 1 or rule.segments[0] not in _EXTENSIONS:
+        raise ProfileError(f"{where}: a rule with a 'url' has the path '<ResourceType or *>.extension' "
+                           "(or .modifierExtension): an extension's URL names it wherever it appears")
+    if not isinstance(rule.url, str) or not rule.url:
+        raise ProfileError(f"{where}: an extension rule needs the extension's 'url'")
+    if rule.method not in ("keep", "redact", "dateshift"):
+        raise ProfileError(f"{where}: an extension is kept, redacted or date-shifted as a whole")
+
+
+def _resolve(scope: str, segments: tuple[str, ...], where: str) -> list[_Element]:
+    """The elements a typed path names (several for a choice), or ProfileError."""
+    types_here = [scope]
+    for depth, segment in enumerate(segments):
+        found = [e for t in types_here for e in _elements(t).values()
+                 if e.key == segment or (segment.endswith("[x]") and e.name == segment)]
+        if not found:
+            known = sorted({e.name for t in types_here for e in _elements(t).values()})
+            hint = difflib.get_close_matches(segment, known, n=1)
+            raise ProfileError(f"{where}: {'/'.join(types_here)} has no element {segment!r}"
+                               + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        if depth == len(segments) - 1:
+            return found
+        inner = [e for e in found if not e.primitive and e.type not in ("Reference", "Resource")]
+        if not inner:
+            kind = found[0].type
+            reason = {"Reference": "references are rewritten by the engine: keep or redact the whole Reference",
+                      "Resource": "contained resources follow the rules of their own type"}.get(
+                kind, f"it is a primitive ({kind})")
+            raise ProfileError(f"{where}: cannot descend into {segment!r}: {reason}")
+        types_here = [e.type for e in inner]
+    raise AssertionError("unreachable: a path has at least one element")
+
+
+def _check_reachable(rules: list[Rule], source: str) -> None:
+    """Refuse a rule that an earlier keep/redact rule always decides first (first match wins)."""
+    for later in rules:
+        for earlier in rules[:later.index]:
+            if _shadows(earlier, later):
+                raise ProfileError(
+                    f"{source}: rule {later.index + 1} ({later.path}) can never apply: rule {earlier.index + 1} "
+                    f"({earlier.path}, {earlier.method}) comes first and covers it. Rules are ordered and the "
+                    "first match wins: put the more specific rule first")
+
+
+def _shadows(earlier: Rule, later: Rule) -> bool:
+    if earlier.scope not in ("*", later.scope) or (earlier.url is None) != (later.url is None):
+        return False
+    if earlier.url is not None:
+        return earlier.url == later.url and earlier.segments == later.segments
+    if earlier.method not in ("keep", "redact") or len(earlier.segments) > len(later.segments):
+        return False
+    return all(_covers(a, b) for a, b in zip(earlier.segments, later.segments, strict=False))
+
+
+def _covers(segment: str, other: str) -> bool:
+    if segment == other:
+        return True
+    base = segment[:-3] if segment.endswith("[x]") else None
+    return base is not None and other.startswith(base) and other[len(base):len(base) + 1].isupper()
+
+
+# -- compiled plans -----------------------------------------------------------------------------
+
+Action = Callable[[Any, "_Context"], Any]
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What to do with each key of one kind of object, and what must be present after."""
+
+    fields: dict[str, Action] = field(default_factory=dict)
+    required: tuple[tuple[tuple[str, ...], str, bytes], ...] = ()  # (any of these keys, else set key, to)
+
+
+class _Trie:
+    """The rules of one resource type arranged by path."""
+
+    __slots__ = ("children", "deep_min", "rules")
+
+    def __init__(self) -> None:
+        self.rules: list[Rule] = []
+        self.children: dict[str, _Trie] = {}
+        self.deep_min = _NEVER  # lowest rule index strictly below this node
+
+    def add(self, rule: Rule) -> None:
+        node = self
+        for segment in rule.segments:
+            node.deep_min = min(node.deep_min, rule.index)
+            node = node.children.setdefault(segment, _Trie())
+        node.rules.append(rule)
+
+
+_NEVER = 1 << 62
+
+
+class _Compiler:
+    """Builds the plan of one resource type from the profile and the R4B element definitions."""
+
+    def __init__(self, profile: Profile, resource_type: str) -> None:
+        self.profile = profile
+        self.resource_type = resource_type
+        self.trie = _Trie()
+        self.urls: dict[str, Rule] = {}
+        for rule in profile.rules:
+            if rule.scope not in ("*", resource_type):
+                continue
+            if rule.url is None:
+                self.trie.add(rule)
+            else:
+                self.urls.setdefault(rule.url, rule)
+        self.memo: dict[tuple[Any, ...], _Plan] = {}
+        self.extensions: dict[str, Action] = {}
+        self.modifiers: dict[str, Action] = {}
+
+    def root(self) -> _Plan:
+        keep = Rule(-1, "(engine)", "*", ("extension",), "keep")
+        for url, rule in [(DATA_ABSENT_REASON, keep), *self.urls.items()]:
+            if rule.method != "redact":
+                action = partial(_walk, self.plan("Extension", (), rule))
+                self.extensions[url] = action
+                self.modifiers[url] = action
+        return self.plan(self.resource_type, (self.trie,), None, root=True)
+
+    def plan(self, type_name: str, nodes: tuple[_Trie, ...], inherited: Rule | None, root: bool = False) -> _Plan:
+        """The plan of one object type under the rules at `nodes` and the rule it inherits."""
+        key = (type_name, tuple(id(n) for n in nodes),
+               (inherited.index if nodes else inherited.behaviour) if inherited else None, root)
+        plan = self.memo.get(key)
+        if plan is not None:
+            return plan
+        plan = self.memo[key] = _Plan()  # registered first: data types are recursive
+        elements = _elements(type_name)
+        for element in elements.values():
+            if element.key in _ENGINE_ROOT if root else element.key == "id":
+                continue
+            action = self.field(type_name, element, nodes, inherited)
+            if action is not None:
+                plan.fields[element.key] = action
+                if element.primitive:
+                    plan.fields["_" + element.key] = partial(_each_optional if element.many else _primitive_extension,
+                                                             self.extensions)
+        plan.required = _required(elements)
+        return plan
+
+    def field(self, owner: str, element: _Element, nodes: tuple[_Trie, ...], inherited: Rule | None) -> Action | None:
+        """The action for one element, or None to drop it."""
+        if element.key in _EXTENSIONS:
+            return self.extension_field(owner, element, inherited)
+        matching = [c for n in nodes for c in {n.children.get(element.key), n.children.get(element.name)} if c]
+        here = [r for c in matching for r in c.rules if r.applies_to(element.type)]
+        decided = min([*here, *([inherited] if inherited else [])], key=lambda r: r.index, default=None)
+        limit = decided.index if decided else _NEVER
+        deeper = tuple(c for c in matching if c.deep_min < limit)
+        if decided is not None and decided.method == "redact":
+            decided = None
+        if element.primitive:
+            return _primitive_action(element, decided, decided in here) if decided else None
+        if element.type == "Resource":
+            return partial(_each, partial(_contained, self.profile)) if decided else None
+        if element.type == "Reference":
+            reference = partial(_reference, self.extensions)
+            return (partial(_each, reference) if element.many else reference) if decided else None
+        if decided is None and not deeper:
+            return None
+        inner = self.plan(element.type, deeper, decided)
+        return partial(_each, partial(_walk, inner)) if element.many else partial(_walk, inner)
+
+    def extension_field(self, owner: str, element: _Element, inherited: Rule | None) -> Action:
+        if owner == "Extension" and inherited is not None:
+            # Inside a kept extension, its sub-extensions are part of it (their URLs are local names).
+            return partial(_each, partial(_walk, self.plan("Extension", (), inherited)))
+        if element.key == "modifierExtension":
+            return partial(_modifier_extensions, self.modifiers)
+        return partial(_extensions, self.extensions)
+
+
+def _required(elements: dict[str, _Element]) -> tuple[tuple[tuple[str, ...], str, bytes], ...]:
+    """For each required element (or choice): the keys that satisfy it, and the placeholder."""
+    groups: dict[str, list[_Element]] = {}
+    for element in elements.values():
+        if element.required and element.key != "id":
+            groups.setdefault(element.name, []).append(element)
+    out = []
+    for variants in groups.values():
+        keys = tuple(k for e in variants for k in (e.key, "_" + e.key))
+        chosen = next((e for e in variants if not e.primitive), variants[0])
+        value = _placeholder(chosen.type)
+        key = chosen.key if not chosen.primitive else "_" + chosen.key
+        out.append((keys, key, orjson.dumps([value] if chosen.many else value)))
+    return tuple(out)
+
+
+def _placeholder(type_name: str) -> dict[str, Any]:
+    """A data-absent-reason value of a type, with placeholders for its own required elements."""
+    value: dict[str, Any] = orjson.loads(_DAR)
+    if type_name[0].isupper() and type_name != "Resource":
+        for _keys, key, encoded in _required(_elements(type_name)):
+            value[key] = orjson.loads(encoded)
+    return value
+
+
+# -- actions: each takes (value, context) and returns the released value or _DROP --------------
+
+@dataclass(slots=True)
+class _Context:
+    """The state of one `Deidentifier.apply` call."""
+
+    deid: Deidentifier
+    offset: int | None
+    pks: Mapping[tuple[str, str], int] | None
+    local_ids: frozenset[str] = frozenset()
+    missing: set[tuple[str, str]] = field(default_factory=set)
+    abstracted: bool = False
+    top_coded: bool = False
+
+
+def _walk(plan: _Plan, node: Any, ctx: _Context) -> Any:
+    """Release an object: its kept keys, transformed; placeholders for removed required ones."""
+    if type(node) is not dict:
+        return _DROP
+    try:
+        out = _release(plan, node, ctx)
+    except _Withheld:
+        return _DROP
+    if not out:
+        return _DROP
+    if plan.required:
+        _fill_required(plan, out)
+    return out
+
+
+def _release(plan: _Plan, node: dict[str, Any], ctx: _Context) -> dict[str, Any]:
+    """The kept keys of an object, transformed (raises _Withheld from a modifier extension)."""
+    out = {}
+    get = plan.fields.get
+    for key, value in node.items():
+        action = get(key)
+        if action is not None:
+            result = action(value, ctx)
+            if result is not _DROP:
+                out[key] = result
+    return out
+
+
+def _fill_required(plan: _Plan, out: dict[str, Any]) -> None:
+    for keys, key, encoded in plan.required:
+        if not any(k in out for k in keys):
+            out[key] = orjson.loads(encoded)
+
+
+def _each(action: Action, values: Any, ctx: _Context) -> Any:
+    if type(values) is not list:
+        return _DROP
+    out = [r for v in values if (r := action(v, ctx)) is not _DROP]
+    return out or _DROP
+
+
+def _each_value(action: Action, values: Any, ctx: _Context) -> Any:
+    """A repeating primitive: all items transform or none is released (keeps `_x` alignment)."""
+    if type(values) is not list:
+        return _DROP
+    out = []
+    for value in values:
+        result = None if value is None else action(value, ctx)
+        if result is _DROP:
+            return _DROP
+        out.append(result)
+    return out if any(v is not None for v in out) else _DROP
+
+
+def _each_optional(extensions: dict[str, Action], values: Any, ctx: _Context) -> Any:
+    """The `_x` array of a repeating primitive: position-aligned, None where nothing is kept."""
+    if type(values) is not list:
+        return _DROP
+    out = [None if v is None or (r := _primitive_extension(extensions, v, ctx)) is _DROP else r for v in values]
+    return out if any(v is not None for v in out) else _DROP
+
+
+def _keep(value: Any, ctx: _Context) -> Any:
+    return value if type(value) in _SCALARS else _DROP
+
+
+def _shift(value: Any, ctx: _Context) -> Any:
+    if ctx.offset is None or type(value) is not str:
+        return _DROP  # a date of no patient cannot be shifted consistently: it is not released
+    shifted = shift_date(value, ctx.offset)
+    return _DROP if shifted is None else shifted
+
+
+def _pseudonymise(value: Any, ctx: _Context) -> Any:
+    return ctx.deid.key.pseudonymise_value(value) if type(value) is str and value else _DROP
+
+
+def _encrypt(value: Any, ctx: _Context) -> Any:
+    return ctx.deid.key.encrypt(value) if type(value) is str and value else _DROP
+
+
+def _to_year(max_age: int | None, value: Any, ctx: _Context) -> Any:
+    if type(value) is not str or len(value) < 4 or not value[:4].isdigit():
+        return _DROP
+    year = int(value[:4])
+    ctx.abstracted = True
+    reference_year = ctx.deid.reference_year
+    if max_age is not None and reference_year - year > max_age:
+        # Every birth year that may mean an age above max_age becomes the same year and is
+        # marked, including the boundary year, so the mark itself reveals nothing more.
+        ctx.top_coded = True
+        year = reference_year - max_age - 1
+    return f"{year:04d}"
+
+
+def _to_month(value: Any, ctx: _Context) -> Any:
+    if type(value) is not str or len(value) < 4 or not value[:4].isdigit():
+        return _DROP
+    ctx.abstracted = True
+    return value[:7] if len(value) >= 7 else value[:4]
+
+
+def _to_prefix(digits: int, suppress: frozenset[str], value: Any, ctx: _Context) -> Any:
+    if type(value) is not str:
+        return _DROP
+    compact = value.replace(" ", "").replace("-", "")
+    if len(compact) < digits:
+        return _DROP
+    ctx.abstracted = True
+    prefix = compact[:digits]
+    return "0" * digits if prefix in suppress else prefix
+
+
+def _primitive_action(element: _Element, rule: Rule, direct: bool) -> Action:
+    """The transformation of a primitive element under the rule that decides it."""
+    method = rule.method
+    if method == "generalize":
+        params = rule.params
+        if "digits" in params:
+            action: Action = partial(_to_prefix, params["digits"], frozenset(params.get("suppress", ())))
+        else:
+            action = partial(_to_year, params.get("max_age")) if params["to"] == "year" else _to_month
+    elif method == "encrypt":
+        action = _encrypt
+    elif method == "pseudonymise" and (direct or element.key == "value"):
+        action = _pseudonymise  # directly named, or the value of an Identifier/ContactPoint
+    elif element.type in _DATE_TYPES and not (method == "keep" and direct):
+        # A date inside a released element is shifted: only a rule naming the date itself
+        # with keep releases it unshifted, so no keep on a container leaks exact dates.
+        action = _shift
+    else:
+        action = _keep
+    return partial(_each_value, action) if element.many else action
+
+
+def _primitive_extension(extensions: dict[str, Action], value: Any, ctx: _Context) -> Any:
+    """The `_x` sibling of a primitive: only its kept extensions."""
+    if type(value) is not dict:
+        return _DROP
+    kept = _extensions(extensions, value.get("extension"), ctx)
+    return _DROP if kept is _DROP else {"extension": kept}
+
+
+def _extensions(extensions: dict[str, Action], values: Any, ctx: _Context) -> Any:
+    if type(values) is not list:
+        return _DROP
+    out = []
+    for item in values:
+        url = item.get("url") if type(item) is dict else None
+        action = extensions.get(url) if type(url) is str else None
+        if action is not None and (result := action(item, ctx)) is not _DROP:
+            out.append(result)
+    return out or _DROP
+
+
+def _modifier_extensions(extensions: dict[str, Action], values: Any, ctx: _Context) -> Any:
+    kept = _extensions(extensions, values, ctx)
+    if type(values) is list and (kept is _DROP or len(kept) != len(values)):
+        raise _Withheld
+    return kept
+
+
+def _reference(extensions: dict[str, Action], value: Any, ctx: _Context) -> Any:
+    """A Reference: its target rewritten to a pseudonym, its type, its kept extensions; no display."""
+    if type(value) is not dict:
+        return _DROP
+    out: dict[str, Any] = {}
+    target = value.get("reference")
+    if type(target) is str and (rewritten := ctx.deid.rewrite_reference(target, ctx)) is not None:
+        out["reference"] = rewritten
+    kind = value.get("type")
+    if type(kind) is str:
+        out["type"] = kind
+    if "extension" in value and (kept := _extensions(extensions, value["extension"], ctx)) is not _DROP:
+        out["extension"] = kept
+    return out or _DROP
+
+
+def _contained(profile: Profile, value: Any, ctx: _Context) -> Any:
+    """A contained resource: its own type's rules, its local id kept for `#id` references."""
+    if type(value) is not dict or type(value.get("id")) is not str:
+        return _DROP
+    kind = value.get("resourceType")
+    try:
+        plan = profile.plan_for(kind)
+    except DeidentificationError:
+        return _DROP
+    return {"resourceType": kind, "id": value["id"], **_release_resource(plan, value, ctx)[0]}
+
+
+def shift_date(value: str, days: int) -> str | None:
+    """Shift a FHIR date, dateTime or instant by whole days, keeping its precision and zone.
+
+    A year alone is returned unchanged (shifting it would only add noise of a year); a
+    year-month moves with its 15th day. None if the value is not a FHIR date.
+    """
+    try:
+        if len(value) == 4:
+            return value if value.isdigit() else None
+        if len(value) == 7 and value[4] == "-":
+            moved = date(int(value[:4]), int(value[5:7]), 15) + timedelta(days=days)
+            return f"{moved.year:04d}-{moved.month:02d}"
+        if len(value) >= 10 and value[4] == "-" and (len(value) == 10 or value[10] == "T"):
+            return (date.fromisoformat(value[:10]) + timedelta(days=days)).isoformat() + value[10:]
+    except (ValueError, OverflowError):
+        return None
+    return None
+
+
+# -- the engine ---------------------------------------------------------------------------------
+
+class Deidentifier:
+    """Applies one profile with one project's key. Cheap to build: plans live in the Profile.
+
+    `resolve_pk(type, id)` returns the stored row number of a referenced resource, or None
+    if it is not stored; `apply` may also be given a prefetched {(type, id): pk} mapping
+    for a batch, which is consulted first. Found pseudonyms are cached for the life of the
+    Deidentifier (one request), misses for one `apply` call.
+    """
+
+    _CACHE_LIMIT = 65536
+
+    def __init__(self, profile: Profile, key: PseudonymKey, *, reference_year: int,
+                 resolve_pk: Callable[[str, str], int | None] | None = None) -> None:
+        if not isinstance(profile, Profile) or not isinstance(key, PseudonymKey):
+            raise TypeError("Deidentifier needs a Profile and a PseudonymKey")
+        if not _is_int(reference_year) or not 1900 <= reference_year <= 9999:
+            raise ValueError("reference_year must be a calendar year")
+        self.profile = profile
+        self.key = key
+        self.reference_year = reference_year
+        self._resolve_pk = resolve_pk
+        self._targets: dict[tuple[str, str], str] = {}
+
+    def apply(self, resource: dict[str, Any], pk: int, patient_id: str | None,
+              pks: Mapping[tuple[str, str], int] | None = None) -> dict[str, Any]:
+        """The released form of a stored resource (row `pk`, in `patient_id`'s compartment).
+
+        The input is not modified. Dates are shifted by the patient's offset for this
+        project; a resource of no patient has its dates removed.
+        """
+        if not isinstance(resource, dict):
+            raise DeidentificationError("a resource is a JSON object")
+        kind = resource.get("resourceType")
+        plan = self.profile.plan_for(kind)
+        own = self.key.pseudonym(kind, pk)
+        if type(resource.get("id")) is str:
+            self._remember((kind, resource["id"]), own)
+        ctx = _Context(self, self.key.date_offset_days(patient_id) if patient_id else None, pks,
+                       _local_ids(resource))
+        out: dict[str, Any] = {"resourceType": kind, "id": own}
+        body, withheld = _release_resource(plan, resource, ctx)
+        labels = [PSEUDED, *([REDACTED] if withheld else []), *([ABSTRED] if ctx.abstracted else [])]
+        out["meta"] = _meta(resource.get("meta"), labels)
+        out.update(body)
+        if ctx.top_coded:
+            out["extension"] = [*out.get("extension", ()), {"url": TOP_CODED_AGE, "valueBoolean": True}]
+        return out
+
+    def rewrite_reference(self, reference: str, ctx: _Context) -> str | None:
+        """The released form of a literal reference, or None if it cannot be followed."""
+        if reference.startswith("#"):
+            return reference if reference == "#" or reference[1:] in ctx.local_ids else None
+        if reference.startswith("urn:uuid:"):
+            try:
+                return "urn:uuid:" + self.key.pseudonymise_uuid(reference[9:])
+            except PseudonymError:
+                return None
+        if "?" in reference or reference.startswith("urn:"):
+            return None  # conditional references and other URNs name nothing stored here
+        parts = reference.split("/")
+        version = None
+        if len(parts) >= 4 and parts[-2] == "_history":
+            version, parts = parts[-1], parts[:-2]
+        if not (len(parts) == 2 or (len(parts) > 3 and parts[0] in ("http:", "https:") and parts[1] == "")):
+            return None
+        pseudonym = self._target(parts[-2], parts[-1], ctx)
+        if pseudonym is None:
+            return None
+        suffix = f"/_history/{version}" if version and _HISTORY_VERSION.fullmatch(version) else ""
+        return f"{parts[-2]}/{pseudonym}{suffix}"
+
+    def _target(self, kind: str, ident: str, ctx: _Context) -> str | None:
+        wanted = (kind, ident)
+        found = self._targets.get(wanted)
+        if found is not None or wanted in ctx.missing:
+            return found
+        pk = ctx.pks.get(wanted) if ctx.pks is not None else None
+        if pk is None and self._resolve_pk is not None:
+            pk = self._resolve_pk(kind, ident)
+        try:
+            pseudonym = None if pk is None else self.key.pseudonym(kind, pk)
+        except PseudonymError:
+            pseudonym = None
+        if pseudonym is None:
+            ctx.missing.add(wanted)
+        else:
+            self._remember(wanted, pseudonym)
+        return pseudonym
+
+    def _remember(self, wanted: tuple[str, str], pseudonym: str) -> None:
+        if len(self._targets) >= self._CACHE_LIMIT:
+            self._targets.clear()
+        self._targets[wanted] = pseudonym
+
+
+def _release_resource(plan: _Plan, resource: dict[str, Any], ctx: _Context) -> tuple[dict[str, Any], bool]:
+    """The body of a resource, and whether it was withheld whole for a modifier extension."""
+    try:
+        body, withheld = _release(plan, resource, ctx), False
+    except _Withheld:
+        body, withheld = {}, True
+    _fill_required(plan, body)
+    return body, withheld
+
+
+def _local_ids(resource: dict[str, Any]) -> frozenset[str]:
+    contained = resource.get("contained")
+    if type(contained) is not list:
+        return frozenset()
+    return frozenset(c["id"] for c in contained if type(c) is dict and type(c.get("id")) is str)
+
+
+def _meta(source: Any, labels: list[dict[str, str]]) -> dict[str, Any]:
+    """versionId and security labels survive; lastUpdated, source, profile and tags do not.
+
+    lastUpdated is an exact ingest time; a de-identified resource no longer conforms to the
+    profiles it claimed (they often require names and identifiers).
+    """
+    meta: dict[str, Any] = {}
+    security: list[dict[str, str]] = []
+    if type(source) is dict:
+        if type(source.get("versionId")) is str:
+            meta["versionId"] = source["versionId"]
+        for coding in source.get("security") or ():
+            if type(coding) is dict and type(coding.get("code")) is str:
+                security.append({k: coding[k] for k in ("system", "version", "code", "display")
+                                 if type(coding.get(k)) is str})
+    present = {(c.get("system"), c["code"]) for c in security}
+    security.extend(dict(label) for label in labels if (label["system"], label["code"]) not in present)
+    meta["security"] = security
+    return meta

@@ -1,0 +1,68 @@
+"""Keys and profiles of research projects, loaded once per process and never logged.
+
+The master key file is read once; each project's pseudonym key is derived from it for
+the project's current key version (`project_keys`), which `keys rotate` advances.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+from flask import current_app
+from sqlalchemy import Connection, func, insert, select
+
+from consent.projects import ProjectRecord
+from policies.deid import Profile, load_profile, parse_profile
+from policies.keys import load_master_key
+from policies.pseudonym import PseudonymKey
+from service.db import now_us
+from service.store.schema import project_keys
+
+DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "policies" / "profiles" / "default.json"
+
+
+def master() -> bytes:
+    cache = current_app.extensions.setdefault("passerelle.keys", {})
+    if "master" not in cache:
+        cache["master"] = load_master_key(current_app.config["MASTER_KEY_FILE"])
+    return cache["master"]
+
+
+def current_version(conn: Connection, project_id: str) -> int:
+    version = conn.execute(select(func.max(project_keys.c.version))
+                           .where(project_keys.c.project_id == project_id)).scalar()
+    if version is None:
+        conn.execute(insert(project_keys).values(project_id=project_id, version=1, created=now_us()))
+        return 1
+    return version
+
+
+def rotate(conn: Connection, project_id: str) -> int:
+    """Start a new key version: new pseudonyms and date shifts from now on."""
+    version = current_version(conn, project_id) + 1
+    conn.execute(insert(project_keys).values(project_id=project_id, version=version, created=now_us()))
+    return version
+
+
+def versions(conn: Connection, project_id: str) -> list[int]:
+    return list(conn.execute(select(project_keys.c.version).where(project_keys.c.project_id == project_id)
+                             .order_by(project_keys.c.version.desc())).scalars())
+
+
+def project_key(conn: Connection, project_id: str, version: int | None = None) -> PseudonymKey:
+    version = version or current_version(conn, project_id)
+    cache = current_app.extensions.setdefault("passerelle.keys", {})
+    key = cache.get((project_id, version))
+    if key is None:
+        key = cache[(project_id, version)] = PseudonymKey(master(), project_id, version)
+    return key
+
+
+def profile_for(project: ProjectRecord) -> Profile:
+    """The project's de-identification profile (the shipped default unless it has its own)."""
+    cache = current_app.extensions.setdefault("passerelle.profiles", {})
+    source = project.profile or ""
+    if source not in cache:
+        cache[source] = (parse_profile(orjson.loads(source), source=f"project {project.project_id}")
+                         if source else load_profile(DEFAULT_PROFILE))
+    return cache[source]

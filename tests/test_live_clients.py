@@ -1,0 +1,182 @@
+"""Real FHIR client libraries against a real server on a loopback port.
+
+`fhirclient` (SMART on FHIR) and `fhirpy` speak HTTP to the application served by
+werkzeug in a background thread, on SQLite and on PostgreSQL, with a bearer token
+obtained from `POST /auth/token` (client_credentials, client_secret_basic).
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import requests
+from fhirclient import client as smart_client
+from fhirclient.auth import FHIRAuth
+from fhirclient.models.patient import Patient
+from fhirpy import SyncFHIRClient
+from flask import Flask
+from werkzeug.serving import make_server
+
+SMART_OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+FAMILY = "Passerelle-Live"
+PATIENTS = 25
+PAGE = 10
+
+
+@dataclass(frozen=True)
+class Live:
+    """A running server: its base URL and a custodian's bearer token."""
+
+    base: str
+    token: str
+    patient_ids: frozenset[str]
+
+    @property
+    def fhir(self) -> str:
+        return f"{self.base}/fhir"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}", "Accept": "application/fhir+json"}
+
+
+@pytest.fixture
+def base_url(app: Flask) -> Iterator[str]:
+    """The application served over HTTP on a free loopback port until the test ends."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="live-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()
+
+
+def _custodian_credentials(app: Flask) -> tuple[str, str]:
+    result = app.test_cli_runner().invoke(args=["client", "create", "--name", "live-test", "--role", "custodian"])
+    assert result.exit_code == 0, result.output
+    created = json.loads(result.stdout)
+    return created["client_id"], created["client_secret"]
+
+
+def _token(base: str, client_id: str, secret: str) -> str:
+    response = requests.post(f"{base}/auth/token", data={"grant_type": "client_credentials"},
+                             auth=(client_id, secret), timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()["access_token"]
+
+
+def _patient_bundle(count: int) -> dict:
+    entries = [{"resource": {"resourceType": "Patient", "name": [{"family": FAMILY, "given": [f"Given{n:02d}"]}],
+                             "birthDate": f"19{50 + n}-01-01"},
+                "request": {"method": "POST", "url": "Patient"}} for n in range(count)]
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+@pytest.fixture
+def live(app: Flask, base_url: str) -> Live:
+    """A token for a new custodian client, and 25 Patients created over HTTP in one transaction."""
+    token = _token(base_url, *_custodian_credentials(app))
+    response = requests.post(f"{base_url}/fhir", json=_patient_bundle(PATIENTS), timeout=30,
+                             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"})
+    assert response.status_code == 200, response.text
+    locations = [entry["response"]["location"] for entry in response.json()["entry"]]
+    ids = frozenset(location.split("/")[location.split("/").index("Patient") + 1] for location in locations)
+    assert len(ids) == PATIENTS
+    return Live(base_url, token, ids)
+
+
+# --- fhirclient (SMART on FHIR) --------------------------------------------------------------
+
+def _smart(live: Live) -> smart_client.FHIRClient:
+    return smart_client.FHIRClient(settings={"app_id": "passerelle-test", "api_base": live.fhir})
+
+
+def _with_token(smart: smart_client.FHIRClient, live: Live) -> smart_client.FHIRClient:
+    """Give fhirclient a token obtained elsewhere, through its own OAuth2 auth class.
+
+    fhirclient picks OAuth2 from the CapabilityStatement only for authorization-code
+    servers or when it holds a signed JWT assertion; for a client_secret_basic token
+    obtained by the caller it has no setting, so its OAuth2 state is supplied directly.
+    """
+    assert smart.prepare()
+    smart.server.auth = FHIRAuth.create("oauth2", state={
+        "app_id": "passerelle-test", "token_uri": f"{live.base}/auth/token", "access_token": live.token})
+    return smart
+
+
+def test_fhirclient_prepares_against_the_capability_statement_and_finds_the_token_endpoint(live: Live):
+    smart = _smart(live)
+    assert smart.prepare()
+    security = smart.server.capabilityStatement.rest[0].security
+    oauth = next(e for e in security.extension if e.url == SMART_OAUTH_URIS)
+    assert {e.url: e.valueUri for e in oauth.extension}["token"] == f"{live.base}/auth/token"
+
+
+def test_fhirclient_reads_a_patient_with_the_bearer_token(live: Live):
+    smart = _with_token(_smart(live), live)
+    patient_id = sorted(live.patient_ids)[0]
+    read = Patient.read(patient_id, smart.server)
+    assert read.id == patient_id
+    assert read.name[0].family == FAMILY
+
+
+def test_fhirclient_search_follows_next_links_and_sees_every_patient_exactly_once(live: Live):
+    smart = _with_token(_smart(live), live)
+    search = Patient.where(struct={"family": FAMILY, "_count": str(PAGE)})
+    pages = list(search.perform_iter(smart.server))
+    seen = [entry.resource.id for page in pages for entry in page.entry or []]
+    assert len(pages) == -(-PATIENTS // PAGE)
+    assert sorted(seen) == sorted(live.patient_ids)
+
+
+def test_fhirclient_without_a_token_gets_unauthorized(live: Live):
+    from fhirclient.server import FHIRUnauthorizedException
+
+    smart = _smart(live)
+    smart.prepare()
+    with pytest.raises(FHIRUnauthorizedException):
+        Patient.read(sorted(live.patient_ids)[0], smart.server)
+
+
+# --- fhirpy -------------------------------------------------------------------------------------
+
+def _fhirpy(live: Live) -> SyncFHIRClient:
+    return SyncFHIRClient(live.fhir, authorization=f"Bearer {live.token}", requests_config={"timeout": 30})
+
+
+def test_fhirpy_fetch_all_follows_every_page_and_sees_every_patient_exactly_once(live: Live):
+    found = _fhirpy(live).resources("Patient").search(family=FAMILY).limit(PAGE).fetch_all()
+    assert sorted(p.id for p in found) == sorted(live.patient_ids)
+
+
+def test_fhirpy_reads_a_patient_by_id(live: Live):
+    patient_id = sorted(live.patient_ids)[0]
+    read = _fhirpy(live).reference("Patient", patient_id).to_resource()
+    assert read.id == patient_id
+    assert read["name"][0]["family"] == FAMILY
+
+
+def test_fhirpy_creates_a_patient_that_the_server_then_serves(live: Live):
+    created = _fhirpy(live).resource("Patient", name=[{"family": "Fhirpy", "given": ["Créé"]}], gender="female")
+    created.save()
+    assert created.id
+    assert created["meta"]["versionId"] == "1"
+    served = requests.get(f"{live.fhir}/Patient/{created.id}", headers=live.headers, timeout=10)
+    assert served.status_code == 200
+    assert served.json()["name"] == [{"family": "Fhirpy", "given": ["Créé"]}]
+
+
+def test_fhirpy_saving_a_changed_patient_creates_version_2(live: Live):
+    fhir = _fhirpy(live)
+    created = fhir.resource("Patient", name=[{"family": "Fhirpy"}])
+    created.save()
+    created["gender"] = "male"
+    created.save()
+    assert created["meta"]["versionId"] == "2"
+    assert fhir.reference("Patient", created.id).to_resource()["gender"] == "male"
