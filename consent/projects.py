@@ -15,6 +15,8 @@ from typing import Any
 from sqlalchemy import Connection, func, select, update
 
 from consent import engine
+from policies import budget
+from service import audit
 from service.db import now_us
 from service.errors import InvalidRequest, NotFound
 from service.store import repository
@@ -41,6 +43,8 @@ class ProjectRecord:
     status: str
     #: The project's own de-identification profile as JSON text, or None for the shipped default.
     profile: str | None = None
+    epsilon_cap: float = 1.0
+    suppression: int = 11
 
     def view(self) -> engine.Project:
         """What the consent engine needs (a closed project may receive nothing)."""
@@ -49,14 +53,15 @@ class ProjectRecord:
 
     def as_json(self) -> dict[str, Any]:
         return {"project_id": self.project_id, "name": self.name, "tier": engine.TIERS[self.max_tier],
-                "epsilon": self.epsilon, "delta": self.delta, "types": list(self.types) if self.types else None,
+                "epsilon": self.epsilon, "delta": self.delta, "epsilon_cap": self.epsilon_cap,
+                "suppression": self.suppression, "types": list(self.types) if self.types else None,
                 "organization": self.organization_id, "status": self.status}
 
 
 def _record(row: Any) -> ProjectRecord:
     return ProjectRecord(row.project_id, row.name, row.max_tier, row.epsilon, row.delta,
                          tuple(json.loads(row.types)) if row.types else None, row.organization_id, row.status,
-                         row.profile)
+                         row.profile, row.epsilon_cap, row.suppression)
 
 
 def parse_types(text: str | None) -> tuple[str, ...] | None:
@@ -73,12 +78,17 @@ def parse_types(text: str | None) -> tuple[str, ...] | None:
 
 def create(conn: Connection, *, name: str, tier: str, epsilon: float, delta: float = 0.0,
            types: tuple[str, ...] | None = None, description: str | None = None,
-           organization_id: str | None = None, profile: str | None = None) -> ProjectRecord:
-    """Store the ResearchStudy and the project settings in the caller's transaction."""
+           organization_id: str | None = None, profile: str | None = None, epsilon_cap: float = 1.0,
+           suppression: int = 11) -> ProjectRecord:
+    """Store the ResearchStudy, the project settings and its privacy budget in the caller's transaction."""
     if tier not in ("aggregate", "record"):
         raise InvalidRequest("tier must be aggregate or record")
     if not epsilon > 0 or delta < 0 or delta >= 1:
         raise InvalidRequest("epsilon must be > 0 and delta in [0, 1)")
+    if not epsilon_cap > 0:
+        raise InvalidRequest("the per-query epsilon cap must be > 0")
+    if suppression < 0:
+        raise InvalidRequest("the suppression threshold cannot be negative")
     if organization_id is not None:
         repository.read(conn, "Organization", organization_id)
     study: dict[str, Any] = {
@@ -98,8 +108,9 @@ def create(conn: Connection, *, name: str, tier: str, epsilon: float, delta: flo
     conn.execute(projects.insert().values(
         project_id=stored.id, name=name, max_tier=engine.TIERS.index(tier), epsilon=epsilon, delta=delta,
         types=json.dumps(list(types)) if types else None, organization_id=organization_id, profile=profile,
-        status="active",
+        epsilon_cap=min(epsilon_cap, epsilon), suppression=suppression, status="active",
         created=now_us()))
+    budget.ensure_budget(conn, stored.id, epsilon, delta, actor="project create")
     return get(conn, stored.id)
 
 
@@ -131,3 +142,11 @@ def tier_counts(conn: Connection, project_id: str) -> dict[str, int]:
     counts = dict.fromkeys(engine.TIERS, 0)
     counts.update({engine.TIERS[tier]: n for tier, n in rows})
     return counts
+
+
+def raise_budget(conn: Connection, project_id: str, total: float, actor: str) -> None:
+    """Raise the project's total ε (audited); lowering is refused and `spent` is never touched."""
+    get(conn, project_id)
+    if budget.raise_budget(conn, project_id, total, actor):
+        conn.execute(update(projects).where(projects.c.project_id == project_id).values(epsilon=total))
+        audit.record(conn, actor=actor, action="budget-raise", project_id=project_id, detail={"total": total})

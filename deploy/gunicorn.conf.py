@@ -9,6 +9,8 @@ Every value can be overridden from the environment, so one file serves a laptop
     PASSERELLE_TIMEOUT     seconds before a silent worker is restarted (default 120)
     PASSERELLE_FORWARDED_ALLOW_IPS  proxies whose X-Forwarded-* headers are trusted
                                     (default 127.0.0.1,::1)
+    PASSERELLE_CONTROL_SOCKET       path of gunicorn's control socket for `gunicornc`
+                                    (default: none, the socket is disabled)
 
 Workers are independent processes: the application is not preloaded, so each worker
 opens its own database pool after the fork (a pool must never cross a fork). Keep
@@ -54,5 +56,11 @@ loglevel = os.environ.get("PASSERELLE_LOG_LEVEL", "info")
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss'
 
 proc_name = "passerelle"
+# gunicorn's runtime control socket (`gunicornc`) defaults to one path per user, which
+# several nodes or checkouts on one host would share; off unless a path is given.
+if os.environ.get("PASSERELLE_CONTROL_SOCKET"):
+    control_socket = os.environ["PASSERELLE_CONTROL_SOCKET"]
+else:
+    control_socket_disable = True
 if os.path.isdir("/dev/shm"):
     worker_tmp_dir = "/dev/shm"  # worker heartbeats off the (possibly slow) disk

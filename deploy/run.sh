@@ -22,20 +22,36 @@ chmod 700 "$INSTANCE"
 "${FLASK[@]}" init-db
 "${FLASK[@]}" demo-data --patients "$DEMO_PATIENTS" --if-empty
 
+field() {  # field NAME FILE: one value of the credentials JSON
+    "$PY" -c 'import json, sys; print(json.load(open(sys.argv[2]))[sys.argv[1]])' "$1" "$2"
+}
+
+known_client() {  # known_client ID: is it a registered, active client of this database?
+    "${FLASK[@]}" client list | "$PY" -c '
+import json, sys
+active = {c["client_id"] for c in map(json.loads, filter(str.strip, sys.stdin)) if c["active"]}
+sys.exit(0 if sys.argv[1] in active else 1)' "$1"
+}
+
+if [[ -s "$CREDENTIALS" ]] && ! known_client "$(field client_id "$CREDENTIALS")"; then
+    # The database was replaced (or the client disabled) since the credentials were saved.
+    echo "$CREDENTIALS names a client this database does not know; creating a new demo client." >&2
+    rm -f "$CREDENTIALS"
+fi
+
 if [[ ! -s "$CREDENTIALS" ]]; then
     tmp="$(mktemp "$INSTANCE/.demo-client.XXXXXX")"  # mktemp creates it 0600
     trap 'rm -f "$tmp"' EXIT
     "${FLASK[@]}" client create --name demo-custodian --role custodian >"$tmp"
-    "$PY" -c 'import json, sys; c = json.load(open(sys.argv[1])); assert c["client_id"] and c["client_secret"]' "$tmp"
+    field client_secret "$tmp" >/dev/null  # fails unless it is the JSON we expect
     chmod 600 "$tmp"
     mv "$tmp" "$CREDENTIALS"
     trap - EXIT
     echo "Created the demo custodian client; its credentials are in $CREDENTIALS (mode 0600)." >&2
 fi
 
-credentials="$("$PY" -c \
-    'import json, sys; c = json.load(open(sys.argv[1])); print(c["client_id"], c["client_secret"])' "$CREDENTIALS")"
-read -r CLIENT_ID CLIENT_SECRET <<<"$credentials"
+CLIENT_ID="$(field client_id "$CREDENTIALS")"
+CLIENT_SECRET="$(field client_secret "$CREDENTIALS")"
 
 cat <<EOF
 

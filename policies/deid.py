@@ -73,7 +73,7 @@ _EXTENSIONS = frozenset({"extension", "modifierExtension"})
 _RULE_KEYS = frozenset({"path", "method", "url", "to", "max_age", "digits", "suppress", "why"})
 _PARAMS: dict[str, frozenset[str]] = {"generalize": frozenset({"to", "max_age", "digits", "suppress"})}
 _PATH = re.compile(r"(\*|[A-Z][A-Za-z]*)(\.[a-z][A-Za-z0-9]*(\[x\])?)+")
-_SCALARS = (str, int, float, bool)
+_SCALARS = frozenset({str, int, float, bool})
 _DAR = orjson.dumps({"extension": [{"url": DATA_ABSENT_REASON, "valueCode": "masked"}]})
 _HISTORY_VERSION = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
@@ -185,11 +185,14 @@ class Rule:
 
     def applies_to(self, element_type: str) -> bool:
         """Whether this rule's method can transform an element of this FHIR type."""
-        if self.method in ("keep", "redact"):
-            return True
+        return self.method in ("keep", "redact") or element_type in self.transforms
+
+    @property
+    def transforms(self) -> frozenset[str]:
+        """The FHIR types a transforming method (not keep or redact) works on."""
         if self.method == "generalize":
-            return element_type in _APPLIES["generalize:to" if "to" in self.params else "generalize:digits"]
-        return element_type in _APPLIES[self.method]
+            return _APPLIES["generalize:to" if "to" in self.params else "generalize:digits"]
+        return _APPLIES[self.method]
 
     @property
     def behaviour(self) -> tuple[Any, ...]:
@@ -260,6 +263,8 @@ def _parse_rule(index: int, item: Any, source: str) -> Rule:
     if unknown:
         raise ProfileError(f"{where}: unknown keys {unknown}")
     path, method = item.get("path"), item.get("method")
+    if not isinstance(item.get("why", ""), str):
+        raise ProfileError(f"{where}: 'why' is a comment: a string")
     if not isinstance(path, str) or not _PATH.fullmatch(path):
         raise ProfileError(f"{where}: bad path {path!r}: expected '<ResourceType or *>.<element>[.<element>…]' "
                            "with FHIR element names, e.g. 'Observation.value[x]'")
@@ -323,13 +328,7 @@ def _check_rule_path(rule: Rule, where: str) -> None:
     if not any(rule.applies_to(e.type) for e in finals):
         kinds = ", ".join(sorted({e.type for e in finals}))
         raise ProfileError(f"{where}: method {rule.method} cannot apply to {kinds} "
-                           f"(it applies to {', '.join(sorted(_applicable_types(rule)))})")
-
-
-def _applicable_types(rule: Rule) -> frozenset[str]:
-    key = rule.method if rule.method != "generalize" else ("generalize:to" if "to" in rule.params
-                                                           else "generalize:digits")
-    return _APPLIES[key]
+                           f"(it applies to {', '.join(sorted(rule.transforms))})")
 
 
 def _check_extension_rule(rule: Rule, where: str) -> None:
@@ -338,8 +337,8 @@ def _check_extension_rule(rule: Rule, where: str) -> None:
                            "(or .modifierExtension): an extension's URL names it wherever it appears")
     if not isinstance(rule.url, str) or not rule.url:
         raise ProfileError(f"{where}: an extension rule needs the extension's 'url'")
-    if rule.method not in ("keep", "redact", "dateshift"):
-        raise ProfileError(f"{where}: an extension is kept, redacted or date-shifted as a whole")
+    if rule.method not in ("keep", "redact"):
+        raise ProfileError(f"{where}: an extension is kept or redacted as a whole (dates in it are shifted)")
 
 
 def _resolve(scope: str, segments: tuple[str, ...], where: str) -> list[_Element]:
@@ -444,16 +443,13 @@ class _Compiler:
             else:
                 self.urls.setdefault(rule.url, rule)
         self.memo: dict[tuple[Any, ...], _Plan] = {}
-        self.extensions: dict[str, Action] = {}
-        self.modifiers: dict[str, Action] = {}
+        self.extensions: dict[str, Action] = {}  # by URL, for extension and modifierExtension alike
 
     def root(self) -> _Plan:
         keep = Rule(-1, "(engine)", "*", ("extension",), "keep")
         for url, rule in [(DATA_ABSENT_REASON, keep), *self.urls.items()]:
             if rule.method != "redact":
-                action = partial(_walk, self.plan("Extension", (), rule))
-                self.extensions[url] = action
-                self.modifiers[url] = action
+                self.extensions[url] = partial(_walk, self.plan("Extension", (), rule))
         return self.plan(self.resource_type, (self.trie,), None, root=True)
 
     def plan(self, type_name: str, nodes: tuple[_Trie, ...], inherited: Rule | None, root: bool = False) -> _Plan:
@@ -474,7 +470,7 @@ class _Compiler:
                 if element.primitive:
                     plan.fields["_" + element.key] = partial(_each_optional if element.many else _primitive_extension,
                                                              self.extensions)
-        plan.required = _required(elements)
+        plan.required = _required(type_name)
         return plan
 
     def field(self, owner: str, element: _Element, nodes: tuple[_Trie, ...], inherited: Rule | None) -> Action | None:
@@ -505,23 +501,35 @@ class _Compiler:
             # Inside a kept extension, its sub-extensions are part of it (their URLs are local names).
             return partial(_each, partial(_walk, self.plan("Extension", (), inherited)))
         if element.key == "modifierExtension":
-            return partial(_modifier_extensions, self.modifiers)
+            return partial(_modifier_extensions, self.extensions)
         return partial(_extensions, self.extensions)
 
 
-def _required(elements: dict[str, _Element]) -> tuple[tuple[tuple[str, ...], str, bytes], ...]:
-    """For each required element (or choice): the keys that satisfy it, and the placeholder."""
+@cache
+def _required(type_name: str) -> tuple[tuple[tuple[str, ...], str, bytes], ...]:
+    """For each required element (or choice): the keys that satisfy it, and the placeholder.
+
+    The placeholder is a data-absent-reason extension (`masked`): on the element itself
+    when it is complex, on its `_x` sibling when it is primitive. A required choice of
+    primitives only (Immunization.occurrence[x]) must carry a value for the R4B models, so
+    it gets the fixed text "masked" in its string form (every such choice has one).
+    """
     groups: dict[str, list[_Element]] = {}
-    for element in elements.values():
+    for element in _elements(type_name).values():
         if element.required and element.key != "id":
             groups.setdefault(element.name, []).append(element)
     out = []
     for variants in groups.values():
         keys = tuple(k for e in variants for k in (e.key, "_" + e.key))
-        chosen = next((e for e in variants if not e.primitive), variants[0])
-        value = _placeholder(chosen.type)
-        key = chosen.key if not chosen.primitive else "_" + chosen.key
-        out.append((keys, key, orjson.dumps([value] if chosen.many else value)))
+        complex_variant = next((e for e in variants if not e.primitive), None)
+        if complex_variant is not None:
+            key, value, many = complex_variant.key, _placeholder(complex_variant.type), complex_variant.many
+        elif len(variants) > 1:
+            text = next(e for e in variants if e.type == "string")
+            key, value, many = text.key, "masked", text.many
+        else:
+            key, value, many = "_" + variants[0].key, _placeholder(variants[0].type), variants[0].many
+        out.append((keys, key, orjson.dumps([value] if many else value)))
     return tuple(out)
 
 
@@ -529,7 +537,7 @@ def _placeholder(type_name: str) -> dict[str, Any]:
     """A data-absent-reason value of a type, with placeholders for its own required elements."""
     value: dict[str, Any] = orjson.loads(_DAR)
     if type_name[0].isupper() and type_name != "Resource":
-        for _keys, key, encoded in _required(_elements(type_name)):
+        for _keys, key, encoded in _required(type_name):
             value[key] = orjson.loads(encoded)
     return value
 
@@ -570,7 +578,10 @@ def _release(plan: _Plan, node: dict[str, Any], ctx: _Context) -> dict[str, Any]
     get = plan.fields.get
     for key, value in node.items():
         action = get(key)
-        if action is not None:
+        if action is _keep:  # most leaves: inlined, a call costs as much as the rest of the loop
+            if type(value) in _SCALARS:
+                out[key] = value
+        elif action is not None:
             result = action(value, ctx)
             if result is not _DROP:
                 out[key] = result
@@ -631,7 +642,7 @@ def _encrypt(value: Any, ctx: _Context) -> Any:
 
 
 def _to_year(max_age: int | None, value: Any, ctx: _Context) -> Any:
-    if type(value) is not str or len(value) < 4 or not value[:4].isdigit():
+    if type(value) is not str or len(value) < 4 or not (value[:4].isascii() and value[:4].isdigit()):
         return _DROP
     year = int(value[:4])
     ctx.abstracted = True
@@ -645,7 +656,7 @@ def _to_year(max_age: int | None, value: Any, ctx: _Context) -> Any:
 
 
 def _to_month(value: Any, ctx: _Context) -> Any:
-    if type(value) is not str or len(value) < 4 or not value[:4].isdigit():
+    if type(value) is not str or len(value) < 4 or not (value[:4].isascii() and value[:4].isdigit()):
         return _DROP
     ctx.abstracted = True
     return value[:7] if len(value) >= 7 else value[:4]
@@ -747,7 +758,7 @@ def shift_date(value: str, days: int) -> str | None:
     """
     try:
         if len(value) == 4:
-            return value if value.isdigit() else None
+            return value if value.isascii() and value.isdigit() else None
         if len(value) == 7 and value[4] == "-":
             moved = date(int(value[:4]), int(value[5:7]), 15) + timedelta(days=days)
             return f"{moved.year:04d}-{moved.month:02d}"
@@ -788,7 +799,8 @@ class Deidentifier:
         """The released form of a stored resource (row `pk`, in `patient_id`'s compartment).
 
         The input is not modified. Dates are shifted by the patient's offset for this
-        project; a resource of no patient has its dates removed.
+        project; a resource of no patient has its dates removed. Raises
+        DeidentificationError if the input is not a resource, PseudonymError for a bad pk.
         """
         if not isinstance(resource, dict):
             raise DeidentificationError("a resource is a JSON object")
@@ -798,7 +810,7 @@ class Deidentifier:
         if type(resource.get("id")) is str:
             self._remember((kind, resource["id"]), own)
         ctx = _Context(self, self.key.date_offset_days(patient_id) if patient_id else None, pks,
-                       _local_ids(resource))
+                       _local_ids(resource, plan))
         out: dict[str, Any] = {"resourceType": kind, "id": own}
         body, withheld = _release_resource(plan, resource, ctx)
         labels = [PSEUDED, *([REDACTED] if withheld else []), *([ABSTRED] if ctx.abstracted else [])]
@@ -865,11 +877,13 @@ def _release_resource(plan: _Plan, resource: dict[str, Any], ctx: _Context) -> t
     return body, withheld
 
 
-def _local_ids(resource: dict[str, Any]) -> frozenset[str]:
+def _local_ids(resource: dict[str, Any], plan: _Plan) -> frozenset[str]:
+    """The ids of the contained resources that will be released, which `#id` may point at."""
     contained = resource.get("contained")
-    if type(contained) is not list:
+    if "contained" not in plan.fields or type(contained) is not list:
         return frozenset()
-    return frozenset(c["id"] for c in contained if type(c) is dict and type(c.get("id")) is str)
+    return frozenset(c["id"] for c in contained if type(c) is dict and type(c.get("id")) is str
+                     and type(c.get("resourceType")) is str and _is_resource_type(c["resourceType"]))
 
 
 def _meta(source: Any, labels: list[dict[str, str]]) -> dict[str, Any]:

@@ -1,20 +1,19 @@
 """Clients, the OAuth2 token endpoint and bearer-token checks.
 
 Registered clients get short-lived opaque bearer tokens with the OAuth2
-`client_credentials` grant, authenticating either with a secret (`client_secret_basic`)
-or, as SMART Backend Services asks, with a JWT signed by a key from their registered
-JWKS (`private_key_jwt`, RS384/ES384). Tokens, used assertion ids and clients all live
-in the database, so any node can issue or check any token. Secrets and tokens are
-stored only as SHA-256 hashes: both are 256-bit random values, so a slow password hash
-would add nothing.
+`client_credentials` grant, authenticating either with a secret (`client_secret_basic`,
+or `client_secret_post`) or, as SMART Backend Services asks, with a JWT signed by a key
+from their registered JWKS (`private_key_jwt`, RS384/ES384). Tokens, used assertion ids
+and clients all live in the database, so any node can issue or check any token. Secrets
+and tokens are stored only as SHA-256 hashes: both are 256-bit random values, so a slow
+password hash would add nothing.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -24,22 +23,31 @@ from urllib.parse import unquote
 import jwt
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
 from service import db
 from service.api.fhirjson import base_url
-from service.errors import Forbidden, InvalidRequest, Unauthorized
-from service.store.schema import access_tokens, clients, used_jti
+from service.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
+from service.store.schema import access_tokens, clients, projects, used_jti
 
 bp = Blueprint("auth", __name__)
 
 ROLES = ("custodian", "research")
-#: SMART v2 system scopes each role may hold; v1 spellings are accepted and mapped.
+#: The SMART v2 system scopes each role may hold (or any narrower scope within them).
 ALLOWED_SCOPES = {"custodian": ("system/*.cruds",), "research": ("system/*.rs",)}
-_V1_SCOPES = {"system/*.*": "system/*.cruds", "system/*.read": "system/*.rs", "system/*.write": "system/*.cud"}
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-ALGORITHMS = ("RS384", "ES384")
+#: The one signing algorithm SMART Backend Services pairs with each key type.
+ALGORITHM_OF_KTY = {"RSA": "RS384", "EC": "ES384"}
+ALGORITHMS = tuple(ALGORITHM_OF_KTY.values())
+#: SMART caps an assertion's lifetime at five minutes...
 MAX_ASSERTION_LIFETIME = 300
+#: ...but a client whose clock runs a few seconds ahead must not be locked out.
+CLOCK_SKEW = 30
+
+_V2_PERMISSIONS = "cruds"
+_V1_PERMISSIONS = {"*": "cruds", "read": "rs", "write": "cud"}
+_SCOPE_RESOURCE = re.compile(r"\*|[A-Z][A-Za-z]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,14 @@ class Principal:
     project_id: str | None
     scopes: tuple[str, ...]
 
+    def permits(self, resource_type: str, permission: str) -> bool:
+        """Whether a granted scope allows `permission` (one of c r u d s) on `resource_type`."""
+        for scope in self.scopes:
+            parsed = parse_scope(scope)
+            if parsed and parsed[0] in ("*", resource_type) and permission in parsed[1]:
+                return True
+        return False
+
 
 class OAuthError(Exception):
     """An RFC 6749 §5.2 error, answered as OAuth JSON (this endpoint is OAuth, not FHIR)."""
@@ -60,25 +76,69 @@ class OAuthError(Exception):
         self.error, self.description, self.status = error, description, status
 
 
+def _client_error(description: str) -> OAuthError:
+    return OAuthError("invalid_client", description, 401)
+
+
+def _no_store(response: Response) -> Response:
+    """Token responses carry credentials: no cache may keep them (RFC 6749 §5.1)."""
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Pragma"] = "no-cache"
+    return response
+
+
 @bp.errorhandler(OAuthError)
 def _oauth_error(exc: OAuthError) -> Response:
     response = jsonify(error=exc.error, error_description=exc.description)
     response.status_code = exc.status
-    response.headers["Cache-Control"] = "no-store"
     if exc.status == 401:
         response.headers["WWW-Authenticate"] = 'Basic realm="passerelle"'
-    return response
+    return _no_store(response)
 
 
 def _hash(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
+# -- scopes ------------------------------------------------------------------------------------
+
+
+def parse_scope(scope: str) -> tuple[str, str] | None:
+    """`system/Observation.rs` → ("Observation", "rs"), v1 `.read`/`.write`/`.*` mapped to v2; None if invalid."""
+    context, _, rest = scope.partition("/")
+    resource, _, permissions = rest.rpartition(".")
+    if context != "system" or not _SCOPE_RESOURCE.fullmatch(resource):
+        return None
+    permissions = _V1_PERMISSIONS.get(permissions, permissions)
+    # SMART v2 permissions are a non-empty subset of c r u d s, written in that order.
+    if not permissions or permissions != "".join(p for p in _V2_PERMISSIONS if p in permissions):
+        return None
+    return resource, permissions
+
+
+def grant_scope(role: str, requested: str | None) -> str:
+    """The scope string to grant: the role's full allowance, or the requested scopes if all fall within it."""
+    if not requested or not requested.strip():
+        return " ".join(ALLOWED_SCOPES[role])
+    allowed = [limit for limit in map(parse_scope, ALLOWED_SCOPES[role]) if limit]
+    granted: dict[str, None] = {}
+    for scope in requested.split():
+        parsed = parse_scope(scope)
+        if parsed is None or not any(_within(parsed, limit) for limit in allowed):
+            raise OAuthError("invalid_scope", f"scope {scope!r} is not available to a {role} client")
+        granted[f"system/{parsed[0]}.{parsed[1]}"] = None
+    return " ".join(granted)
+
+
+def _within(scope: tuple[str, str], limit: tuple[str, str]) -> bool:
+    return limit[0] in ("*", scope[0]) and set(scope[1]) <= set(limit[1])
+
+
 # -- registration ------------------------------------------------------------------------------
 
 
 def parse_jwks(text: str) -> dict[str, Any]:
-    """Check a JWKS holds public RS384/ES384-capable keys and no private key material."""
+    """Check a JWKS holds only public keys usable for RS384 (RSA ≥ 2048 bits) or ES384 (P-384)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -86,16 +146,46 @@ def parse_jwks(text: str) -> dict[str, Any]:
     keys = data.get("keys") if isinstance(data, dict) else None
     if not isinstance(keys, list) or not keys:
         raise InvalidRequest('a JWKS is an object with a non-empty "keys" list')
-    for i, key in enumerate(keys):
-        if not isinstance(key, dict) or key.get("kty") not in ("RSA", "EC"):
-            raise InvalidRequest(f"JWKS key {i}: only RSA and EC keys are supported")
-        if "d" in key:
-            raise InvalidRequest(f"JWKS key {i} holds private key material: register the public key only")
-        try:
-            jwt.PyJWK(key, algorithm="RS384" if key["kty"] == "RSA" else "ES384")
-        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError) as exc:
-            raise InvalidRequest(f"JWKS key {i} cannot be used: {exc}") from None
-    return data
+    for number, key in enumerate(keys):
+        problem = _key_problem(key)
+        if problem:
+            raise InvalidRequest(f"JWKS key {number}: {problem}")
+    return {"keys": keys}
+
+
+def _key_problem(key: Any) -> str | None:
+    """Why a JWK cannot be registered as a client's signing key, or None if it can."""
+    if not isinstance(key, dict) or key.get("kty") not in ALGORITHM_OF_KTY:
+        return "only RSA and EC keys are supported"
+    if "d" in key:
+        return "it holds private key material: register the public key only"
+    algorithm = ALGORITHM_OF_KTY[key["kty"]]
+    if key.get("alg", algorithm) != algorithm or key.get("use", "sig") != "sig":
+        return f"an {key['kty']} key must be usable to sign with {algorithm}"
+    try:
+        jwk = jwt.PyJWK(key, algorithm=algorithm)
+        jwk.Algorithm.prepare_key(jwk.key)  # refuses a curve other than P-384 for ES384
+    except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError) as exc:
+        return f"it cannot be used: {exc}"
+    return jwk.Algorithm.check_key_length(jwk.key)
+
+
+def _check_project(conn: Connection, role: str, project_id: str | None) -> None:
+    if role == "custodian":
+        if project_id:
+            raise InvalidRequest("a custodian client is not bound to a project")
+        return
+    if not project_id:
+        raise InvalidRequest("a research client must be bound to a project (--project)")
+    status = conn.scalar(select(projects.c.status).where(projects.c.project_id == project_id))
+    if status is None:
+        raise NotFound(f"Project {project_id!r} is not known")
+    if status != "active":
+        raise InvalidRequest(f"Project {project_id!r} is closed")
+
+
+def auth_method(has_jwks: bool) -> str:
+    return "private_key_jwt" if has_jwks else "client_secret_basic"
 
 
 def register_client(conn: Connection, name: str, role: str, project_id: str | None = None,
@@ -103,12 +193,9 @@ def register_client(conn: Connection, name: str, role: str, project_id: str | No
     """Store a client; returns its description, with a `client_secret` (shown once) when it has no JWKS."""
     if role not in ROLES:
         raise InvalidRequest(f"role must be one of {', '.join(ROLES)}")
-    if role == "research" and not project_id:
-        raise InvalidRequest("a research client must be bound to a project (--project)")
-    if role == "custodian" and project_id:
-        raise InvalidRequest("a custodian client is not bound to a project")
     if not name.strip():
         raise InvalidRequest("a client needs a name")
+    _check_project(conn, role, project_id)
     keys = json.dumps(parse_jwks(jwks)) if jwks is not None else None
     client_id = str(uuid.uuid4())
     secret = None if keys else secrets.token_urlsafe(32)
@@ -118,144 +205,142 @@ def register_client(conn: Connection, name: str, role: str, project_id: str | No
     described: dict[str, Any] = {"client_id": client_id, "name": name, "role": role}
     if project_id:
         described["project_id"] = project_id
+    described["token_endpoint_auth_method"] = auth_method(keys is not None)
     if secret:
         described["client_secret"] = secret
-    else:
-        described["token_endpoint_auth_method"] = "private_key_jwt"
     return described
 
 
-# -- the token endpoint ----------------------------------------------------------------------
+# -- client authentication at the token endpoint ----------------------------------------------
 
 
 def token_endpoint_url() -> str:
     return f"{base_url()}/auth/token"
 
 
-def _client(conn: Connection, client_id: str) -> Any:
+def _active_client(conn: Connection, client_id: str) -> Row[Any]:
     row = conn.execute(select(clients).where(clients.c.client_id == client_id)).first()
+    # One answer for unknown, disabled and wrong credentials: no probing for client ids.
     if row is None or not row.active:
-        raise OAuthError("invalid_client", "unknown or disabled client", 401)
+        raise _client_error("client authentication failed")
     return row
 
 
-def _basic_client(conn: Connection) -> Any:
-    header = request.headers.get("Authorization", "")
-    if header.startswith("Basic "):
-        try:
-            decoded = base64.b64decode(header[6:], validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            raise OAuthError("invalid_client", "malformed Basic credentials", 401) from None
-        client_id, sep, secret = decoded.partition(":")
-        client_id, secret = unquote(client_id), unquote(secret)
-        if not sep:
-            raise OAuthError("invalid_client", "malformed Basic credentials", 401)
+def _secret_client(conn: Connection) -> Row[Any]:
+    """client_secret_basic (form-urlencoded id and secret, RFC 6749 §2.3.1) or client_secret_post."""
+    basic = request.authorization
+    if basic is not None and basic.type == "basic":
+        client_id, secret = unquote(basic.username or ""), unquote(basic.password or "")
     else:
         client_id, secret = request.form.get("client_id", ""), request.form.get("client_secret", "")
-    row = _client(conn, client_id)
+    row = _active_client(conn, client_id)
     if not row.secret_hash or not hmac.compare_digest(row.secret_hash, _hash(secret)):
-        raise OAuthError("invalid_client", "client authentication failed", 401)
+        raise _client_error("client authentication failed")
     return row
 
 
-def _assertion_client(conn: Connection) -> Any:
+def _assertion_client(conn: Connection) -> Row[Any]:
+    """private_key_jwt: a one-time JWT signed with a key of the client's registered JWKS."""
     if request.form.get("client_assertion_type") != ASSERTION_TYPE:
         raise OAuthError("invalid_request", f"client_assertion_type must be {ASSERTION_TYPE}")
     assertion = request.form.get("client_assertion", "")
     try:
         header = jwt.get_unverified_header(assertion)
-        claims = jwt.decode(assertion, options={"verify_signature": False})
+        # Only to learn which client's keys to verify with; nothing is trusted before verification.
+        unverified = jwt.decode(assertion, options={"verify_signature": False})
     except jwt.PyJWTError:
-        raise OAuthError("invalid_client", "client_assertion is not a JWT", 401) from None
-    client_id = claims.get("iss")
-    if not isinstance(client_id, str) or claims.get("sub") != client_id:
-        raise OAuthError("invalid_client", "iss and sub must both be the client_id", 401)
-    row = _client(conn, client_id)
-    if not row.jwks:
-        raise OAuthError("invalid_client", "this client has no registered JWKS", 401)
+        raise _client_error("client_assertion is not a JWT") from None
     if header.get("alg") not in ALGORITHMS:
-        raise OAuthError("invalid_client", f"assertions must be signed with {' or '.join(ALGORITHMS)}", 401)
-    key = _signing_key(json.loads(row.jwks), header)
-    try:
-        verified = jwt.decode(assertion, key, algorithms=list(ALGORITHMS), audience=token_endpoint_url(),
-                              options={"require": ["exp", "jti", "iss", "sub", "aud"]})
-    except jwt.PyJWTError as exc:
-        raise OAuthError("invalid_client", f"client_assertion rejected: {exc}", 401) from None
-    now = db.now_us() // 1_000_000
-    if verified["exp"] > now + MAX_ASSERTION_LIFETIME:
-        raise OAuthError("invalid_client", "client_assertion exp is more than 5 minutes ahead", 401)
-    try:
-        with conn.begin_nested():
-            conn.execute(insert(used_jti).values(client_id=client_id, jti=str(verified["jti"])[:255],
-                                                 expires_at=verified["exp"] * 1_000_000))
-    except IntegrityError:
-        raise OAuthError("invalid_client", "client_assertion jti was already used", 401) from None
+        raise _client_error(f"client_assertion must be signed with {' or '.join(ALGORITHMS)}")
+    client_id = unverified.get("iss")
+    if not isinstance(client_id, str) or unverified.get("sub") != client_id:
+        raise _client_error("client_assertion iss and sub must both be the client_id")
+    row = _active_client(conn, client_id)
+    if not row.jwks:
+        raise _client_error("this client has no registered JWKS")
+    claims = _verified_claims(assertion, header, json.loads(row.jwks)["keys"])
+    _consume_jti(conn, client_id, claims)
     return row
 
 
-def _signing_key(jwks: dict[str, Any], header: dict[str, Any]) -> Any:
-    candidates = [k for k in jwks["keys"] if header.get("kid") in (None, k.get("kid"))]
+def _verified_claims(assertion: str, header: dict[str, Any], keys: list[dict[str, Any]]) -> dict[str, Any]:
+    """Verify against the key named by `kid` or, without one, each registered key of the right type."""
+    algorithm = header["alg"]
+    candidates = [k for k in keys if ALGORITHM_OF_KTY[k["kty"]] == algorithm
+                  and ("kid" not in header or k.get("kid") == header["kid"])]
     for key in candidates:
         try:
-            return jwt.PyJWK(key, algorithm=header["alg"]).key
-        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError):
+            claims = jwt.decode(assertion, jwt.PyJWK(key, algorithm=algorithm), algorithms=[algorithm],
+                                audience=token_endpoint_url(),
+                                options={"require": ["exp", "jti", "iss", "sub", "aud"],
+                                         "enforce_minimum_key_length": True})
+        except jwt.InvalidSignatureError:
             continue
-    raise OAuthError("invalid_client", "no registered key matches the assertion's kid and alg", 401)
+        except jwt.PyJWTError as exc:
+            raise _client_error(f"client_assertion rejected: {exc}") from None
+        if claims["exp"] > db.now_us() // 1_000_000 + MAX_ASSERTION_LIFETIME + CLOCK_SKEW:
+            raise _client_error("client_assertion exp is more than 5 minutes ahead")
+        return claims
+    raise _client_error("client_assertion is not signed by a registered key")
 
 
-def _granted(role: str, requested: str | None) -> str:
-    allowed = ALLOWED_SCOPES[role]
-    if not requested:
-        return " ".join(allowed)
-    granted = []
-    for scope in requested.split():
-        scope = _V1_SCOPES.get(scope, scope)
-        if not any(_within(scope, a) for a in allowed):
-            raise OAuthError("invalid_scope", f"scope {scope!r} is not available to a {role} client")
-        granted.append(scope)
-    return " ".join(granted)
+def _consume_jti(conn: Connection, client_id: str, claims: dict[str, Any]) -> None:
+    """Record the assertion id until it expires; the primary key refuses a replay, even on another node."""
+    jti = claims["jti"]
+    if not isinstance(jti, str) or not 0 < len(jti) <= used_jti.c.jti.type.length:
+        raise _client_error("client_assertion jti must be a string of at most 255 characters")
+    try:
+        conn.execute(insert(used_jti).values(client_id=client_id, jti=jti, expires_at=int(claims["exp"]) * 1_000_000))
+    except IntegrityError:
+        # The failed insert ends the transaction; raising rolls it back.
+        raise _client_error("client_assertion jti was already used") from None
 
 
-def _within(scope: str, allowed: str) -> bool:
-    """`system/Observation.rs` is within `system/*.rs`; permissions must be a subset."""
-    if not scope.startswith("system/") or "." not in scope:
-        return False
-    resource, _, perms = scope[7:].rpartition(".")
-    allowed_resource, _, allowed_perms = allowed[7:].rpartition(".")
-    return (allowed_resource in ("*", resource)) and bool(perms) and set(perms) <= set(allowed_perms)
+def _authenticated_client(conn: Connection) -> Row[Any]:
+    with_secret = request.authorization is not None or "client_secret" in request.form
+    if "client_assertion" in request.form:
+        if with_secret:
+            raise OAuthError("invalid_request", "use one client authentication method, not several")
+        return _assertion_client(conn)
+    return _secret_client(conn)
+
+
+# -- the endpoints -----------------------------------------------------------------------------
 
 
 @bp.post("/auth/token")
 def token() -> Response:
     """OAuth2 client_credentials: a bearer token for at most TOKEN_LIFETIME seconds."""
-    if request.form.get("grant_type") != "client_credentials":
+    grant_type = request.form.get("grant_type")
+    if not grant_type:
+        raise OAuthError("invalid_request", "grant_type is required (form-encoded body)")
+    if grant_type != "client_credentials":
         raise OAuthError("unsupported_grant_type", "only grant_type=client_credentials is supported")
     lifetime = current_app.config["TOKEN_LIFETIME"]
+    value = secrets.token_urlsafe(32)
     with db.write() as conn:
-        row = _assertion_client(conn) if "client_assertion" in request.form else _basic_client(conn)
-        scope = _granted(row.role, request.form.get("scope"))
-        value = secrets.token_urlsafe(32)
+        row = _authenticated_client(conn)
+        scope = grant_scope(row.role, request.form.get("scope"))
         now = db.now_us()
+        # Expired rows are useless (an expired assertion is refused before its jti is looked at).
         conn.execute(delete(access_tokens).where(access_tokens.c.expires_at < now))
         conn.execute(delete(used_jti).where(used_jti.c.expires_at < now))
         conn.execute(insert(access_tokens).values(token_hash=_hash(value), client_id=row.client_id, scope=scope,
                                                   expires_at=now + lifetime * 1_000_000))
-    response = jsonify(access_token=value, token_type="bearer", expires_in=lifetime, scope=scope)
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["Pragma"] = "no-cache"
-    return response
+    return _no_store(jsonify(access_token=value, token_type="bearer", expires_in=lifetime, scope=scope))
 
 
 @bp.get("/.well-known/smart-configuration")
 @bp.get("/fhir/.well-known/smart-configuration")
 @bp.get("/research/fhir/.well-known/smart-configuration")
 def smart_configuration() -> Response:
+    """SMART App Launch discovery (clients look for it relative to the FHIR base)."""
     return jsonify({
         "token_endpoint": token_endpoint_url(),
         "grant_types_supported": ["client_credentials"],
         "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic"],
         "token_endpoint_auth_signing_alg_values_supported": list(ALGORITHMS),
-        "scopes_supported": sorted({s for scopes in ALLOWED_SCOPES.values() for s in scopes}),
+        "scopes_supported": [scope for scopes in ALLOWED_SCOPES.values() for scope in scopes],
         "capabilities": ["client-confidential-asymmetric", "client-confidential-symmetric", "permission-v2"],
     })
 
@@ -265,17 +350,16 @@ def smart_configuration() -> Response:
 
 def authenticate(role: str) -> Principal:
     """The caller behind the request's bearer token; 401 without a valid one, 403 for another role."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
         raise Unauthorized("A bearer token is required (POST /auth/token)")
     with db.read() as conn:
         row = conn.execute(
-            select(clients.c.client_id, clients.c.role, clients.c.project_id, access_tokens.c.scope,
-                   access_tokens.c.expires_at)
+            select(clients.c.client_id, clients.c.role, clients.c.project_id, access_tokens.c.scope)
             .join(clients, clients.c.client_id == access_tokens.c.client_id)
-            .where(access_tokens.c.token_hash == _hash(value.strip()), clients.c.active.is_(True))).first()
-    if row is None or row.expires_at < db.now_us():
+            .where(access_tokens.c.token_hash == _hash(value.strip()), access_tokens.c.expires_at > db.now_us(),
+                   clients.c.active.is_(True))).first()
+    if row is None:
         raise Unauthorized("The bearer token is unknown or expired")
     if row.role != role:
         raise Forbidden(f"A {row.role} token cannot use this API")

@@ -14,12 +14,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from policies.deid import Deidentifier
-from policies.pseudonym import PseudonymKey
 from sqlalchemy import Connection, Select, and_, exists, false, literal, not_, or_, select, tuple_
 
 from consent import engine, projects
 from consent.projects import PATIENT_DATA_TYPES, ProjectRecord
+from policies.deid import Deidentifier
+from policies.pseudonym import PseudonymKey
 from service import audit, db, keyring
 from service.api.searchset import Render
 from service.errors import Forbidden
@@ -38,7 +38,8 @@ _RESULT_PARAMS = frozenset({"_count", "_total", "_summary", "_include", "_cursor
 _NOTHING = "~"
 
 
-def restrict(project_id: str, minimum_tier: int, now: int | None = None) -> search.RowFilter:
+def restrict(project_id: str, minimum_tier: int, now: int | None = None, table: Any = resources
+             ) -> search.RowFilter:
     """The consent filter as SQL: only rows the project's decisions allow, inside the query.
 
     A patient-compartment row needs a decision of at least `minimum_tier` for its
@@ -46,33 +47,35 @@ def restrict(project_id: str, minimum_tier: int, now: int | None = None) -> sear
     sensitivity mask, whose excluded classes do not include its type, and whose data
     period contains its clinical date (a row without one is withheld when a period
     applies; the Patient resource itself carries no clinical date and is exempt).
+    `table` is the resources table or an alias of it.
     """
     instant = now if now is not None else db.now_us()
-    compartment = resources.c.type.in_(sorted({"Patient", *COMPARTMENT}))
+    r = table.c
+    compartment = r.type.in_(sorted({"Patient", *COMPARTMENT}))
     in_period = or_(
-        resources.c.type == "Patient",
+        r.type == "Patient",
         and_(decisions.c.period_start.is_(None), decisions.c.period_end.is_(None)),
-        and_(resources.c.clinical_low.is_not(None),
-             or_(decisions.c.period_start.is_(None), resources.c.clinical_low >= decisions.c.period_start),
-             or_(decisions.c.period_end.is_(None), resources.c.clinical_high <= decisions.c.period_end)),
+        and_(r.clinical_low.is_not(None),
+             or_(decisions.c.period_start.is_(None), r.clinical_low >= decisions.c.period_start),
+             or_(decisions.c.period_end.is_(None), r.clinical_high <= decisions.c.period_end)),
     )
     consented = exists(select(literal(1)).where(
-        decisions.c.patient_id == resources.c.patient_id,
+        decisions.c.patient_id == r.patient_id,
         decisions.c.project_id == project_id,
         decisions.c.tier >= minimum_tier,
-        resources.c.sensitive_mask.op("&")(decisions.c.excluded_mask) == 0,
+        r.sensitive_mask.op("&")(decisions.c.excluded_mask) == 0,
         or_(decisions.c.valid_from.is_(None), decisions.c.valid_from <= instant),
         or_(decisions.c.valid_until.is_(None), decisions.c.valid_until >= instant),
         in_period,
         not_(exists(select(literal(1)).where(
-            decision_classes.c.patient_id == resources.c.patient_id,
+            decision_classes.c.patient_id == r.patient_id,
             decision_classes.c.project_id == project_id,
-            decision_classes.c.resource_type == resources.c.type))),
+            decision_classes.c.resource_type == r.type))),
     ))
 
     def apply(statement: Select[Any]) -> Select[Any]:
         return statement.where(or_(and_(compartment, consented),
-                                   and_(not_(compartment), resources.c.type.in_(NON_PATIENT_TYPES))))
+                                   and_(not_(compartment), r.type.in_(NON_PATIENT_TYPES))))
     return apply
 
 

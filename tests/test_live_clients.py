@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import pytest
 import requests
 from fhirclient import client as smart_client
-from fhirclient.auth import FHIRAuth
 from fhirclient.models.patient import Patient
 from fhirpy import SyncFHIRClient
 from flask import Flask
@@ -98,24 +97,32 @@ def _smart(live: Live) -> smart_client.FHIRClient:
 
 
 def _with_token(smart: smart_client.FHIRClient, live: Live) -> smart_client.FHIRClient:
-    """Give fhirclient a token obtained elsewhere, through its own OAuth2 auth class.
-
-    fhirclient picks OAuth2 from the CapabilityStatement only for authorization-code
-    servers or when it holds a signed JWT assertion; for a client_secret_basic token
-    obtained by the caller it has no setting, so its OAuth2 state is supplied directly.
-    """
-    assert smart.prepare()
-    smart.server.auth = FHIRAuth.create("oauth2", state={
-        "app_id": "passerelle-test", "token_uri": f"{live.base}/auth/token", "access_token": live.token})
+    """Hand fhirclient a token obtained elsewhere: its OAuth2 auth object signs requests with it."""
+    smart.prepare()
+    smart.server.auth.access_token = live.token
+    assert smart.ready
     return smart
 
 
-def test_fhirclient_prepares_against_the_capability_statement_and_finds_the_token_endpoint(live: Live):
+def test_fhirclient_prepares_against_the_capability_statement_and_discovers_oauth2(live: Live):
     smart = _smart(live)
-    assert smart.prepare()
+    assert smart.prepare() is False  # parsed, and knows it must authorize before any call
+    assert smart.server.auth.auth_type == "oauth2"
     security = smart.server.capabilityStatement.rest[0].security
     oauth = next(e for e in security.extension if e.url == SMART_OAUTH_URIS)
     assert {e.url: e.valueUri for e in oauth.extension}["token"] == f"{live.base}/auth/token"
+
+
+def test_fhirclient_obtains_its_own_token_with_client_secret_basic(app: Flask, live: Live):
+    client_id, secret = _custodian_credentials(app)
+    smart = smart_client.FHIRClient(settings={"app_id": client_id, "app_secret": secret, "api_base": live.fhir,
+                                              "scope": "system/Patient.rs"})
+    smart.wants_patient = False  # no SMART launch context: a backend service
+    smart.prepare()
+    smart.authorize()
+    assert smart.ready
+    patient_id = sorted(live.patient_ids)[0]
+    assert Patient.read(patient_id, smart.server).id == patient_id
 
 
 def test_fhirclient_reads_a_patient_with_the_bearer_token(live: Live):

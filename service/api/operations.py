@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, g, request
 
+from consent import projects
 from consent.materialise import explain
+from policies import budget
 from service import auth, db
-from service.api.fhirjson import check_format, fhir_response
+from service.api.fhirjson import check_format, fhir_response, parse_body
 from service.errors import InvalidRequest
+from service.store.fhirdates import instant
 
 bp = Blueprint("custodian_operations", __name__)
 
@@ -40,6 +43,46 @@ def _parameters(explanation: dict[str, Any]) -> dict[str, Any]:
             params.append({"name": name, "valuePeriod": period})
     params += [{"name": "basis", "valueString": line} for line in explanation["basis"]]
     return {"resourceType": "Parameters", "parameter": params}
+
+
+def _budget(project_id: str) -> dict[str, Any]:
+    with db.read() as conn:
+        projects.get(conn, project_id)
+        status = budget.status(conn, project_id)
+    params: list[dict[str, Any]] = [
+        {"name": "project", "valueReference": {"reference": f"ResearchStudy/{project_id}"}},
+        *({"name": name, "valueDecimal": status[name]} for name in ("total", "spent", "remaining", "delta_total",
+                                                                     "delta_spent", "delta_remaining")),
+    ]
+    for item in status["history"]:
+        parts = [{"name": "kind", "valueCode": item["kind"]}, {"name": "epsilon", "valueDecimal": item["epsilon"]},
+                 {"name": "at", "valueInstant": instant(item["ts"])}]
+        if item["actor"]:
+            parts.append({"name": "actor", "valueString": item["actor"]})
+        if item["query_hash"]:
+            parts.append({"name": "query", "valueString": item["query_hash"]})
+        params.append({"name": "spend", "part": parts})
+    return {"resourceType": "Parameters", "parameter": params}
+
+
+@bp.get("/ResearchStudy/<project_id>/$budget")
+def budget_status(project_id: str) -> Response:
+    """A project's privacy budget: total, spent, remaining and the history of spends."""
+    return fhir_response(_budget(project_id))
+
+
+@bp.post("/ResearchStudy/<project_id>/$budget")
+def budget_raise(project_id: str) -> Response:
+    """Raise a project's total ε (never lower it); audited."""
+    body = parse_body()
+    values = {p.get("name"): p.get("valueDecimal") for p in (body.get("parameter") or [])
+              if isinstance(p, dict)} if isinstance(body, dict) else {}
+    total = values.get("total")
+    if isinstance(total, bool) or not isinstance(total, (int, float)):
+        raise InvalidRequest("send a Parameters resource with a decimal parameter 'total'", expression="total")
+    with db.write() as conn:
+        projects.raise_budget(conn, project_id, float(total), actor=g.principal.client_id)
+    return fhir_response(_budget(project_id))
 
 
 @bp.get("/Consent/$explain")

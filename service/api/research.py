@@ -11,9 +11,9 @@ import orjson
 from flask import Blueprint, Response, current_app, g, request, stream_with_context
 
 from consent import engine
-from service import auth, db, export
+from service import aggregate, auth, db, export
 from service.api import capability
-from service.api.fhirjson import base_url, check_format, fhir_response
+from service.api.fhirjson import base_url, check_format, fhir_response, parse_body
 from service.api.searchset import run_search
 from service.errors import ExportFailed, Gone, InvalidRequest, MethodNotAllowed, NotFound, TooManyRequests
 from service.release import Release, open_release, patients_of, research_capability_types
@@ -103,6 +103,17 @@ def vread(resource_type: str, pseudonym: str, version: str) -> Response:
     if not version.isdigit():
         raise NotFound(f"{resource_type}/{pseudonym} is not known")
     return _visible(resource_type, pseudonym, int(version))
+
+
+@bp.post("/$aggregate")
+def aggregate_operation() -> Response:
+    """A differentially private answer (README, "$aggregate"); ε is spent before it is computed."""
+    body = parse_body()
+    principal = g.principal
+    with db.read() as conn:
+        release = open_release(conn, principal.client_id, principal.project_id, engine.AGGREGATE)
+    key = request.headers.get("Idempotency-Key")
+    return fhir_response(aggregate.answer(release.project, principal.client_id, body, key))
 
 
 # -- Bulk Data $export ---------------------------------------------------------------------

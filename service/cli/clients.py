@@ -7,9 +7,8 @@ import click
 from flask.cli import AppGroup
 from sqlalchemy import select, update
 
-from consent import projects
 from service import db
-from service.auth import register_client
+from service.auth import ROLES, auth_method, register_client
 from service.cli.output import emit, readable_errors
 from service.store.schema import clients
 
@@ -19,21 +18,25 @@ def client_group() -> None:
     """OAuth2 clients (custodian systems and research partners)."""
 
 
+def _read_jwks(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"cannot read the JWKS file {path}: {exc}") from None
+
+
 @client_group.command("create")
 @click.option("--name", required=True)
-@click.option("--role", type=click.Choice(["custodian", "research"]), required=True)
+@click.option("--role", type=click.Choice(ROLES), required=True)
 @click.option("--project", "project_id", help="The research project the client acts for (role research).")
 @click.option("--jwks", "jwks_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Public keys (JWKS) for private_key_jwt; without it a client secret is issued.")
 def create_command(name: str, role: str, project_id: str | None, jwks_path: Path | None) -> None:
     """Register a client; prints one JSON object (the secret is shown this once only)."""
+    jwks = _read_jwks(jwks_path) if jwks_path else None
     with readable_errors(), db.write() as conn:
-        if project_id:
-            project = projects.get(conn, project_id)
-            if project.status != "active":
-                raise click.ClickException(f"project {project_id} is closed")
-        jwks = jwks_path.read_text(encoding="utf-8") if jwks_path else None
-        emit(register_client(conn, name, role, project_id, jwks))
+        registered = register_client(conn, name, role, project_id, jwks)
+    emit(registered)
 
 
 @client_group.command("list")
@@ -42,7 +45,7 @@ def list_command() -> None:
     with db.read() as conn:
         for row in conn.execute(select(clients).order_by(clients.c.created)):
             emit({"client_id": row.client_id, "name": row.name, "role": row.role, "project_id": row.project_id,
-                  "auth": "private_key_jwt" if row.jwks else "client_secret_basic", "active": row.active})
+                  "token_endpoint_auth_method": auth_method(row.jwks is not None), "active": row.active})
 
 
 @client_group.command("disable")

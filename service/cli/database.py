@@ -6,6 +6,8 @@ from flask import current_app
 from flask.cli import with_appcontext
 
 from consent.materialise import consent_default, refresh
+from consent.projects import all_projects
+from policies.budget import ensure_budget
 from policies.keys import MasterKeyError, ensure_master_key
 from service import db
 
@@ -20,6 +22,8 @@ def init_db_command() -> None:
         raise click.ClickException(str(exc)) from exc
     version = db.migrate(db.engine())
     with db.write() as conn:
+        for project in all_projects(conn):  # projects created before budgets existed get theirs
+            ensure_budget(conn, project.project_id, project.epsilon, project.delta, actor="init-db")
         decisions = refresh(conn, consent_default())
     click.echo(f"Database ready (schema version {version}); {decisions} consent decisions materialised.", err=True)
     if created:

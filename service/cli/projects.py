@@ -1,6 +1,7 @@
 """`project create|list|show|close`: research projects and their settings."""
 from __future__ import annotations
 
+import getpass
 from pathlib import Path
 
 import click
@@ -10,6 +11,7 @@ from flask.cli import AppGroup
 
 from consent import projects
 from consent.materialise import consent_default, refresh
+from policies import budget
 from policies.deid import ProfileError, load_profile
 from service import db
 from service.cli.output import emit, readable_errors
@@ -26,12 +28,17 @@ def project_group() -> None:
               help="The most a patient's consent can release to this project.")
 @click.option("--epsilon", type=float, required=True, help="Total differential-privacy budget ε.")
 @click.option("--delta", type=float, default=0.0, show_default=True)
+@click.option("--epsilon-cap", type=float, default=1.0, show_default=True,
+              help="The most ε one $aggregate query may spend (at most --epsilon).")
+@click.option("--suppression", type=click.IntRange(min=0), default=11, show_default=True,
+              help="Noisy counts below this are suppressed.")
 @click.option("--types", help="Resource types the project may receive, e.g. Observation,Condition (default: all).")
 @click.option("--description", help="Plain-language description shown to patients.")
 @click.option("--organization", "organization_id", help="Id of the recipient Organization.")
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False, path_type=Path),
               help="The project's own de-identification profile (JSON or YAML); default: the shipped one.")
-def create_command(name: str, tier: str, epsilon: float, delta: float, types: str | None,
+def create_command(name: str, tier: str, epsilon: float, delta: float, epsilon_cap: float, suppression: int,
+                   types: str | None,
                    description: str | None, organization_id: str | None, profile_path: Path | None) -> None:
     """Create a project; prints one JSON object with its project_id."""
     profile = None
@@ -45,7 +52,8 @@ def create_command(name: str, tier: str, epsilon: float, delta: float, types: st
     with readable_errors(), db.write() as conn:
         project = projects.create(conn, name=name, tier=tier, epsilon=epsilon, delta=delta,
                                   types=projects.parse_types(types), description=description,
-                                  organization_id=organization_id, profile=profile)
+                                  organization_id=organization_id, profile=profile, epsilon_cap=epsilon_cap,
+                                  suppression=suppression)
         refresh(conn, consent_default(), project_ids=[project.project_id])
     emit(project.as_json())
 
@@ -64,7 +72,8 @@ def show_command(project_id: str) -> None:
     """Print one project's settings and how many patients are at each tier."""
     with readable_errors(), db.read() as conn:
         project = projects.get(conn, project_id)
-        emit({**project.as_json(), "patients_by_tier": projects.tier_counts(conn, project_id)})
+        emit({**project.as_json(), "patients_by_tier": projects.tier_counts(conn, project_id),
+              "budget": budget.status(conn, project_id)})
 
 
 @project_group.command("close")
@@ -75,3 +84,13 @@ def close_command(project_id: str) -> None:
         project = projects.close(conn, project_id)
         refresh(conn, consent_default(), project_ids=[project_id])
     emit(project.as_json())
+
+
+@project_group.command("raise-budget")
+@click.argument("project_id")
+@click.option("--epsilon", type=float, required=True, help="The new total ε (must not be lower).")
+def raise_budget_command(project_id: str, epsilon: float) -> None:
+    """Raise a project's total privacy budget (audited; spent ε is never given back)."""
+    with readable_errors(), db.write() as conn:
+        projects.raise_budget(conn, project_id, epsilon, actor=f"cli:{getpass.getuser()}")
+        emit(budget.status(conn, project_id, history_limit=10))

@@ -49,6 +49,8 @@ resources = Table(
     UniqueConstraint("type", "id", name="uq_resources_type_id"),
     Index("ix_resources_type_pk", "type", "pk"),
     Index("ix_resources_patient", "patient_id", "type"),
+    # MAX(last_updated) is the data version that keys recorded $aggregate answers.
+    Index("ix_resources_last_updated", "last_updated"),
 )
 
 history = Table(
@@ -171,6 +173,9 @@ projects = Table(
     Column("max_tier", Integer, nullable=False),
     Column("epsilon", Float, nullable=False),
     Column("delta", Float, nullable=False, default=0.0),
+    # The most ε one $aggregate query may spend, and the noisy count below which cells are suppressed.
+    Column("epsilon_cap", Float, nullable=False, default=1.0),
+    Column("suppression", Integer, nullable=False, default=11),
     # JSON list of resource types the project may receive; NULL means every patient-data type.
     Column("types", Text),
     Column("organization_id", ID),
@@ -197,6 +202,7 @@ decisions = Table(
     Column("updated", BigInteger, nullable=False),
     PrimaryKeyConstraint("patient_id", "project_id", name="pk_decisions"),
     Index("ix_decisions_project", "project_id", "tier", "patient_id"),
+    Index("ix_decisions_updated", "updated"),
 )
 
 #: One row per resource class a decision excludes, so research queries can filter in SQL.

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from itertools import pairwise
 from random import Random
-from typing import Any
+from typing import Any, TypeVar
 
 Resource = dict[str, Any]
+T = TypeVar("T")
 #: (system, code, display)
 Code = tuple[str, str, str]
 
@@ -89,6 +90,15 @@ def interpolate(table: tuple[tuple[float, float], ...], x: float) -> float:
         if x <= x1:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return table[-1][1]
+
+
+def step(table: tuple[tuple[float, T], ...], x: float, default: T) -> T:
+    """The value of the last (threshold, value) row whose threshold `x` reaches, else `default`."""
+    value = default
+    for threshold, row in table:
+        if x >= threshold:
+            value = row
+    return value
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,7 @@ CHRONIC: tuple[ConditionSpec, ...] = (
                                           "Take 1 tablet by mouth twice daily", 2),),
                   procedures=(CBT,), care_plan=_MENTAL_HEALTH_PLAN),
     ConditionSpec("86406008", "Human immunodeficiency virus infection (disorder)", label="HIV",
-                  prevalence=((16, 0.005),),
+                  prevalence=((16, 0.008),),
                   medications=(Medication("1999563", "bictegravir 50 MG / emtricitabine 200 MG / tenofovir alafenamide "
                                           "25 MG Oral Tablet", DAILY),),
                   monitoring=("viral_load", "cd4")),
@@ -200,7 +200,7 @@ CHRONIC: tuple[ConditionSpec, ...] = (
                                           "Dissolve 1 film under the tongue daily"),),
                   procedures=(_snomed("713106006", "Screening for drug abuse (procedure)"),), monitoring=("dast10",)),
     ConditionSpec("254843006", "Familial cancer of breast (disorder)", label="GDIS", sex="female",
-                  prevalence=((25, 0.005),),
+                  prevalence=((25, 0.01),),
                   procedures=(_snomed("24623002", "Screening mammography (procedure)"),)),
 )
 
@@ -257,7 +257,7 @@ ACUTE: tuple[ConditionSpec, ...] = (
 )
 
 OBESITY = ConditionSpec("162864005", "Body mass index 30+ - obesity (finding)")
-PREDIABETES = ConditionSpec("714628002", "Prediabetes (finding)")
+PREDIABETES = ConditionSpec("714628002", "Prediabetes (finding)", monitoring=("hba1c",))
 
 OBSERVATIONS: dict[str, ObservationSpec] = {
     "height": ObservationSpec("8302-2", "Body Height", "cm", "vital-signs"),

@@ -14,7 +14,7 @@ from typing import Any
 
 from service.synthetic.build import NPI_SYSTEM, ORG_SYSTEM, ROLE_SYSTEM, Code, Refs, Resource, concept, new_id
 from service.synthetic.codes import SPECIALTIES
-from service.synthetic.locales import LOCALES, FRANCE, City, Locale, address, ascii_slug, identifier
+from service.synthetic.locales import FRANCE, LOCALES, City, Locale, address, ascii_slug, identifier
 
 FINESS_SYSTEM = "urn:oid:1.2.250.1.71.4.2.2"
 RPPS_SYSTEM = "urn:oid:1.2.250.1.71.4.2.1"

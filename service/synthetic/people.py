@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from html import escape
 from random import Random
-from typing import TypeVar
 
 from service.synthetic.build import (
     REFERENCE_DATE,
@@ -17,6 +16,7 @@ from service.synthetic.build import (
     between,
     concept,
     new_id,
+    step,
     years_between,
 )
 from service.synthetic.locales import City, Locale, address, identifier, pick_locale
@@ -94,25 +94,13 @@ class Person:
         return years_between(self.birth, when.date())
 
 
-T = TypeVar("T")
-
-
-def _step(table: tuple[tuple[int, T], ...], age: float) -> T:
-    """The value of the last (age, value) row whose age is reached."""
-    value = table[0][1]
-    for threshold, row in table:
-        if age >= threshold:
-            value = row
-    return value
-
-
 def _birth(rng: Random) -> date:
     low, high = rng.choices(_AGE_BANDS, weights=_AGE_WEIGHTS)[0]
     return REFERENCE_DATE - timedelta(days=rng.randrange(int(low * YEAR), int(high * YEAR)) + 1)
 
 
 def _death(rng: Random, birth: date, tz: timezone) -> datetime | None:
-    if rng.random() >= _step(_DEATH_RISK, years_between(birth, REFERENCE_DATE)):
+    if rng.random() >= step(_DEATH_RISK, years_between(birth, REFERENCE_DATE), 0.0):
         return None
     end = at(REFERENCE_DATE, 0, tz)
     return between(rng, max(at(birth, 0, tz) + timedelta(days=1), end - timedelta(days=int(10 * YEAR))), end)
@@ -133,7 +121,8 @@ def person(rng: Random, index: int, population: Population) -> Person:
         given.append(locale.given(rng, gender))
     marital = "S"
     if adult:
-        marital = rng.choices("SMDW", weights=_step(_MARITAL_BY_AGE, years_between(birth, REFERENCE_DATE)))[0]
+        weights = step(_MARITAL_BY_AGE, years_between(birth, REFERENCE_DATE), (1, 0, 0, 0))
+        marital = rng.choices("SMDW", weights=weights)[0]
     sites = population.sites(locale, city)
     organization = rng.choice(sites)
     return Person(
