@@ -728,7 +728,7 @@ def _reference(extensions: dict[str, Action], value: Any, ctx: _Context) -> Any:
         return _DROP
     out: dict[str, Any] = {}
     target = value.get("reference")
-    if type(target) is str and (rewritten := ctx.deid.rewrite_reference(target, ctx)) is not None:
+    if type(target) is str and (rewritten := ctx.deid._rewrite_reference(target, ctx)) is not None:
         out["reference"] = rewritten
     kind = value.get("type")
     if type(kind) is str:
@@ -820,7 +820,7 @@ class Deidentifier:
             out["extension"] = [*out.get("extension", ()), {"url": TOP_CODED_AGE, "valueBoolean": True}]
         return out
 
-    def rewrite_reference(self, reference: str, ctx: _Context) -> str | None:
+    def _rewrite_reference(self, reference: str, ctx: _Context) -> str | None:
         """The released form of a literal reference, or None if it cannot be followed."""
         if reference.startswith("#"):
             return reference if reference == "#" or reference[1:] in ctx.local_ids else None

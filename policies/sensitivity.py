@@ -57,7 +57,7 @@ _LOINC: dict[str, str] = {
     "55757-9": "mental-health",                              # PHQ-2
 }
 _RXNORM: dict[str, str] = {
-    "312940": "mental-health", "310385": "mental-health", "314231": "mental-health",  # antidepressants
+    "312940": "mental-health", "310385": "mental-health",  # antidepressants
     "1999563": "hiv", "1747691": "hiv",                                              # antiretrovirals
     "1010600": "substance-use", "1996193": "substance-use",                          # buprenorphine
 }

@@ -185,6 +185,7 @@ def _check_project(conn: Connection, role: str, project_id: str | None) -> None:
 
 
 def auth_method(has_jwks: bool) -> str:
+    """How a client authenticates at the token endpoint (RFC 7591 `token_endpoint_auth_method`)."""
     return "private_key_jwt" if has_jwks else "client_secret_basic"
 
 
@@ -369,3 +370,22 @@ def authenticate(role: str) -> Principal:
 def require(role: str) -> None:
     """For a blueprint's before_request: authenticate and keep the caller on `g.principal`."""
     g.principal = authenticate(role)
+
+
+_LETTER_OF_METHOD = {"GET": "r", "HEAD": "r", "POST": "c", "PUT": "u", "DELETE": "d"}
+
+
+def require_scope(resource_type: str, permission: str) -> None:
+    """Refuse (403) a request the token's granted scopes do not cover (`*`: every type)."""
+    principal: Principal = g.principal
+    if not principal.permits(resource_type, permission):
+        what = "every resource type" if resource_type == "*" else resource_type
+        raise Forbidden(f"The token's scope ({' '.join(principal.scopes)}) does not allow "
+                        f"'{permission}' on {what}")
+
+
+def interaction_letter(method: str, has_id: bool) -> str:
+    """The SMART permission a REST interaction needs: search is `s`, read `r`, and so on."""
+    if method in ("GET", "HEAD") and not has_id:
+        return "s"
+    return _LETTER_OF_METHOD.get(method, "u")

@@ -36,6 +36,15 @@ STORE: dict[tuple[str, str], int] = {
     ("Observation", "o1"): 701, ("Medication", "m1"): 801,
 }
 MASKED = {"extension": [{"url": DATA_ABSENT_REASON, "valueCode": "masked"}]}
+#: The types a research project may receive (consent.projects and service.release).
+RESEARCH_TYPES = ["AdverseEvent", "AllergyIntolerance", "BodyStructure", "CarePlan", "CareTeam", "Claim",
+                  "ClinicalImpression", "Communication", "Composition", "Condition", "Coverage", "DetectedIssue",
+                  "Device", "DiagnosticReport", "DocumentReference", "Encounter", "EpisodeOfCare",
+                  "ExplanationOfBenefit", "FamilyMemberHistory", "Flag", "Goal", "ImagingStudy", "Immunization", "List",
+                  "Location", "Media", "Medication", "MedicationAdministration", "MedicationDispense",
+                  "MedicationRequest", "MedicationStatement", "NutritionOrder", "Observation", "Organization",
+                  "Patient", "Practitioner", "PractitionerRole", "Procedure", "QuestionnaireResponse",
+                  "ResearchSubject", "RiskAssessment", "ServiceRequest", "Specimen", "SupplyDelivery"]
 
 # Identifying values planted in the resources below: none may ever be released.
 FAMILY, GIVEN = "Zoltowska", "Marguerite"
@@ -270,10 +279,7 @@ def test_default_profile_output_validates_with_r4b(deid: Deidentifier, kind: str
     validate(release(deid, kind))
 
 
-@pytest.mark.parametrize("kind", ["AllergyIntolerance", "CarePlan", "Claim", "Condition", "DiagnosticReport",
-                                  "DocumentReference", "Encounter", "ExplanationOfBenefit", "Goal", "ImagingStudy",
-                                  "Immunization", "MedicationAdministration", "MedicationRequest", "Observation",
-                                  "Procedure", "Provenance", "QuestionnaireResponse", "SupplyDelivery"])
+@pytest.mark.parametrize("kind", RESEARCH_TYPES)
 def test_required_elements_no_rule_keeps_become_data_absent_and_validate(deid: Deidentifier, kind: str) -> None:
     released = deid.apply({"resourceType": kind, "id": "x", "implicitRules": "http://example.org/rules"}, 1, "p1")
     validate(released)
@@ -722,14 +728,6 @@ def test_a_missing_profile_file_is_refused(tmp_path: Path) -> None:
 
 def test_every_wildcard_rule_of_the_default_profile_names_a_real_element() -> None:
     data = json.loads(DEFAULT.read_text())
-    research_types = ["AllergyIntolerance", "CarePlan", "CareTeam", "Claim", "ClinicalImpression", "Communication",
-                      "Composition", "Condition", "Coverage", "DetectedIssue", "Device", "DiagnosticReport",
-                      "DocumentReference", "Encounter", "EpisodeOfCare", "ExplanationOfBenefit", "Goal", "ImagingStudy",
-                      "Immunization", "List", "Location", "Media", "Medication", "MedicationAdministration",
-                      "MedicationDispense", "MedicationRequest", "MedicationStatement", "NutritionOrder",
-                      "Observation", "Organization", "Patient", "Practitioner", "PractitionerRole", "Procedure",
-                      "QuestionnaireResponse", "ResearchSubject", "RiskAssessment", "ServiceRequest", "Specimen",
-                      "SupplyDelivery", "AdverseEvent", "BodyStructure", "FamilyMemberHistory", "Flag"]
     for rule in data["rules"]:
         if not rule["path"].startswith("*.") or "url" in rule:
             continue
@@ -742,7 +740,7 @@ def test_every_wildcard_rule_of_the_default_profile_names_a_real_element() -> No
                 return False
             return True
 
-        assert any(names_element(kind) for kind in research_types), rule["path"]
+        assert any(names_element(kind) for kind in RESEARCH_TYPES), rule["path"]
 
 
 # -- the whole synthetic data set ----------------------------------------------------------------

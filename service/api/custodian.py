@@ -32,6 +32,11 @@ def _authenticate() -> None:
     check_format()
     if request.endpoint != "custodian.metadata":
         auth.require(ROLE)
+        args = request.view_args or {}
+        if "resource_type" in args:
+            letter = "s" if request.endpoint == "custodian.search_type" else \
+                auth.interaction_letter(request.method, "resource_id" in args)
+            auth.require_scope(args["resource_type"], letter)
 
 
 def _base() -> str:
@@ -78,10 +83,23 @@ def metadata() -> Response:
     return fhir_response(capability.statement(_base()))
 
 
+def _check_bundle_scopes(body: Any) -> None:
+    """Every entry of a Bundle needs the scope its own interaction would need."""
+    entries = body.get("entry") if isinstance(body, dict) else None
+    for entry in entries if isinstance(entries, list) else ():
+        req = entry.get("request") if isinstance(entry, dict) else None
+        if not isinstance(req, dict) or not isinstance(req.get("url"), str):
+            continue  # the Bundle parser reports malformed entries
+        path = req["url"].split("?", 1)[0].strip("/").split("/")
+        if path and path[0]:
+            auth.require_scope(path[0], auth.interaction_letter(str(req.get("method")), len(path) > 1))
+
+
 @bp.post("")
 @bp.post("/")
 def bundle() -> Response:
     body = parse_body()
+    _check_bundle_scopes(body)
     base = _base()
 
     def read_search(resource_type: str, args: list[tuple[str, str]]) -> dict[str, Any]:

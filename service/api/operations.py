@@ -20,6 +20,10 @@ bp = Blueprint("custodian_operations", __name__)
 def _authenticate() -> None:
     check_format()
     auth.require("custodian")
+    if request.endpoint == "custodian_operations.consent_explain":
+        auth.require_scope("Consent", "r")
+    else:
+        auth.require_scope("ResearchStudy", "r" if request.method == "GET" else "u")
 
 
 def _required(name: str) -> str:

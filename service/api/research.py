@@ -29,6 +29,11 @@ def _authenticate() -> None:
     check_format()
     if request.endpoint != "research.metadata":
         auth.require(ROLE)
+        resource_type = (request.view_args or {}).get("resource_type")
+        if resource_type:
+            auth.require_scope(resource_type, "s" if request.endpoint == "research.search_type" else "r")
+        elif request.method == "GET" or request.endpoint == "research.aggregate_operation":
+            auth.require_scope("*", "s")  # exports and aggregates reach every type
 
 
 def _base() -> str:

@@ -1,4 +1,4 @@
-"""One patient's clinical history: a plan of visits, then the resources each visit produces.
+"""One patient's clinical history: the resources each planned visit produces.
 
 The last five years (or the whole life of younger patients) are written down:
 check-ups with vital signs, labs, immunisations and screenings; chronic conditions
@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import base64
 import math
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from operator import attrgetter
 from random import Random
 
 from service.synthetic.body import Body
@@ -22,44 +20,39 @@ from service.synthetic.build import (
     LOINC,
     RXNORM,
     SNOMED,
-    YEAR,
     Code,
     Refs,
     Resource,
-    at,
     between,
     concept,
     new_id,
     quantity,
     security,
-    step,
+    years_between,
 )
 from service.synthetic.codes import (
-    ACUTE,
     ALLERGENS,
     BLOOD_PRESSURE,
     CARE_TEAM_ROLES,
-    CHRONIC,
     ENCOUNTERS,
     MEDICATION_RECONCILIATION,
     NOTE_TYPES,
-    OBESITY,
     OBSERVATIONS,
     PANELS,
-    PREDIABETES,
     REACTIONS,
     SCREENINGS,
     SMOKING,
     SMOKING_STATUS,
     VACCINES,
+    CarePlanSpec,
     ConditionSpec,
     VaccineSpec,
 )
 from service.synthetic.notes import clinical_note, contact
 from service.synthetic.organisations import organization_reference, practitioner_reference
 from service.synthetic.people import Person, patient_resource
+from service.synthetic.planning import Visit, chronic_conditions, history_start, plan
 
-HISTORY_YEARS = 5
 _TERMINOLOGY = "http://terminology.hl7.org/CodeSystem/"
 _ACTIVE = (_TERMINOLOGY + "condition-clinical", "active", "Active")
 _RESOLVED = (_TERMINOLOGY + "condition-clinical", "resolved", "Resolved")
@@ -86,112 +79,12 @@ _ASSESS_PLAN = ("http://hl7.org/fhir/us/core/CodeSystem/careplan-category", "ass
 _NOTE_CHANCE = {"wellness": 1.0, "wellchild": 1.0, "problem": 1.0, "emergency": 1.0, "inpatient": 1.0,
                 "acute": 0.5, "followup": 0.3}
 _NOTE_TYPE = {"inpatient": "discharge", "acute": "progress", "followup": "progress"}
-#: Obesity multiplies the odds of these conditions (SNOMED).
-_RISK_IF_OBESE = {"44054006": 2.5, "38341003": 1.5}
-_DIABETES = "44054006"
-#: Years between check-ups, by age.
-_CHECK_UP_INTERVAL = ((0, 0.3), (1, 0.6), (3, 2.0), (18, 3.0), (50, 2.5), (75, 2.0))
 _MAX_VACCINES_PER_VISIT = 3
-
-
-@dataclass(frozen=True)
-class Visit:
-    start: datetime
-    kind: str
-    condition: ConditionSpec | None = None
 
 
 def _labels(*specs: ConditionSpec | None) -> tuple[str, ...]:
     """The distinct security labels of these conditions, in a stable order."""
     return tuple(dict.fromkeys(spec.label for spec in specs if spec is not None and spec.label))
-
-
-def _years(value: float) -> timedelta:
-    return timedelta(days=value * YEAR)
-
-
-def _visit_at(rng: Random, who: Person, when: datetime, kind: str) -> datetime:
-    """A plausible time on `when`'s day: office hours for ambulatory care, any hour otherwise."""
-    minutes = rng.randrange(8 * 60, 17 * 60 + 30) if ENCOUNTERS[kind][0] == "AMB" else rng.randrange(24 * 60)
-    return min(at(when.date(), minutes, who.tz), who.end - timedelta(minutes=1))
-
-
-def history_start(who: Person) -> datetime:
-    return max(who.born, who.end - _years(HISTORY_YEARS))
-
-
-def chronic_conditions(rng: Random, who: Person, body: Body) -> list[tuple[ConditionSpec, datetime]]:
-    """Which chronic conditions the person has had by the end of their history, and since when."""
-    age = who.age(who.end)
-    found: list[tuple[ConditionSpec, datetime]] = []
-    for spec in CHRONIC:
-        if spec.sex and spec.sex != who.gender:
-            continue
-        share = step(spec.prevalence, age, 0.0) * (_RISK_IF_OBESE.get(spec.code, 1.0) if body.obese else 1.0)
-        if share and rng.random() < share:
-            found.append((spec, _onset(rng, who, spec.prevalence[0][0], age)))
-    if age >= 18 and body.obese:
-        found.append((OBESITY, _onset(rng, who, 18, age)))
-    if age >= 30 and all(spec.code != _DIABETES for spec, _ in found) and rng.random() < 0.1:
-        found.append((PREDIABETES, _onset(rng, who, 30, age)))
-    return found
-
-
-def _onset(rng: Random, who: Person, first_age: float, age: float) -> datetime:
-    return _visit_at(rng, who, who.born + _years(rng.uniform(first_age, age)), "problem")
-
-
-def plan(rng: Random, who: Person, chronic: list[tuple[ConditionSpec, datetime]], start: datetime) -> list[Visit]:
-    """Every visit in [start, end of history), in time order."""
-    end = who.end
-    visits = _check_ups(rng, who, start, end)
-    visits += [Visit(onset, "problem", spec) for spec, onset in chronic if onset >= start]
-    visits += _follow_ups(rng, who, chronic, start, end)
-    visits += _episodes(rng, who, start, end)
-    visits.sort(key=attrgetter("start"))
-    return visits
-
-
-def _check_ups(rng: Random, who: Person, start: datetime, end: datetime) -> list[Visit]:
-    visits: list[Visit] = []
-    when = start + _years(rng.random() * step(_CHECK_UP_INTERVAL, who.age(start), 1.0))
-    while when < end:
-        kind = "wellchild" if who.age(when) < 18 else "wellness"
-        visits.append(Visit(_visit_at(rng, who, when, kind), kind))
-        when += _years(step(_CHECK_UP_INTERVAL, who.age(when), 1.0) * rng.uniform(0.8, 1.2))
-    if not visits:
-        kind = "wellchild" if who.age(start) < 18 else "wellness"
-        visits.append(Visit(_visit_at(rng, who, between(rng, start, end), kind), kind))
-    return visits
-
-
-def _follow_ups(rng: Random, who: Person, chronic: list[tuple[ConditionSpec, datetime]], start: datetime,
-                end: datetime) -> list[Visit]:
-    visits: list[Visit] = []
-    for spec, onset in chronic:
-        if not (spec.monitoring or spec.procedures):
-            continue
-        when = max(onset, start) + _years(rng.uniform(0.3, 1.2))
-        while when < end:
-            visits.append(Visit(_visit_at(rng, who, when, "followup"), "followup", spec))
-            when += _years(rng.uniform(1.5, 3.0))
-    return visits
-
-
-def _episodes(rng: Random, who: Person, start: datetime, end: datetime) -> list[Visit]:
-    """Acute conditions, each year with its incidence, at the ages and sex they affect."""
-    visits: list[Visit] = []
-    years = math.ceil((end - start).days / YEAR)
-    for spec in ACUTE:
-        if spec.sex and spec.sex != who.gender:
-            continue
-        for year in range(years):
-            if rng.random() >= spec.incidence:
-                continue
-            when = start + _years(year + rng.random())
-            if when < end and spec.ages[0] <= who.age(when) < spec.ages[1]:
-                visits.append(Visit(_visit_at(rng, who, when, spec.setting), spec.setting, spec))
-    return visits
 
 
 def _rounded(value: float, decimals: int) -> float | int:
@@ -201,15 +94,16 @@ def _rounded(value: float, decimals: int) -> float | int:
 class Chart:
     """Writes one patient's resources, visit by visit, in time order."""
 
-    def __init__(self, rng: Random, who: Person, refs: Refs):
-        self.rng, self.who, self.refs = rng, who, refs
+    def __init__(self, rng: Random, who: Person, refs: Refs, body: Body,
+                 pending: list[tuple[ConditionSpec, datetime]]):
+        self.rng, self.who, self.refs, self.body = rng, who, refs, body
         self.resources: list[Resource] = []
-        self.body = Body(rng, who.gender)
+        #: Chronic conditions that began before the history window: recorded at the first visit.
+        self.pending = pending
         self.conditions: dict[str, Resource] = {}
         self.problems: list[ConditionSpec] = []
         self.medications: list[str] = []
         self.vaccines: dict[str, list[date]] = {}
-        self.pending: list[tuple[ConditionSpec, datetime]] = []
         self.allergies_taken = False
         # The visit being written.
         self.encounter: Resource = {}
@@ -273,7 +167,7 @@ class Chart:
             self.follow_up(visit.condition)
         else:
             self.episode(visit.condition)
-        self.document(visit, labels)
+        self.document(visit)
 
     def open(self, visit: Visit, labels: tuple[str, ...]) -> None:
         """The Encounter: class, type, times, who saw the patient and where."""
@@ -330,7 +224,7 @@ class Chart:
         if spec.medications:
             self.prescribe(spec, condition, labels, chronic=True)
         if spec.care_plan is not None:
-            self.care_plan(spec, condition, labels)
+            self.care_plan(spec, spec.care_plan, condition, labels)
 
     def follow_up(self, spec: ConditionSpec) -> None:
         labels = _labels(spec)
@@ -371,20 +265,26 @@ class Chart:
         self.maybe_note(condition, 0.25)
         return condition
 
-    def observation(self, key: str, value: float, labels: tuple[str, ...], when: datetime | None = None,
-                    issued: datetime | None = None) -> Resource:
-        spec = OBSERVATIONS[key]
+    def measured(self, code: Code, category: str, labels: tuple[str, ...], when: datetime | None = None,
+                 issued: datetime | None = None) -> Resource:
+        """An Observation without its value: what was measured, on whom, during which encounter, when."""
         when = when or self.moment()
         observation = self.new("Observation", labels)
         observation.update({
             "status": "final",
-            "category": [concept(_OBSERVATION_CATEGORIES[spec.category])],
-            "code": concept(spec.loinc),
+            "category": [concept(_OBSERVATION_CATEGORIES[category])],
+            "code": concept(code),
             **self.context(),
             "effectiveDateTime": when.isoformat(),
             "issued": (issued or when).isoformat(),
-            "valueQuantity": quantity(_rounded(value, spec.decimals), spec.unit),
         })
+        return observation
+
+    def observation(self, key: str, value: float, labels: tuple[str, ...], when: datetime | None = None,
+                    issued: datetime | None = None) -> Resource:
+        spec = OBSERVATIONS[key]
+        observation = self.measured(spec.loinc, spec.category, labels, when, issued)
+        observation["valueQuantity"] = quantity(_rounded(value, spec.decimals), spec.unit)
         if spec.category == "laboratory":
             self.maybe_note(observation, 0.08)
         return observation
@@ -406,35 +306,17 @@ class Chart:
         self.observation("temperature", body.temperature(fever), (), when)
 
     def blood_pressure(self, labels: tuple[str, ...], when: datetime | None = None) -> None:
+        """A blood pressure panel: systolic and diastolic as components."""
         systolic, diastolic = self.body.blood_pressure(self.age())
-        when = when or self.moment()
-        panel = self.new("Observation", labels)
-        panel.update({
-            "status": "final",
-            "category": [concept(_OBSERVATION_CATEGORIES["vital-signs"])],
-            "code": concept(BLOOD_PRESSURE),
-            **self.context(),
-            "effectiveDateTime": when.isoformat(),
-            "issued": when.isoformat(),
-            "component": [
-                {"code": concept(OBSERVATIONS["systolic"].loinc), "valueQuantity": quantity(round(systolic), "mm[Hg]")},
-                {"code": concept(OBSERVATIONS["diastolic"].loinc),
-                 "valueQuantity": quantity(round(diastolic), "mm[Hg]")},
-            ],
-        })
+        panel = self.measured(BLOOD_PRESSURE, "vital-signs", labels, when)
+        panel["component"] = [
+            {"code": concept(OBSERVATIONS[key].loinc), "valueQuantity": quantity(round(value), "mm[Hg]")}
+            for key, value in (("systolic", systolic), ("diastolic", diastolic))
+        ]
 
     def smoking_status(self) -> None:
-        when = self.moment()
-        status = self.new("Observation")
-        status.update({
-            "status": "final",
-            "category": [concept(_OBSERVATION_CATEGORIES["social-history"])],
-            "code": concept(SMOKING_STATUS),
-            **self.context(),
-            "effectiveDateTime": when.isoformat(),
-            "issued": when.isoformat(),
-            "valueCodeableConcept": concept(SMOKING[self.body.smoking]),
-        })
+        status = self.measured(SMOKING_STATUS, "social-history", ())
+        status["valueCodeableConcept"] = concept(SMOKING[self.body.smoking])
 
     def monitor(self, key: str, labels: tuple[str, ...]) -> None:
         """What a follow-up measures: blood pressure, a lab panel or a single value."""
@@ -516,7 +398,7 @@ class Chart:
 
     @staticmethod
     def _due(vaccine: VaccineSpec, history: list[date], day: date) -> bool:
-        since_last = (day - history[-1]).days / YEAR if history else math.inf
+        since_last = years_between(history[-1], day) if history else math.inf
         if vaccine.every:
             return since_last >= vaccine.every
         return len(history) < vaccine.doses and since_last >= 0.12
@@ -556,9 +438,8 @@ class Chart:
                               "severity": self.rng.choices(("mild", "moderate", "severe"), weights=(60, 30, 10))[0]}],
             })
 
-    def care_plan(self, spec: ConditionSpec, reason: Resource, labels: tuple[str, ...]) -> None:
+    def care_plan(self, spec: ConditionSpec, care: CarePlanSpec, reason: Resource, labels: tuple[str, ...]) -> None:
         """A CareTeam, Goals and the CarePlan tying them to the condition."""
-        assert spec.care_plan is not None
         alive = self.who.death is None
         team = self.new("CareTeam", labels)
         team.update({
@@ -576,7 +457,7 @@ class Chart:
             "managingOrganization": [organization_reference(self.site, self.refs)],
         })
         goals = []
-        for text in spec.care_plan.goals:
+        for text in care.goals:
             goal = self.new("Goal", labels)
             goal.update({"lifecycleStatus": "active" if alive else "completed", "description": {"text": text},
                          "subject": self.subject(), "startDate": self.start.date().isoformat(),
@@ -586,7 +467,7 @@ class Chart:
         plan.update({
             "status": "active" if alive else "completed",
             "intent": "order",
-            "category": [concept(_ASSESS_PLAN), concept(spec.care_plan.code)],
+            "category": [concept(_ASSESS_PLAN), concept(care.code)],
             **self.context(),
             "period": {"start": self.start.isoformat()},
             "careTeam": [self.ref(team)],
@@ -594,10 +475,10 @@ class Chart:
             "goal": [self.ref(goal) for goal in goals],
             "activity": [{"detail": {"code": concept(activity), "status": "in-progress" if alive else "completed",
                                      "location": {"display": self.site.name}}}
-                         for activity in spec.care_plan.activities],
+                         for activity in care.activities],
         })
 
-    def document(self, visit: Visit, labels: tuple[str, ...]) -> None:
+    def document(self, visit: Visit) -> None:
         """The visit's clinical note, as a base64 text attachment; labelled with every problem it lists."""
         if self.rng.random() >= _NOTE_CHANCE[visit.kind]:
             return
@@ -607,7 +488,7 @@ class Chart:
             self.rng, self.who.locale.country, when=self.start.date().isoformat(), reason=reason, name=self.who.name,
             phone=self.who.phone, age=int(self.age()), gender=self.who.gender,
             problems=[spec.display for spec in self.problems], medications=self.medications)
-        document = self.new("DocumentReference", tuple(dict.fromkeys(labels + _labels(*self.problems))))
+        document = self.new("DocumentReference", _labels(visit.condition, *self.problems))
         document.update({
             "status": "current",
             "type": concept(note_type),
@@ -629,12 +510,12 @@ class Chart:
 
 def chart(rng: Random, who: Person, refs: Refs) -> list[Resource]:
     """The Patient and everything recorded about them, in time order."""
-    record = Chart(rng, who, refs)
-    record.resources.append(patient_resource(rng, who, refs))
-    chronic = chronic_conditions(rng, who, record.body)
-    record.body.settle([spec.code for spec, _ in chronic])
+    patient = patient_resource(rng, who, refs)
+    body = Body(rng, who.gender)
+    chronic = chronic_conditions(rng, who, body)
+    body.settle([spec.code for spec, _ in chronic])
     start = history_start(who)
-    record.pending = [(spec, onset) for spec, onset in chronic if onset < start]
+    record = Chart(rng, who, refs, body, [(spec, onset) for spec, onset in chronic if onset < start])
     for visit in plan(rng, who, chronic, start):
         record.visit(visit)
-    return record.resources
+    return [patient, *record.resources]

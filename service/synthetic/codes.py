@@ -1,7 +1,8 @@
 """Terminology tables: what happens to synthetic patients, in SNOMED CT, LOINC, RxNorm and CVX.
 
-Codes and displays follow what Synthea emits; rates are rough population figures,
-enough for realistic mixes (sensitive conditions are rare, hypertension is not).
+Codes are real SNOMED CT, LOINC, RxNorm and CVX codes, most of them as Synthea emits
+them; rates are rough population figures, enough for realistic mixes (sensitive
+conditions are rare, hypertension is not).
 """
 from __future__ import annotations
 

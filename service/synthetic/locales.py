@@ -175,10 +175,6 @@ def nir(rng: Random, gender: str, birth: date, birthplace: City) -> str:
     return f"{body}{97 - numeric % 97:02d}"
 
 
-def _pick_city(rng: Random, cities: tuple[City, ...]) -> City:
-    return rng.choices(cities, weights=[c.weight for c in cities])[0]
-
-
 @dataclass(frozen=True)
 class Locale(ABC):
     """Names, places and formats of one country; subclasses add what differs."""
@@ -192,7 +188,8 @@ class Locale(ABC):
     share: float
 
     def city(self, rng: Random) -> City:
-        return _pick_city(rng, self.cities)
+        """A city, the larger ones more often."""
+        return rng.choices(self.cities, weights=[c.weight for c in self.cities])[0]
 
     def given(self, rng: Random, gender: str) -> str:
         if gender not in ("male", "female"):

@@ -47,8 +47,6 @@ class Organization:
     identifier: str
     finess: str
     name: str
-    locale: Locale
-    city: City
     address: dict[str, Any]
     phone: str
     practitioners: tuple[Practitioner, ...]
@@ -109,7 +107,7 @@ def _organization(rng: Random, locale: Locale, city: City, name: str, staff: int
     return Organization(
         id=new_id(rng), identifier=_unique(rng, used, lambda r: f"{r.randrange(10**8, 10**9)}"),
         finess=f"{city.insee[:2]}{rng.randrange(10**7):07d}" if locale is FRANCE else "",
-        name=name, locale=locale, city=city, address=address(rng, locale, city, unit_chance=0),
+        name=name, address=address(rng, locale, city, unit_chance=0),
         phone=locale.landline(rng, city),
         practitioners=tuple(_practitioner(rng, slug, locale, city, s, used) for s in specialties))
 

@@ -64,7 +64,10 @@ class Person:
     family: str
     prefix: str | None
     birth: date
+    born: datetime
     death: datetime | None
+    #: Death, or the reference date: nothing happens after it.
+    end: datetime
     marital: str
     phone: str
     organization: Organization
@@ -80,15 +83,6 @@ class Person:
     def display(self) -> str:
         """As Synthea writes it in Reference.display: with the prefix."""
         return f"{self.prefix} {self.name}" if self.prefix else self.name
-
-    @property
-    def born(self) -> datetime:
-        return at(self.birth, 0, self.tz)
-
-    @property
-    def end(self) -> datetime:
-        """Death, or the reference date: nothing happens after it."""
-        return self.death or at(REFERENCE_DATE, 0, self.tz)
 
     def age(self, when: datetime) -> float:
         return years_between(self.birth, when.date())
@@ -115,20 +109,20 @@ def person(rng: Random, index: int, population: Population) -> Person:
     gender = rng.choices(_GENDERS, weights=_GENDER_WEIGHTS)[0]
     birth = _birth(rng)
     death = _death(rng, birth, tz)
-    adult = years_between(birth, (death or at(REFERENCE_DATE, 0, tz)).date()) >= 18
+    end = death or at(REFERENCE_DATE, 0, tz)
+    age = years_between(birth, end.date())
+    adult = age >= 18
     given = [locale.given(rng, gender)]
-    if rng.random() < 0.45:
-        given.append(locale.given(rng, gender))
-    marital = "S"
-    if adult:
-        weights = step(_MARITAL_BY_AGE, years_between(birth, REFERENCE_DATE), (1, 0, 0, 0))
-        marital = rng.choices("SMDW", weights=weights)[0]
+    if rng.random() < 0.45 and (middle := locale.given(rng, gender)) != given[0]:
+        given.append(middle)
+    marital = rng.choices("SMDW", weights=step(_MARITAL_BY_AGE, age, (1, 0, 0, 0)))[0] if adult else "S"
     sites = population.sites(locale, city)
     organization = rng.choice(sites)
     return Person(
         id=pid, mrn=f"{(index * _MRN_STRIDE + population.mrn_offset) % 10**9:09d}", locale=locale, city=city, tz=tz,
         gender=gender, given=tuple(given), family=rng.choice(locale.family),
-        prefix=locale.prefix(gender, marital in "MW") if adult else None, birth=birth, death=death, marital=marital,
+        prefix=locale.prefix(gender, marital in "MW") if adult else None, birth=birth, born=at(birth, 0, tz),
+        death=death, end=end, marital=marital,
         phone=locale.mobile(rng, city) if adult else locale.landline(rng, city),
         organization=organization, hospital=sites[0], gp=rng.choice(organization.generalists))
 

@@ -1,0 +1,246 @@
+"""Seeded synthetic databases, loaded through the real CLI and cached between runs.
+
+A dataset is generated as NDJSON (`service.synthetic`), then loaded with
+`flask --app wsgi ingest` — in `--load-procs` parallel processes, each given an
+interleaved share of every file (the product's validation is CPU-bound and runs
+outside the write transaction, so two loaders on two cores nearly double the rate).
+
+SQLite datasets are kept in `benchmarks/out/` under a name that includes a fingerprint
+of the schema, indexer and generator sources, so a change to any of them rebuilds the
+file instead of benchmarking a stale one. PostgreSQL datasets live in private schemas
+for one run only. Sections that write (projects, consents, exports) work on a copy.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from benchmarks.harness import (
+    BIN,
+    OUT,
+    ROOT,
+    SEED,
+    Backend,
+    Database,
+    Instance,
+    Options,
+    analyze,
+    checkpoint,
+    fingerprint,
+    progress,
+)
+
+Generator = Callable[[Path], dict[str, Any]]
+
+
+def fixed_resources(seed: int = SEED) -> int:
+    """Organisations, practitioners and their roles: what every synthetic load starts with."""
+    from service import synthetic
+
+    return sum(1 for _ in synthetic.ndjson_resources(0, seed))
+
+
+def patients_for(resources: int, seed: int = SEED) -> int:
+    """How many synthetic patients make about `resources` stored resources (≈52 per patient)."""
+    from service import synthetic
+
+    sample = 100
+    per_patient = (sum(1 for _ in synthetic.ndjson_resources(sample, seed)) - fixed_resources(seed)) / sample
+    return max(1, round((resources - fixed_resources(seed)) / per_patient))
+
+
+def write_population(directory: Path, resources: int, seed: int = SEED) -> dict[str, Any]:
+    """The product's generator as is: `write_ndjson` for about `resources` resources."""
+    from service import synthetic
+
+    patients = patients_for(resources, seed)
+    counts = synthetic.write_ndjson(directory, patients, seed)
+    return {"patients": patients, "counts": counts}
+
+
+def write_observations(directory: Path, patients: int, per_patient: int, seed: int = SEED) -> dict[str, Any]:
+    """Patients with their first `per_patient` Observations only (the $aggregate workload)."""
+    from service import synthetic
+
+    directory.mkdir(parents=True, exist_ok=True)
+    counts: Counter = Counter()
+    code_patients: dict[str, set[str]] = defaultdict(set)
+    code_quantity: Counter = Counter()
+    code_obs: Counter = Counter()
+    current: str | None = None
+    kept = 0
+    with (directory / "Patient.ndjson").open("wb") as pat, (directory / "Observation.ndjson").open("wb") as obs:
+        for resource in synthetic.ndjson_resources(patients, seed):
+            kind = resource["resourceType"]
+            if kind == "Patient":
+                current, kept = resource["id"], 0
+                pat.write(orjson.dumps(resource, option=orjson.OPT_APPEND_NEWLINE))
+                counts[kind] += 1
+            elif kind == "Observation" and current is not None and kept < per_patient:
+                kept += 1
+                obs.write(orjson.dumps(resource, option=orjson.OPT_APPEND_NEWLINE))
+                counts[kind] += 1
+                for coding in (resource.get("code") or {}).get("coding", ())[:1]:
+                    code = f"{coding.get('system')}|{coding.get('code')}"
+                    code_patients[code].add(current)
+                    code_obs[code] += 1
+                    if isinstance((resource.get("valueQuantity") or {}).get("value"), (int, float)):
+                        code_quantity[code] += 1
+    codes = {code: {"patients": len(members), "observations": code_obs[code], "quantities": code_quantity[code]}
+             for code, members in code_patients.items()}
+    return {"patients": patients, "counts": dict(counts), "codes": codes}
+
+
+def shard(source: Path, target: Path, parts: int) -> list[Path]:
+    """Deal every NDJSON line of `source` round-robin into `parts` directories (same file names)."""
+    directories = [target / f"part{i}" for i in range(parts)]
+    for directory in directories:
+        directory.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.glob("*.ndjson")):
+        with ExitStack() as stack:
+            outs: list[IO[bytes]] = [stack.enter_context((d / path.name).open("wb")) for d in directories]
+            with path.open("rb") as handle:
+                for number, line in enumerate(handle):
+                    outs[number % parts].write(line)
+    return directories
+
+
+def parallel_ingest(instance: Instance, directories: list[Path]) -> tuple[int, float]:
+    """`flask --app wsgi ingest DIR`, one process per directory, all at once; (stored, seconds)."""
+    env = instance.env()
+    start = time.perf_counter()
+    processes = [subprocess.Popen([str(BIN / "flask"), "--app", "wsgi", "ingest", str(d)], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for d in directories]
+    stored = 0
+    problems = []
+    for process in processes:
+        out, err = process.communicate()
+        found = re.search(r"Stored (\d+) resources", err)
+        stored += int(found.group(1)) if found else 0
+        if process.returncode != 0:
+            problems.append(f"exit {process.returncode}: {err.strip().splitlines()[-3:] if err else out[-300:]}")
+    seconds = time.perf_counter() - start
+    if problems:
+        raise RuntimeError("ingest failed: " + "; ".join(problems))
+    return stored, seconds
+
+
+class Datasets:
+    """Builds (or finds in the cache) the databases the sections share."""
+
+    def __init__(self, backend: Backend, options: Options, workdir: Path):
+        self.backend = backend
+        self.options = options
+        self.workdir = workdir
+        self.memo: dict[str, tuple[Database, dict[str, Any]]] = {}
+
+    def population(self, resources: int) -> tuple[Database, dict[str, Any]]:
+        """About `resources` stored resources of the full synthetic population."""
+        return self._get(f"population-{resources}", lambda d: write_population(d, resources))
+
+    def observations(self, patients: int, per_patient: int) -> tuple[Database, dict[str, Any]]:
+        """`patients` Patients with `per_patient` Observations each."""
+        return self._get(f"observations-{patients}x{per_patient}",
+                         lambda d: write_observations(d, patients, per_patient))
+
+    def checkout(self, database: Database, label: str) -> Database:
+        """A private copy to write into (projects, consents, export jobs)."""
+        start = time.perf_counter()
+        copy = self.backend.copy(database, label)
+        progress(f"copied {label} database in {time.perf_counter() - start:.1f} s")
+        return copy
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _cache_paths(self, name: str) -> tuple[Path, Path]:
+        stem = f"{name}-{fingerprint()}"
+        return OUT / f"{stem}.sqlite", OUT / f"{stem}.json"
+
+    def _get(self, name: str, generate: Generator) -> tuple[Database, dict[str, Any]]:
+        if name in self.memo:
+            return self.memo[name]
+        if self.backend.kind == "sqlite":
+            path, meta_path = self._cache_paths(name)
+            if path.exists() and meta_path.exists() and not self.options.rebuild:
+                meta = {**json.loads(meta_path.read_text()), "fresh": False}
+                progress(f"dataset {name}: cached {path.name} ({meta['resources']:,} resources)")
+                self.memo[name] = (Database(f"sqlite:///{path}", "sqlite", path=path), meta)
+                return self.memo[name]
+            for stale in OUT.glob(f"{name}-*.*"):  # other fingerprints: outdated
+                stale.unlink()
+            OUT.mkdir(parents=True, exist_ok=True)
+            building = path.with_suffix(".building")
+            for leftover in OUT.glob(building.name + "*"):
+                leftover.unlink()
+            database = Database(f"sqlite:///{building}", "sqlite", path=building)
+        else:
+            database = self.backend.new(name)
+        meta = self._build(name, database, generate)
+        if self.backend.kind == "sqlite":
+            assert database.path is not None
+            checkpoint(database.path)
+            database.path.rename(path)
+            for side in ("-wal", "-shm"):
+                Path(f"{database.path}{side}").unlink(missing_ok=True)
+            meta_path.write_text(json.dumps(meta, indent=1))
+            database = Database(f"sqlite:///{path}", "sqlite", path=path)
+        else:
+            analyze(database)
+        self.memo[name] = (database, {**meta, "fresh": True})
+        return self.memo[name]
+
+    def _build(self, name: str, database: Database, generate: Generator) -> dict[str, Any]:
+        source = self.workdir / f"{name}-ndjson"
+        progress(f"dataset {name}: generating NDJSON")
+        start = time.perf_counter()
+        info = generate(source)
+        generated = time.perf_counter() - start
+        total = sum(info["counts"].values())
+        procs = max(1, self.options.load_procs)
+        directories = shard(source, self.workdir / f"{name}-shards", procs) if procs > 1 else [source]
+        instance = Instance(database, self.workdir / f"{name}-instance")
+        try:
+            progress(f"dataset {name}: ingesting {total:,} resources with {procs} `flask ingest` processes")
+            stored, seconds = parallel_ingest(instance, directories)
+            from sqlalchemy import func, select
+
+            from service.store.schema import resources
+
+            with instance.engine.connect() as conn:
+                in_db = conn.execute(select(func.count()).select_from(resources)).scalar_one()
+        finally:
+            instance.close()
+        shutil.rmtree(source, ignore_errors=True)
+        shutil.rmtree(self.workdir / f"{name}-shards", ignore_errors=True)
+        if in_db != total:
+            raise RuntimeError(f"dataset {name}: {in_db} resources stored, {total} generated")
+        progress(f"dataset {name}: {stored:,} resources in {seconds:.0f} s ({stored / seconds:,.0f}/s)")
+        return {"name": name, "resources": in_db, "generate_seconds": generated, "ingest_seconds": seconds,
+                "ingest_rate": stored / seconds, "procs": procs, "built": time.strftime("%Y-%m-%d %H:%M"),
+                **info}
+
+
+def sample_rows(database: Database, statement: Any, limit: int) -> list[Any]:
+    from sqlalchemy import create_engine
+
+    engine = create_engine(database.url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(statement.limit(limit)).all())
+    finally:
+        engine.dispose()
+
+
+def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

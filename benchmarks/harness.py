@@ -1,0 +1,639 @@
+"""Shared machinery: scales, output tables, app instances, databases, gunicorn and an HTTP load client.
+
+Nothing here measures anything by itself; the sections (one module each) do, through
+the product's real entry points: `service.app.create_app`, the `flask --app wsgi` CLI
+and gunicorn with `deploy/gunicorn.conf.py`.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import os
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "out"
+BIN = Path(sys.executable).parent
+PG_ADMIN_URL = os.environ.get("PASSERELLE_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+SEED = 0
+
+
+# -- scales ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much data and how many requests each section uses."""
+
+    name: str
+    ingest_bundles: int          # resources POSTed as transaction Bundles (section 1)
+    ingest_ndjson: int           # resources loaded by the CLI `ingest` (section 1)
+    search_sizes: tuple[int, int]  # stored resources of the small and the large database (section 2)
+    http_requests: int           # requests per throughput run (sections 2 and 4)
+    latency_requests: int        # sequential requests per latency run (sections 2 and 4)
+    deid_resources: int          # resources de-identified (section 3)
+    research_size: int           # stored resources behind the research comparison (section 4)
+    export_size: int             # stored resources of the exported database (section 5)
+    agg_patients: int            # patients of the aggregate database (section 6)
+    agg_observations: int        # Observations kept per patient there (section 6)
+    agg_repeats: int             # timed repetitions of each aggregate (section 6)
+    accuracy_draws: int          # noise draws per epsilon (section 6)
+
+
+SCALES = {
+    "small": Scale("small", ingest_bundles=10_000, ingest_ndjson=10_000, search_sizes=(10_000, 100_000),
+                   http_requests=1_500, latency_requests=150, deid_resources=10_000, research_size=10_000,
+                   export_size=10_000, agg_patients=10_000, agg_observations=10, agg_repeats=5,
+                   accuracy_draws=2_000),
+    "full": Scale("full", ingest_bundles=20_000, ingest_ndjson=100_000, search_sizes=(10_000, 1_000_000),
+                  http_requests=5_000, latency_requests=300, deid_resources=100_000, research_size=100_000,
+                  export_size=100_000, agg_patients=100_000, agg_observations=10, agg_repeats=3,
+                  accuracy_draws=10_000),
+}
+
+
+@dataclass
+class Options:
+    scale: Scale
+    db: str
+    load_procs: int = 2
+    rebuild: bool = False
+    plans: bool = False
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (the tables go to stdout)."""
+    print(f"  · {message}", file=sys.stderr, flush=True)
+
+
+def fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "—"
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], note: str = "") -> None:
+    """Print one aligned table: text columns left-aligned, figures right-aligned."""
+    cells = [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    numeric = [all(not isinstance(row[i], str) or row[i] in ("—", "") or row[i][:1].isdigit()
+                   or row[i][:1] in "-+<>≤≥~" for row in rows) and i > 0 for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True))
+
+    print(f"\n{title}")
+    print(line(headers))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print(line(row))
+    if note:
+        for text in note.strip().splitlines():
+            print(f"  {text}")
+    sys.stdout.flush()
+
+
+@dataclass
+class Verdict:
+    section: str
+    metric: str
+    measured: str
+    target: str
+    ok: bool | None
+
+
+VERDICTS: list[Verdict] = []
+
+
+def verdict(section: str, metric: str, measured: str, target: str, ok: bool | None) -> None:
+    VERDICTS.append(Verdict(section, metric, measured, target, ok))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def median(values: Sequence[float]) -> float:
+    return percentile(values, 0.5)
+
+
+@contextlib.contextmanager
+def timer() -> Iterator[Callable[[], float]]:
+    start = time.perf_counter()
+    end: list[float] = []
+    yield lambda: (end[0] if end else time.perf_counter()) - start
+    end.append(time.perf_counter())
+
+
+@dataclass
+class Measure:
+    """Wall time and CPU time of a block: this process, and its children that ended inside it."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+    children: float = 0.0
+
+
+@contextlib.contextmanager
+def measure() -> Iterator[Measure]:
+    """Time a block on the wall clock and in CPU seconds (robust to a busy machine)."""
+    result = Measure()
+    wall, cpu = time.perf_counter(), time.process_time()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        yield result
+    finally:
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result.wall = time.perf_counter() - wall
+        result.cpu = time.process_time() - cpu
+        result.children = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) a live process has used so far, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def child_pids(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found.extend(int(p) for p in (task / "children").read_text().split())
+    return sorted(set(found))
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+# -- databases ---------------------------------------------------------------------------------
+
+
+def _pg_url(schema: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(PG_ADMIN_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    return url.render_as_string(hide_password=False)
+
+
+def _pg_admin():
+    from sqlalchemy import create_engine
+
+    return create_engine(PG_ADMIN_URL)
+
+
+@dataclass
+class Database:
+    """One database: a SQLite file or a private PostgreSQL schema."""
+
+    url: str
+    kind: str
+    path: Path | None = None
+    schema: str | None = None
+
+
+class Backend:
+    """Creates databases of one kind and removes every one it created (PostgreSQL schemas)."""
+
+    def __init__(self, kind: str, workdir: Path):
+        self.kind = kind
+        self.workdir = workdir
+        self.schemas: list[str] = []
+
+    def new(self, label: str) -> Database:
+        if self.kind == "sqlite":
+            path = self.workdir / f"{label}-{secrets.token_hex(3)}.db"
+            return Database(f"sqlite:///{path}", "sqlite", path=path)
+        from sqlalchemy import text
+
+        schema = f"bench_{label.replace('-', '_')}_{secrets.token_hex(4)}"
+        admin = _pg_admin()
+        try:
+            with admin.begin() as conn:
+                conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        finally:
+            admin.dispose()
+        self.schemas.append(schema)
+        return Database(_pg_url(schema), "postgresql", schema=schema)
+
+    def copy(self, source: Database, label: str) -> Database:
+        """A private, writable copy of a database (a file copy, or INSERT … SELECT per table)."""
+        target = self.new(label)
+        if self.kind == "sqlite":
+            assert source.path is not None and target.path is not None
+            checkpoint(source.path)
+            shutil.copyfile(source.path, target.path)
+            return target
+        from sqlalchemy import text
+
+        from service import db as service_db
+        from service.store.schema import metadata
+
+        engine = service_db.make_engine(target.url)
+        try:
+            service_db.migrate(engine)
+            with engine.begin() as conn:
+                for table in metadata.sorted_tables:
+                    conn.execute(text(f'DELETE FROM "{target.schema}"."{table.name}"'))
+                    conn.execute(text(f'INSERT INTO "{target.schema}"."{table.name}" '
+                                      f'SELECT * FROM "{source.schema}"."{table.name}"'))
+                    for column in table.columns:
+                        if column.primary_key and column.autoincrement is True:
+                            conn.execute(text(
+                                f"SELECT setval(pg_get_serial_sequence('\"{target.schema}\".\"{table.name}\"', "
+                                f"'{column.name}'), COALESCE((SELECT max({column.name}) FROM "
+                                f'"{target.schema}"."{table.name}"), 0) + 1, false)'))
+                conn.execute(text("ANALYZE"))
+        finally:
+            engine.dispose()
+        return target
+
+    def drop_all(self) -> None:
+        if not self.schemas:
+            return
+        from sqlalchemy import text
+
+        admin = _pg_admin()
+        try:
+            for schema in self.schemas:
+                with admin.begin() as conn:
+                    conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        finally:
+            admin.dispose()
+        self.schemas.clear()
+
+
+def checkpoint(path: Path) -> None:
+    """Fold a SQLite WAL back into the main file, so that the file alone is the database."""
+    conn = sqlite3.connect(path, timeout=60)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
+def analyze(database: Database) -> None:
+    """Refresh planner statistics after a bulk load (what an operator does after one)."""
+    from sqlalchemy import create_engine, text
+
+    if database.kind == "sqlite":
+        conn = sqlite3.connect(database.path, timeout=60)
+        try:
+            conn.execute("ANALYZE")
+            conn.commit()
+        finally:
+            conn.close()
+        return
+    engine = create_engine(database.url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
+    finally:
+        engine.dispose()
+
+
+# -- the application ---------------------------------------------------------------------------
+
+
+class Instance:
+    """The real app on one database, with its own instance directory and master key."""
+
+    def __init__(self, database: Database, directory: Path, **config: Any):
+        from policies.keys import ensure_master_key
+        from service import db
+        from service.app import create_app
+
+        self.database = database
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.master_key_file = self.dir / "master.key"
+        ensure_master_key(self.master_key_file)
+        self.config = {"DATABASE_URL": database.url, "INSTANCE_DIR": str(self.dir),
+                       "MASTER_KEY_FILE": str(self.master_key_file), **config}
+        self.app = create_app(dict(self.config))
+        db.migrate(self.engine)
+
+    @property
+    def engine(self):
+        return self.app.extensions["passerelle.engine"]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment a `flask --app wsgi` command or gunicorn needs to serve this instance."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PASSERELLE_")}
+        env.update({"PASSERELLE_DATABASE_URL": self.database.url,
+                    "PASSERELLE_MASTER_KEY_FILE": str(self.master_key_file),
+                    "PASSERELLE_INSTANCE_DIR": str(self.dir), "PASSERELLE_LOG_LEVEL": "warning"})
+        if self.config.get("CONSENT_DEFAULT"):
+            env["PASSERELLE_CONSENT_DEFAULT"] = self.config["CONSENT_DEFAULT"]
+        env.update(extra)
+        return env
+
+    def register(self, role: str, project_id: str | None = None) -> tuple[str, str]:
+        """A new client of `role`; returns (client_id, secret)."""
+        from service import db
+        from service.auth import register_client
+
+        with self.app.app_context(), db.write(self.engine) as conn:
+            client = register_client(conn, f"benchmark {role} {secrets.token_hex(3)}", role, project_id)
+        return client["client_id"], client["client_secret"]
+
+    def token(self, credentials: tuple[str, str]) -> str:
+        """A bearer token from the real token endpoint (in-process)."""
+        response = self.app.test_client().post("/auth/token", data={"grant_type": "client_credentials"},
+                                               auth=credentials)
+        if response.status_code != 200:
+            raise RuntimeError(f"token endpoint answered {response.status_code}: {response.get_data(as_text=True)}")
+        return response.get_json()["access_token"]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`flask --app wsgi <args>` in a subprocess, as an operator runs it."""
+    return subprocess.run([str(BIN / "flask"), "--app", "wsgi", *args], cwd=ROOT, env=env, text=True,
+                          capture_output=True, check=False)
+
+
+# -- gunicorn ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Gunicorn:
+    """`gunicorn -c deploy/gunicorn.conf.py wsgi:app` on a free loopback port, stopped on exit."""
+
+    def __init__(self, instance: Instance, workers: int = 2, **extra_env: str):
+        self.instance = instance
+        self.workers = workers
+        self.extra_env = extra_env
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = instance.dir / f"gunicorn-{secrets.token_hex(3)}.log"
+
+    def __enter__(self) -> Gunicorn:
+        self.port = free_port()
+        env = self.instance.env(PASSERELLE_BIND=f"127.0.0.1:{self.port}", PASSERELLE_WORKERS=str(self.workers),
+                                **self.extra_env)
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [str(BIN / "gunicorn"), "-c", "deploy/gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=env,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.process.returncode}: {self.tail()}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/healthz")
+                if conn.getresponse().status == 200:
+                    conn.close()
+                    return self
+                conn.close()
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"gunicorn did not become ready: {self.tail()}")
+
+    def cpu_snapshot(self) -> dict[int, float]:
+        """CPU seconds used so far by each worker process (the master does no request work)."""
+        assert self.process is not None
+        return {pid: cpu for pid in child_pids(self.process.pid) if (cpu := process_cpu(pid)) is not None}
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def __exit__(self, *_exc: Any) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            # The group was created for this gunicorn (start_new_session): its master and workers only.
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+# -- HTTP load ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    body: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    seconds: float
+    latencies_ms: list[float]
+    statuses: Counter
+    bytes: int
+    concurrency: int
+    sample_error: str = ""
+    bodies: list[bytes] = field(default_factory=list)
+    server_cpu: float | None = None  # CPU seconds the gunicorn workers spent (None if a worker was replaced)
+    client_cpu: float = 0.0
+
+    @property
+    def server_ms(self) -> float | None:
+        """Server CPU milliseconds per request: the capacity figure a busy machine does not distort."""
+        return None if self.server_cpu is None else self.server_cpu / self.requests * 1000
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else float("nan")
+
+    def p(self, q: float) -> float:
+        return percentile(self.latencies_ms, q)
+
+    @property
+    def errors(self) -> int:
+        return sum(n for status, n in self.statuses.items() if not 200 <= status < 300)
+
+
+def path_with(path: str, params: Sequence[tuple[str, str]]) -> str:
+    return f"{path}?{urlencode(params)}" if params else path
+
+
+def http_load(port: int, requests: Sequence[Request], concurrency: int, headers: dict[str, str],
+              keep_bodies: int = 0, server: Gunicorn | None = None) -> LoadResult:
+    """Send every request once over keep-alive connections from `concurrency` threads; time the whole run.
+
+    With `server`, the CPU its workers spent during the run is measured too (from /proc).
+    """
+    lock = threading.Lock()
+    position = iter(range(len(requests)))
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    received = [0]
+    errors: list[str] = []
+    bodies: list[bytes] = []
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        local: list[float] = []
+        local_status: Counter = Counter()
+        size = 0
+        while True:
+            with lock:
+                index = next(position, None)
+            if index is None:
+                break
+            item = requests[index]
+            merged = {**headers, **item.headers}
+            for attempt in range(3):
+                start = time.perf_counter()
+                try:
+                    conn.request(item.method, item.path, body=item.body, headers=merged)
+                    response = conn.getresponse()
+                    data = response.read()
+                    break
+                except (http.client.HTTPException, OSError):
+                    # A worker recycled (max_requests) or a keep-alive connection timed out: reconnect.
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+                    if attempt == 2:
+                        raise
+            local.append((time.perf_counter() - start) * 1000)
+            local_status[response.status] += 1
+            size += len(data)
+            if not 200 <= response.status < 300 and not errors:
+                errors.append(f"{item.method} {item.path[:120]} → {response.status}: {data[:300]!r}")
+            if keep_bodies and len(bodies) < keep_bodies:
+                with lock:
+                    bodies.append(data)
+        conn.close()
+        with lock:
+            latencies.extend(local)
+            statuses.update(local_status)
+            received[0] += size
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    before = server.cpu_snapshot() if server else {}
+    client_before = time.process_time()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    client_cpu = time.process_time() - client_before
+    server_cpu = None
+    if server:
+        after = server.cpu_snapshot()
+        if before and set(after) == set(before):
+            server_cpu = sum(after[pid] - before[pid] for pid in after)
+    return LoadResult(len(requests), seconds, latencies, statuses, received[0], concurrency,
+                      errors[0] if errors else "", bodies, server_cpu, client_cpu)
+
+
+def http_token(port: int, credentials: tuple[str, str]) -> str:
+    """A bearer token from the server's token endpoint (HTTP Basic)."""
+    import base64
+
+    basic = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", "/auth/token", body="grant_type=client_credentials",
+                     headers={"Authorization": f"Basic {basic}",
+                              "Content-Type": "application/x-www-form-urlencoded"})
+        response = conn.getresponse()
+        data = response.read()
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"token endpoint answered {response.status}: {data[:300]!r}")
+    return orjson.loads(data)["access_token"]
+
+
+def entries_of(bodies: Sequence[bytes]) -> float:
+    """Mean number of entries in searchset Bundles (1 for a plain resource): proves searches match."""
+    counts = []
+    for body in bodies:
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            continue
+        counts.append(len(parsed.get("entry", ())) if parsed.get("resourceType") == "Bundle" else 1)
+    return sum(counts) / len(counts) if counts else float("nan")
+
+
+# -- workspace -------------------------------------------------------------------------------
+
+
+def fingerprint() -> str:
+    """Changes when anything that shapes a stored dataset changes (schema, indexer, generator)."""
+    digest = hashlib.sha256()
+    files = [ROOT / "service/store/schema.py", ROOT / "service/store/indexer.py",
+             ROOT / "service/store/searchparams.py", ROOT / "service/store/repository.py",
+             ROOT / "policies/sensitivity.py", ROOT / "service/db.py",
+             *sorted((ROOT / "service/synthetic").glob("*.py"))]
+    for path in files:
+        with contextlib.suppress(OSError):
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="passerelle-bench-"))
