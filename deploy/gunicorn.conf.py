@@ -64,3 +64,14 @@ else:
     control_socket_disable = True
 if os.path.isdir("/dev/shm"):
     worker_tmp_dir = "/dev/shm"  # worker heartbeats off the (possibly slow) disk
+
+
+def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn's hook signature
+    """Every worker process also runs Bulk Data export jobs in a background thread.
+
+    Jobs, leases and files live in the database, so any worker of any node may take a
+    job; a worker that dies mid-job loses its lease and another one starts it again.
+    """
+    from service.export import start_worker
+
+    start_worker(worker.wsgi)

@@ -15,3 +15,4 @@ def register(app: Flask) -> None:
     app.cli.add_command(consents.consent_group)
     app.cli.add_command(keys.keys_group)
     app.cli.add_command(keys.reidentify_command)
+    app.cli.add_command(keys.audit_group)

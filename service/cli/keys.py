@@ -53,3 +53,18 @@ def reidentify_command(project_id: str, pseudonym: str) -> None:
                 emit({"type": resource_type, "id": real, "key_version": version})
                 return
     raise click.ClickException(f"{pseudonym} is not a pseudonym of project {project_id} under any of its keys")
+
+
+@click.group("audit", cls=AppGroup)
+def audit_group() -> None:
+    """The append-only, hash-chained audit trail."""
+
+
+@audit_group.command("verify")
+def verify_command() -> None:
+    """Recompute the hash chain; exit 1 if any entry was altered, removed or reordered."""
+    with db.read() as conn:
+        intact, count, message = audit.verify(conn)
+    emit({"intact": intact, "entries": count, "message": message})
+    if not intact:
+        raise SystemExit(1)
