@@ -19,6 +19,7 @@ PASSERELLE_THREADS at or below PASSERELLE_DB_POOL_SIZE (default 5).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 
 def _int(name: str, default: int) -> int:
@@ -66,7 +67,7 @@ if os.path.isdir("/dev/shm"):
     worker_tmp_dir = "/dev/shm"  # worker heartbeats off the (possibly slow) disk
 
 
-def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn's hook signature
+def post_worker_init(worker: Any) -> None:
     """Every worker process also runs Bulk Data export jobs in a background thread.
 
     Jobs, leases and files live in the database, so any worker of any node may take a
