@@ -48,8 +48,10 @@ class Scale:
     ingest_bundles: int          # resources POSTed as transaction Bundles (section 1)
     ingest_ndjson: int           # resources loaded by the CLI `ingest` (section 1)
     search_sizes: tuple[int, int]  # stored resources of the small and the large database (section 2)
-    http_requests: int           # requests per throughput run (sections 2 and 4)
-    latency_requests: int        # sequential requests per latency run (sections 2 and 4)
+    http_requests: int           # requests per throughput run (sections 2 and 4)...
+    http_seconds: float          # ...or fewer if this many seconds have passed
+    latency_requests: int        # sequential requests per latency run (sections 2 and 4)...
+    latency_seconds: float       # ...or fewer if this many seconds have passed
     deid_resources: int          # resources de-identified (section 3)
     research_size: int           # stored resources behind the research comparison (section 4)
     export_size: int             # stored resources of the exported database (section 5)
@@ -60,14 +62,16 @@ class Scale:
 
 
 SCALES = {
-    "small": Scale("small", ingest_bundles=10_000, ingest_ndjson=10_000, search_sizes=(10_000, 100_000),
-                   http_requests=1_500, latency_requests=150, deid_resources=10_000, research_size=10_000,
-                   export_size=10_000, agg_patients=10_000, agg_observations=10, agg_repeats=5,
-                   accuracy_draws=2_000),
-    "full": Scale("full", ingest_bundles=20_000, ingest_ndjson=100_000, search_sizes=(10_000, 1_000_000),
-                  http_requests=5_000, latency_requests=300, deid_resources=100_000, research_size=100_000,
-                  export_size=100_000, agg_patients=100_000, agg_observations=10, agg_repeats=3,
-                  accuracy_draws=10_000),
+    "small": Scale(
+        "small", ingest_bundles=10_000, ingest_ndjson=10_000, search_sizes=(10_000, 100_000),
+        http_requests=1_500, http_seconds=8, latency_requests=150, latency_seconds=4,
+        deid_resources=10_000, research_size=10_000, export_size=10_000,
+        agg_patients=10_000, agg_observations=10, agg_repeats=5, accuracy_draws=2_000),
+    "full": Scale(
+        "full", ingest_bundles=20_000, ingest_ndjson=100_000, search_sizes=(10_000, 1_000_000),
+        http_requests=5_000, http_seconds=30, latency_requests=300, latency_seconds=15,
+        deid_resources=100_000, research_size=100_000, export_size=100_000,
+        agg_patients=100_000, agg_observations=10, agg_repeats=3, accuracy_draws=10_000),
 }
 
 
@@ -517,9 +521,11 @@ def path_with(path: str, params: Sequence[tuple[str, str]]) -> str:
 
 
 def http_load(port: int, requests: Sequence[Request], concurrency: int, headers: dict[str, str],
-              keep_bodies: int = 0, server: Gunicorn | None = None) -> LoadResult:
+              keep_bodies: int = 0, server: Gunicorn | None = None, max_seconds: float | None = None
+              ) -> LoadResult:
     """Send every request once over keep-alive connections from `concurrency` threads; time the whole run.
 
+    With `max_seconds`, no request starts after that time (the result counts those done).
     With `server`, the CPU its workers spent during the run is measured too (from /proc).
     """
     lock = threading.Lock()
@@ -529,6 +535,7 @@ def http_load(port: int, requests: Sequence[Request], concurrency: int, headers:
     received = [0]
     errors: list[str] = []
     bodies: list[bytes] = []
+    deadline = [float("inf")]
 
     def worker() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
@@ -537,7 +544,7 @@ def http_load(port: int, requests: Sequence[Request], concurrency: int, headers:
         size = 0
         while True:
             with lock:
-                index = next(position, None)
+                index = next(position, None) if time.perf_counter() < deadline[0] else None
             if index is None:
                 break
             item = requests[index]
@@ -573,6 +580,8 @@ def http_load(port: int, requests: Sequence[Request], concurrency: int, headers:
     before = server.cpu_snapshot() if server else {}
     client_before = time.process_time()
     start = time.perf_counter()
+    if max_seconds is not None:
+        deadline[0] = start + max_seconds
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -584,7 +593,7 @@ def http_load(port: int, requests: Sequence[Request], concurrency: int, headers:
         after = server.cpu_snapshot()
         if before and set(after) == set(before):
             server_cpu = sum(after[pid] - before[pid] for pid in after)
-    return LoadResult(len(requests), seconds, latencies, statuses, received[0], concurrency,
+    return LoadResult(len(latencies), seconds, latencies, statuses, received[0], concurrency,
                       errors[0] if errors else "", bodies, server_cpu, client_cpu)
 
 

@@ -23,6 +23,7 @@ from benchmarks.harness import (
     Instance,
     LoadResult,
     Request,
+    Scale,
     entries_of,
     fmt,
     http_load,
@@ -79,15 +80,14 @@ def paths(kind: str, values: dict[str, list[str]], count: int, prefix: str = "/f
     return out
 
 
-def run_kind(server: Gunicorn, token: str, urls_for: Any, requests: int, sequential: int
-             ) -> tuple[LoadResult, LoadResult]:
-    """Warm up, then a concurrent throughput run and a sequential latency run."""
+def run_kind(server: Gunicorn, token: str, urls_for: Any, scale: Scale) -> tuple[LoadResult, LoadResult]:
+    """Warm up, then a concurrent throughput run and a sequential latency run (each bounded in time too)."""
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/fhir+json"}
-    http_load(server.port, [Request("GET", p) for p in urls_for(40)], 4, headers)
-    throughput = http_load(server.port, [Request("GET", p) for p in urls_for(requests)], CONCURRENCY, headers,
-                           server=server)
-    latency = http_load(server.port, [Request("GET", p) for p in urls_for(sequential)], 1, headers, keep_bodies=30,
-                        server=server)
+    http_load(server.port, [Request("GET", p) for p in urls_for(40)], 4, headers, max_seconds=3)
+    throughput = http_load(server.port, [Request("GET", p) for p in urls_for(scale.http_requests)], CONCURRENCY,
+                           headers, server=server, max_seconds=scale.http_seconds)
+    latency = http_load(server.port, [Request("GET", p) for p in urls_for(scale.latency_requests)], 1, headers,
+                        keep_bodies=30, server=server, max_seconds=scale.latency_seconds)
     return throughput, latency
 
 
@@ -135,11 +135,10 @@ def measure_database(ctx: Context, database: Database, label: str) -> dict[str, 
                     print(f"    {line}")
         with Gunicorn(instance) as server:
             for kind in KINDS:
-                progress(f"{label}: {kind}: {scale.http_requests:,} requests × {CONCURRENCY} clients, then "
-                         f"{scale.latency_requests} sequential")
+                progress(f"{label}: {kind}: up to {scale.http_requests:,} requests or {scale.http_seconds:.0f} s "
+                         f"from {CONCURRENCY} clients, then up to {scale.latency_requests} sequential")
                 token = http_token(server.port, credentials)
-                results[kind] = run_kind(server, token, lambda n, k=kind: paths(k, values, n),
-                                         scale.http_requests, scale.latency_requests)
+                results[kind] = run_kind(server, token, lambda n, k=kind: paths(k, values, n), scale)
     finally:
         instance.close()
     return results
@@ -175,8 +174,9 @@ def run(ctx: Context) -> None:
         measured[label] = measure_database(ctx, database, label)
         table(f"2. Read/search through gunicorn (2 workers × 4 threads), {label} database: {meta['resources']:,} "
               f"resources ({ctx.options.db})", HEADERS, result_rows(measured[label]),
-              note=f"req/s and p50/p95 with {CONCURRENCY} concurrent clients ({scale.http_requests:,} requests each);"
-                   f" sequential p50 from {scale.latency_requests} one-at-a-time requests.")
+              note=f"req/s and p50/p95 from {CONCURRENCY} concurrent clients (up to {scale.http_requests:,} "
+                   f"requests or {scale.http_seconds:.0f} s per row); sequential p50 from up to "
+                   f"{scale.latency_requests} one-at-a-time requests ({scale.latency_seconds:.0f} s).")
     table("2a. Datasets (generated with write_ndjson, loaded with `flask --app wsgi ingest`)",
           ["database", "resources", "patients", "load"],
           [dataset_row(label, metas[label]) for label in ("small", "large")])

@@ -53,11 +53,33 @@ fi
 CLIENT_ID="$(field client_id "$CREDENTIALS")"
 CLIENT_SECRET="$(field client_secret "$CREDENTIALS")"
 
+RESEARCH="$INSTANCE/demo-research.json"
+if [[ -s "$RESEARCH" ]] && ! known_client "$(field client_id "$RESEARCH")"; then
+    rm -f "$RESEARCH"
+fi
+if [[ ! -s "$RESEARCH" ]]; then
+    # A demo research project (record tier, ε = 10) and its client, so the research API has a caller.
+    project="$("${FLASK[@]}" project create --name "Demo diabetes cohort" --tier record --epsilon 10 \
+        --description "Demonstration project on synthetic data")"
+    project_id="$("$PY" -c 'import json, sys; print(json.loads(sys.argv[1])["project_id"])' "$project")"
+    tmp="$(mktemp "$INSTANCE/.demo-research.XXXXXX")"
+    trap 'rm -f "$tmp"' EXIT
+    "${FLASK[@]}" client create --name demo-research --role research --project "$project_id" >"$tmp"
+    field client_secret "$tmp" >/dev/null
+    chmod 600 "$tmp"
+    mv "$tmp" "$RESEARCH"
+    trap - EXIT
+fi
+RESEARCH_ID="$(field client_id "$RESEARCH")"
+RESEARCH_SECRET="$(field client_secret "$RESEARCH")"
+PROJECT_ID="$(field project_id "$RESEARCH")"
+
 cat <<EOF
 
 Passerelle is starting on $BASE
 
   CapabilityStatement  $BASE/fhir/metadata
+  research FHIR API    $BASE/research/fhir
   custodian FHIR API   $BASE/fhir
   OAuth2 token         $BASE/auth/token
   SMART configuration  $BASE/.well-known/smart-configuration
@@ -72,6 +94,14 @@ Get a token (valid 5 minutes), then search Patients:
   TOKEN=\$(curl -s -u '$CLIENT_ID:$CLIENT_SECRET' -d grant_type=client_credentials \\
       $BASE/auth/token | python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')
   curl -s -H "Authorization: Bearer \$TOKEN" '$BASE/fhir/Patient?_count=5'
+
+Demo research client for project $PROJECT_ID (saved in $RESEARCH):
+  client_id      $RESEARCH_ID
+  client_secret  $RESEARCH_SECRET
+
+  RTOKEN=\$(curl -s -u '$RESEARCH_ID:$RESEARCH_SECRET' -d grant_type=client_credentials \\
+      $BASE/auth/token | python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')
+  curl -s -H "Authorization: Bearer \$RTOKEN" '$BASE/research/fhir/Observation?_count=5'
 
 Press Ctrl-C to stop.
 

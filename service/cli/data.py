@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from random import Random
 
 import click
 from flask.cli import with_appcontext
-from sqlalchemy import select
+from sqlalchemy import Connection, false, select
 
+from consent import writer
 from service import db, ingest, synthetic
 from service.bundles import process
 from service.store.schema import resources
@@ -60,4 +62,28 @@ def demo_data_command(patients: int, seed: int, ndjson_dir: Path | None, if_empt
         for bundle in bar:
             with db.write(engine) as conn:
                 stored += len(process(conn, bundle)["entry"])
-    click.echo(f"Loaded {patients} synthetic patients ({stored} resources, seed {seed}).", err=True)
+    with db.write(engine) as conn:
+        consents = _demo_consents(conn, seed)
+    click.echo(f"Loaded {patients} synthetic patients ({stored} resources, seed {seed}) and {consents} "
+               "research consents.", err=True)
+
+
+def _demo_consents(conn: Connection, seed: int) -> int:
+    """Research-wide consents for most demo patients, varied as real choices are; the rest have none."""
+    rng = Random(seed)
+    written = 0
+    ids = conn.execute(select(resources.c.id).where(resources.c.type == "Patient", resources.c.deleted == false())
+                       .order_by(resources.c.pk)).scalars().all()
+    for patient_id in ids:
+        roll = rng.random()
+        if roll < 0.55:
+            tier, exclude = "record", []
+        elif roll < 0.70:
+            tier, exclude = "record", ["mental-health", "hiv", "sexual-health", "substance-use"]
+        elif roll < 0.85:
+            tier, exclude = "aggregate", []
+        else:
+            continue  # no consent: the deployment default applies
+        writer.record(conn, writer.build(patient_id, None, tier, exclude, source="demo data"))
+        written += 1
+    return written
