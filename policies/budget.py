@@ -37,7 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from service.db import now_us
 from service.errors import Conflict, Forbidden, InvalidRequest, TooManyRequests, Unprocessable
-from service.store.schema import answers, budget_spends, budgets
+from service.store.schema import answer_keys, answers, budget_spends, budgets
 
 MICRO = 10**6   # ε units per 1.0
 PICO = 10**12   # δ units per 1.0
@@ -220,8 +220,8 @@ def recorded_answer(conn: Connection, project_id: str, query_hash: str, data_ver
     _check_key(idempotency_key)
     _locked_row(conn, project_id)
     if idempotency_key is not None:
-        row = conn.execute(select(answers.c.query_hash, answers.c.response).where(
-            answers.c.project_id == project_id, answers.c.idempotency_key == idempotency_key)).first()
+        row = conn.execute(select(answer_keys.c.query_hash, answer_keys.c.response).where(
+            answer_keys.c.project_id == project_id, answer_keys.c.idempotency_key == idempotency_key)).first()
         if row is not None:
             if row.query_hash != query_hash:
                 raise IdempotencyConflict("This idempotency key was already used for a different query")
@@ -230,6 +230,19 @@ def recorded_answer(conn: Connection, project_id: str, query_hash: str, data_ver
         answers.c.project_id == project_id, answers.c.query_hash == query_hash,
         answers.c.data_version == str(data_version)))
     return None if response is None else json.loads(response)
+
+
+def _dumps(response: Any) -> str:
+    return json.dumps(response, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def bind_key(conn: Connection, project_id: str, idempotency_key: str | None, query_hash: str, response: Any) -> None:
+    """Remember which answer a request with this idempotency key received (no-op without a key)."""
+    _check_key(idempotency_key)
+    if idempotency_key is not None:
+        conn.execute(insert(answer_keys).values(project_id=project_id, idempotency_key=idempotency_key,
+                                                query_hash=query_hash, response=_dumps(response),
+                                                created=now_us()))
 
 
 def record_answer(conn: Connection, project_id: str, query_hash: str, data_version: str | int, response: Any,
@@ -241,10 +254,10 @@ def record_answer(conn: Connection, project_id: str, query_hash: str, data_versi
     reservation included, rolls back.
     """
     _check_key(idempotency_key)
-    conn.execute(insert(answers).values(
-        project_id=project_id, query_hash=query_hash, data_version=str(data_version),
-        idempotency_key=idempotency_key, created=now_us(),
-        response=json.dumps(response, sort_keys=True, separators=(",", ":"), allow_nan=False)))
+    conn.execute(insert(answers).values(project_id=project_id, query_hash=query_hash,
+                                        data_version=str(data_version), created=now_us(),
+                                        response=_dumps(response)))
+    bind_key(conn, project_id, idempotency_key, query_hash, response)
 
 
 # --- helpers -----------------------------------------------------------------------------------

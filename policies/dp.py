@@ -239,16 +239,11 @@ class Histogram:
 
 
 @dataclass(frozen=True)
-class BoundedSum:
-    """Noisy sum of one value per patient clipped to [lower, upper], Laplace mechanism.
+class _Bounded:
+    """ε and declared bounds [lower, upper] on one value per patient, checked once.
 
-    Guarantee: ε-DP (δ = 0). Sensitivity = max(|lower|, |upper|): adding or removing one
-    patient changes the sum by their clipped value. (Under replace-one it would be
-    upper - lower; Passerelle's counts are add/remove, so sums are too.)
-
-    Plain Laplace rather than `LaplaceBoundedDomain`: the sum's natural domain
-    [n·lower, n·upper] depends on n, itself private; a truncated output is biased and
-    breaks the analytic interval. Laplace noise is unbiased with interval ± b·ln 20.
+    Sensitivity under add/remove-one-patient: max(|lower|, |upper|), the most one
+    patient's clipped value can change a sum.
     """
 
     epsilon: float
@@ -265,6 +260,20 @@ class BoundedSum:
     def sensitivity(self) -> float:
         return max(abs(self.lower), abs(self.upper))
 
+
+@dataclass(frozen=True)
+class BoundedSum(_Bounded):
+    """Noisy sum of one value per patient clipped to [lower, upper], Laplace mechanism.
+
+    Guarantee: ε-DP (δ = 0). Sensitivity = max(|lower|, |upper|): adding or removing one
+    patient changes the sum by their clipped value. (Under replace-one it would be
+    upper - lower; Passerelle's counts are add/remove, so sums are too.)
+
+    Plain Laplace rather than `LaplaceBoundedDomain`: the sum's natural domain
+    [n·lower, n·upper] depends on n, itself private; a truncated output is biased and
+    breaks the analytic interval. Laplace noise is unbiased with interval ± b·ln 20.
+    """
+
     def release(self, clipped_sum: float, *, random_state: RandomState = None) -> Released:
         """`clipped_sum` = Σ over patients of min(max(value, lower), upper), one value per patient."""
         clipped_sum = _check_finite("sum", clipped_sum)
@@ -274,7 +283,7 @@ class BoundedSum:
 
 
 @dataclass(frozen=True)
-class BoundedMean:
+class BoundedMean(_Bounded):
     """Noisy mean = noisy sum / noisy count of one clipped value per patient.
 
     Guarantee: ε-DP (δ = 0) by sequential composition: ε/2 for the count (geometric,
@@ -289,20 +298,6 @@ class BoundedMean:
     Coverage is ≈ 95 % once the noisy count is well above the noise scale (which the
     suppression threshold helps ensure); for tiny counts it is approximate.
     """
-
-    epsilon: float
-    lower: float
-    upper: float
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "epsilon", _check_epsilon(self.epsilon))
-        lower, upper = _check_bounds(self.lower, self.upper)
-        object.__setattr__(self, "lower", lower)
-        object.__setattr__(self, "upper", upper)
-
-    @property
-    def sensitivity(self) -> float:
-        return max(abs(self.lower), abs(self.upper))
 
     def release(self, clipped_sum: float, count: int, *, random_state: RandomState = None) -> Released:
         count = _check_count("count", count)

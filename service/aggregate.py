@@ -14,6 +14,7 @@ from the request, never from the data.
 from __future__ import annotations
 
 import calendar
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from itertools import pairwise
@@ -31,12 +32,13 @@ from sqlalchemy import (
     literal,
     select,
 )
+from sqlalchemy.exc import IntegrityError
 
-from consent import engine
-from consent.projects import ProjectRecord
+from consent import engine, projects
+from consent.projects import PATIENT_DATA_TYPES, ProjectRecord
 from policies import budget, dp
 from service import audit, db
-from service.errors import InvalidRequest
+from service.errors import Forbidden, InvalidRequest
 from service.release import restrict
 from service.store import search
 from service.store.fhirdates import date_range
@@ -141,9 +143,14 @@ def _one(items: list[dict[str, Any]], name: str, required: bool = False) -> Any:
     return found[0] if "part" in found[0] else _value(found[0], name)
 
 
+#: Declared bounds beyond this are refused: sums of them could overflow, and no clinical value needs them.
+MAX_BOUND = 1e9
+
+
 def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequest(f"parameter {name!r} must be a number", expression=name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= MAX_BOUND:
+        raise InvalidRequest(f"parameter {name!r} must be a finite number of magnitude at most {MAX_BOUND:g}",
+                             expression=name)
     return float(value)
 
 
@@ -310,8 +317,10 @@ def _per_patient_values(query: Query, project_id: str, now: int, members: Select
     assert query.value is not None
     spec = query.value
     row = (select(resources.c.patient_id.label("pid"), idx_quantity.c.value.label("v"),
+                  # Undated values last on both databases (PostgreSQL puts NULLs first when descending).
                   func.row_number().over(partition_by=resources.c.patient_id,
-                                         order_by=(resources.c.clinical_low.desc(), resources.c.pk.desc()))
+                                         order_by=(resources.c.clinical_low.is_(None), resources.c.clinical_low.desc(),
+                                                   resources.c.pk.desc()))
                   .label("rn"))
            .join(idx_quantity, and_(idx_quantity.c.resource_pk == resources.c.pk,
                                     idx_quantity.c.param == "value-quantity"))
@@ -453,26 +462,73 @@ def data_version(conn: Connection) -> str:
     return f"{stored}:{decided}"
 
 
-def answer(project: ProjectRecord, client_id: str, body: Any, idempotency_key: str | None,
+def _check_project(project: ProjectRecord, query: Query) -> None:
+    """Only an open project, and only over the resource types it may receive."""
+    if project.status != "active":
+        raise Forbidden(f"Project {project.project_id} is closed and receives nothing more")
+    if project.max_tier < engine.AGGREGATE:
+        raise Forbidden(f"Project {project.project_id} may not receive aggregates")
+    allowed = set(project.types or PATIENT_DATA_TYPES)
+    named = [e.resource_type for e in query.cohort]
+    named += [query.value.expression.resource_type] if query.value else []
+    named += [query.group.expression.resource_type] if query.group and query.group.expression else []
+    refused = sorted(set(named) - allowed)
+    if refused:
+        raise Forbidden(f"Project {project.project_id} may not use {', '.join(refused)} data")
+
+
+def answer(project_id: str, client_id: str, body: Any, idempotency_key: str | None,
            random_state: Any = None) -> dict[str, Any]:
-    """Answer one $aggregate request: recorded, or computed after ε is reserved."""
+    """Answer one $aggregate request: recorded, or computed after ε is reserved.
+
+    One write transaction holds the reservation, the computation and the recorded
+    answer. If the computation fails, the reservation is still committed before the
+    error propagates: a failure that depends on the data must not be free, since it too
+    says something about the data.
+    """
+    with db.read() as conn:
+        project = projects.get(conn, project_id)
     query = parse(body, project)
+    _check_project(project, query)
     query_hash = budget.canonical_hash(query.canonical())
+    failure: Exception | None = None
     with db.write() as conn:
+        project = projects.get(conn, project_id)  # re-read: a close may have raced the request
+        _check_project(project, query)
         version = data_version(conn)
-        recorded = budget.recorded_answer(conn, project.project_id, query_hash, version, idempotency_key)
-        if recorded is None:
-            budget.reserve(conn, project.project_id, query.epsilon, query_hash=query_hash,
-                           idempotency_key=idempotency_key, actor=client_id)
-            cells = noisy(query, exact(conn, query, project.project_id), project.suppression, random_state)
-            recorded = {"measure": query.measure, "epsilon": query.epsilon, "cells": cells}
-            budget.record_answer(conn, project.project_id, query_hash, version, recorded, idempotency_key)
-            audit.record(conn, actor=client_id, action="aggregate", project_id=project.project_id,
-                         detail={"query": query.canonical(), "epsilon": query.epsilon})
-        remaining = budget.status(conn, project.project_id, history_limit=0)["remaining"]
+        recorded = budget.recorded_answer(conn, project_id, query_hash, version, idempotency_key)
+        if recorded is not None:
+            if idempotency_key is not None:
+                with suppress(IntegrityError), conn.begin_nested():
+                    budget.bind_key(conn, project_id, idempotency_key, query_hash, recorded)
+        else:
+            # On failure the reservation still commits with this transaction; nothing is answered.
+            recorded, failure = _compute(conn, project, query, query_hash, version, client_id, idempotency_key,
+                                         random_state)
+        remaining = budget.status(conn, project_id, history_limit=0)["remaining"]
+    if failure is not None or recorded is None:
+        raise failure or RuntimeError("no answer was computed")
     return {"resourceType": "Parameters", "parameter": [
         {"name": "measure", "valueCode": recorded["measure"]},
         {"name": "epsilon", "valueDecimal": recorded["epsilon"]},
         {"name": "remaining", "valueDecimal": remaining},
         *recorded["cells"],
     ]}
+
+
+def _compute(conn: Connection, project: ProjectRecord, query: Query, query_hash: str, version: str,
+             client_id: str, idempotency_key: str | None, random_state: Any
+             ) -> tuple[dict[str, Any] | None, Exception | None]:
+    """Reserve, compute, record: (answer, None), or (None, the error) with the reservation kept."""
+    budget.reserve(conn, project.project_id, query.epsilon, query_hash=query_hash,
+                   idempotency_key=idempotency_key, actor=client_id)
+    try:
+        with conn.begin_nested():
+            cells = noisy(query, exact(conn, query, project.project_id), project.suppression, random_state)
+    except Exception as exc:  # the savepoint undoes the computation only, never the spend
+        return None, exc
+    recorded = {"measure": query.measure, "epsilon": query.epsilon, "cells": cells}
+    budget.record_answer(conn, project.project_id, query_hash, version, recorded, idempotency_key)
+    audit.record(conn, actor=client_id, action="aggregate", project_id=project.project_id,
+                 detail={"query": query.canonical(), "epsilon": query.epsilon})
+    return recorded, None

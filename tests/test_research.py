@@ -235,3 +235,11 @@ def test_export_files_need_the_same_projects_token(app, client, world, research)
     other = bearer(token(client, app, "research", world.other_project))
     assert _get(client, manifest["output"][0]["url"], other).status_code == 404
     assert _get(client, kick.headers["Content-Location"], other).status_code == 404
+
+
+def test_research_metadata_lists_no_identifying_or_date_parameter(client):
+    body = client.get("/research/fhir/metadata").get_json()
+    patient = next(r for r in body["rest"][0]["resource"] if r["type"] == "Patient")
+    names = {p["name"] for p in patient["searchParam"]}
+    assert "gender" in names
+    assert names.isdisjoint({"name", "family", "identifier", "birthdate", "phone", "address"})

@@ -5,12 +5,13 @@ query builder accepts.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
 from fhir.resources.R4B import fhirtypes
 
-from service.store.searchparams import params_for
+from service.store.searchparams import SearchParam, params_for
 from service.validation import model_for
 
 SOFTWARE_VERSION = "0.1.0"
@@ -27,8 +28,8 @@ def resource_types() -> tuple[str, ...]:
     return tuple(sorted(n for n in names if model_for(n) is not None))
 
 
-def _resource(resource_type: str, writable: bool) -> dict[str, Any]:
-    params = params_for(resource_type)
+def _resource(resource_type: str, writable: bool, accepts: Callable[[SearchParam], bool]) -> dict[str, Any]:
+    params = {name: p for name, p in params_for(resource_type).items() if accepts(p)}
     interactions = _READ + (_WRITE if writable else ())
     entry: dict[str, Any] = {
         "type": resource_type,
@@ -50,7 +51,8 @@ def _resource(resource_type: str, writable: bool) -> dict[str, Any]:
 
 
 def statement(base: str, *, writable: bool = True, types: tuple[str, ...] | None = None,
-              description: str = "Passerelle custodian FHIR API") -> dict[str, Any]:
+              description: str = "Passerelle custodian FHIR API",
+              accepts: Callable[[SearchParam], bool] = lambda _: True) -> dict[str, Any]:
     """A CapabilityStatement for a FHIR base URL (`writable` False for the read-only research view)."""
     chosen = types if types is not None else resource_types()
     server_base = base.rsplit("/fhir", 1)[0].rsplit("/research", 1)[0]
@@ -77,7 +79,7 @@ def statement(base: str, *, writable: bool = True, types: tuple[str, ...] | None
                 "extension": [{"url": _SMART_OAUTH, "extension": [
                     {"url": "token", "valueUri": f"{server_base}/auth/token"}]}],
             },
-            "resource": [_resource(t, writable) for t in chosen],
+            "resource": [_resource(t, writable, accepts) for t in chosen],
             **({"interaction": [{"code": "transaction"}, {"code": "batch"}]} if writable else {}),
             "searchParam": [{"name": name, "type": kind} for name, kind in
                             (("_count", "number"), ("_sort", "string"), ("_total", "token"),

@@ -15,8 +15,8 @@ from service import aggregate, auth, db, export
 from service.api import capability
 from service.api.fhirjson import base_url, check_format, fhir_response, parse_body
 from service.api.searchset import run_search
-from service.errors import ExportFailed, Gone, InvalidRequest, MethodNotAllowed, NotFound, TooManyRequests
-from service.release import Release, open_release, patients_of, research_capability_types
+from service.errors import ExportFailed, Forbidden, Gone, InvalidRequest, MethodNotAllowed, NotFound, TooManyRequests
+from service.release import Release, open_release, patients_of, research_capability_types, research_param_allowed
 from service.store.search import RESULT_PARAMS
 from service.validation import check_type
 
@@ -48,7 +48,8 @@ def _release(conn: Any) -> Release:
 @bp.get("/metadata")
 def metadata() -> Response:
     return fhir_response(capability.statement(_base(), writable=False, types=research_capability_types(),
-                                              description="Passerelle research view: consented, de-identified"))
+                                              description="Passerelle research view: consented, de-identified",
+                                              accepts=research_param_allowed))
 
 
 @bp.route("", methods=["POST", "PUT", "DELETE", "PATCH"])
@@ -115,10 +116,10 @@ def aggregate_operation() -> Response:
     """A differentially private answer (README, "$aggregate"); ε is spent before it is computed."""
     body = parse_body()
     principal = g.principal
-    with db.read() as conn:
-        release = open_release(conn, principal.client_id, principal.project_id, engine.AGGREGATE)
+    if principal.project_id is None:
+        raise Forbidden("This client is not bound to a research project")
     key = request.headers.get("Idempotency-Key")
-    return fhir_response(aggregate.answer(release.project, principal.client_id, body, key))
+    return fhir_response(aggregate.answer(principal.project_id, principal.client_id, body, key))
 
 
 # -- Bulk Data $export ---------------------------------------------------------------------

@@ -286,19 +286,30 @@ budget_spends = Table(
     Index("ix_budget_spends_project", "project_id", "seq"),
 )
 
-#: Released noisy answers: an identical query (same canonical hash, same data version) or a
-#: retried request (same idempotency key) gets the recorded answer and never fresh noise.
+#: Released noisy answers: an identical query (same canonical hash, same data version)
+#: gets the recorded answer and never fresh noise.
 answers = Table(
     "answers",
     metadata,
     Column("project_id", String(64), nullable=False),
     Column("query_hash", String(64), nullable=False),
     Column("data_version", String(64), nullable=False),
-    Column("idempotency_key", String(255)),
     Column("response", Text, nullable=False),
     Column("created", BigInteger, nullable=False),
     PrimaryKeyConstraint("project_id", "query_hash", "data_version", name="pk_answers"),
-    UniqueConstraint("project_id", "idempotency_key", name="uq_answers_idempotency"),
+)
+
+#: Every Idempotency-Key a project used, bound to the answer it received: a retry gets it
+#: again whatever changed since, whether that answer was computed or recorded earlier.
+answer_keys = Table(
+    "answer_keys",
+    metadata,
+    Column("project_id", String(64), nullable=False),
+    Column("idempotency_key", String(255), nullable=False),
+    Column("query_hash", String(64), nullable=False),
+    Column("response", Text, nullable=False),
+    Column("created", BigInteger, nullable=False),
+    PrimaryKeyConstraint("project_id", "idempotency_key", name="pk_answer_keys"),
 )
 
 #: Bulk Data export jobs: every node sees every job; a worker holds a job by a lease.
