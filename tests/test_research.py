@@ -223,7 +223,7 @@ def test_export_carries_exactly_the_visible_data(app, client, world, research):
     observations = [orjson.loads(line) for line in files["Observation"].splitlines()]
     assert sorted(o["valueQuantity"]["value"] for o in observations) == _expected_markers(world)
     assert len(files["Patient"].splitlines()) == len(RECORD_VISIBLE)
-    for role, real_id in world.patients.items():
+    for real_id in world.patients.values():
         assert all(real_id.encode() not in content for content in files.values())
 
 
