@@ -14,9 +14,11 @@ Semantics (README, "Consent"):
   aggregate, `use` or no action → none). A nested provision that matches overrides its
   parent; among matching siblings deny overrides permit. Data no provision matches is
   not released. Hence adding a deny provision can never widen a decision.
-- The decision is the highest level reached, capped by the project's tier, with the
-  largest set of classes × sensitive categories × one data period on which that level
-  holds everywhere. What cannot be expressed that way is withheld (noted in `basis`).
+- The decision is the highest level that some non-sensitive data reaches, capped by the
+  project's tier, with a set of classes × sensitive categories × one data period on
+  which that level holds everywhere, chosen greedily among the maximal periods (most
+  classes, then longest, then most recent). What cannot be expressed that way is
+  withheld (noted in `basis`): the decision is never wider than the consent.
 """
 from __future__ import annotations
 
