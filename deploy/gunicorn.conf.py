@@ -73,6 +73,8 @@ def post_worker_init(worker: Any) -> None:
     Jobs, leases and files live in the database, so any worker of any node may take a
     job; a worker that dies mid-job loses its lease and another one starts it again.
     """
+    from service.api.capability import resource_types
     from service.export import start_worker
 
+    resource_types()  # load every R4B model now, not on the first /metadata request
     start_worker(worker.wsgi)

@@ -1,6 +1,7 @@
 """`ingest` and `demo-data`: load FHIR files, or the seeded synthetic population."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from random import Random
 
@@ -26,7 +27,7 @@ def ingest_command(paths: tuple[Path, ...]) -> None:
     """Load Bundles (.json) and NDJSON (.ndjson) files or directories of them."""
     files = ingest.expand(paths)
     total = sum(p.stat().st_size for p in files)
-    with click.progressbar(length=total, label="Ingesting", file=click.get_text_stream("stderr")) as bar:
+    with click.progressbar(length=total, label="Ingesting", file=sys.stderr) as bar:
         report = ingest.ingest(db.engine(), files, bar.update)
     for problem in report.rejected:
         click.echo(f"rejected: {problem}", err=True)
@@ -58,7 +59,7 @@ def demo_data_command(patients: int, seed: int, ndjson_dir: Path | None, if_empt
         with db.write(engine) as conn:
             stored += len(process(conn, bundle)["entry"])
     with click.progressbar(synthetic.patient_bundles(patients, seed), length=patients, label="Loading patients",
-                           file=click.get_text_stream("stderr")) as bar:
+                           file=sys.stderr) as bar:
         for bundle in bar:
             with db.write(engine) as conn:
                 stored += len(process(conn, bundle)["entry"])
