@@ -38,6 +38,7 @@ from benchmarks.harness import (
     checkpoint,
     fingerprint,
     progress,
+    sqlite_statistics,
 )
 
 Generator = Callable[[Path], dict[str, Any]]
@@ -174,6 +175,7 @@ class Datasets:
             if path.exists() and meta_path.exists() and not self.options.rebuild:
                 meta = {**json.loads(meta_path.read_text()), "fresh": False}
                 progress(f"dataset {name}: cached {path.name} ({meta['resources']:,} resources)")
+                sqlite_statistics(path, self.options.analyze)
                 self.memo[name] = (Database(f"sqlite:///{path}", "sqlite", path=path), meta)
                 return self.memo[name]
             for stale in OUT.glob(f"{name}-*.*"):  # other fingerprints: outdated
@@ -193,6 +195,7 @@ class Datasets:
             for side in ("-wal", "-shm"):
                 Path(f"{database.path}{side}").unlink(missing_ok=True)
             meta_path.write_text(json.dumps(meta, indent=1))
+            sqlite_statistics(path, self.options.analyze)
             database = Database(f"sqlite:///{path}", "sqlite", path=path)
         else:
             analyze(database)

@@ -58,20 +58,21 @@ class Scale:
     agg_patients: int            # patients of the aggregate database (section 6)
     agg_observations: int        # Observations kept per patient there (section 6)
     agg_repeats: int             # timed repetitions of each aggregate (section 6)
+    agg_timeout: float           # seconds after which one aggregate statement is interrupted (section 6)
     accuracy_draws: int          # noise draws per epsilon (section 6)
 
 
 SCALES = {
     "small": Scale(
         "small", ingest_bundles=10_000, ingest_ndjson=10_000, search_sizes=(10_000, 100_000),
-        http_requests=1_500, http_seconds=8, latency_requests=150, latency_seconds=4,
+        http_requests=1_500, http_seconds=5, latency_requests=150, latency_seconds=3,
         deid_resources=10_000, research_size=10_000, export_size=10_000,
-        agg_patients=10_000, agg_observations=10, agg_repeats=5, accuracy_draws=2_000),
+        agg_patients=10_000, agg_observations=10, agg_repeats=5, agg_timeout=60, accuracy_draws=2_000),
     "full": Scale(
         "full", ingest_bundles=20_000, ingest_ndjson=100_000, search_sizes=(10_000, 1_000_000),
         http_requests=5_000, http_seconds=30, latency_requests=300, latency_seconds=15,
         deid_resources=100_000, research_size=100_000, export_size=100_000,
-        agg_patients=100_000, agg_observations=10, agg_repeats=3, accuracy_draws=10_000),
+        agg_patients=100_000, agg_observations=10, agg_repeats=3, agg_timeout=180, accuracy_draws=10_000),
 }
 
 
@@ -82,6 +83,7 @@ class Options:
     load_procs: int = 2
     rebuild: bool = False
     plans: bool = False
+    analyze: bool = False
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -314,11 +316,78 @@ class Backend:
         self.schemas.clear()
 
 
+def with_statement_timeout(database: Database, seconds: float) -> Database:
+    """The same database, reached through a URL whose PostgreSQL sessions cancel statements after `seconds`."""
+    if database.kind != "postgresql":
+        return database
+    from sqlalchemy.engine import make_url
+
+    options = f"-csearch_path={database.schema} -cstatement_timeout={int(seconds * 1000)}"
+    url = make_url(database.url).update_query_dict({"options": options}).render_as_string(hide_password=False)
+    return Database(url, database.kind, path=database.path, schema=database.schema)
+
+
+class Watchdog:
+    """Interrupts whatever an engine is running once a time limit passes.
+
+    SQLite: `sqlite3.Connection.interrupt()` on every connection the engine opened;
+    PostgreSQL: the session's statement_timeout (see `with_statement_timeout`). Either way
+    the statement fails, and `fired` tells a timeout from a real error.
+    """
+
+    def __init__(self, engine: Any, seconds: float):
+        from sqlalchemy import event
+
+        self.seconds = seconds
+        self.fired = False
+        self.connections: list[Any] = []
+        self.sqlite = engine.dialect.name == "sqlite"
+        if self.sqlite:
+            event.listen(engine, "connect", lambda dbapi, _record: self.connections.append(dbapi))
+            engine.dispose()  # connections opened before now would escape the watchdog
+
+    @contextlib.contextmanager
+    def limit(self) -> Iterator[None]:
+        self.fired = False
+        timer = threading.Timer(self.seconds, self._expire)
+        timer.daemon = True
+        start = time.perf_counter()
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            if not self.sqlite and time.perf_counter() - start >= self.seconds:
+                self.fired = True
+
+    def _expire(self) -> None:
+        self.fired = True
+        for connection in self.connections:
+            with contextlib.suppress(Exception):
+                connection.interrupt()
+
+
 def checkpoint(path: Path) -> None:
     """Fold a SQLite WAL back into the main file, so that the file alone is the database."""
     conn = sqlite3.connect(path, timeout=60)
     try:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
+def sqlite_statistics(path: Path, wanted: bool) -> None:
+    """Give a SQLite file planner statistics (ANALYZE), or take them away (as the product leaves it)."""
+    conn = sqlite3.connect(path, timeout=60)
+    try:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE name LIKE 'sqlite_stat%'")}
+        present = "sqlite_stat1" in tables and conn.execute("SELECT count(*) FROM sqlite_stat1").fetchone()[0] > 0
+        if wanted and not present:
+            conn.execute("ANALYZE")
+        elif not wanted and present:
+            for table in sorted(tables):
+                conn.execute(f"DELETE FROM {table}")
+        conn.commit()
     finally:
         conn.close()
 

@@ -83,7 +83,7 @@ def paths(kind: str, values: dict[str, list[str]], count: int, prefix: str = "/f
 def run_kind(server: Gunicorn, token: str, urls_for: Any, scale: Scale) -> tuple[LoadResult, LoadResult]:
     """Warm up, then a concurrent throughput run and a sequential latency run (each bounded in time too)."""
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/fhir+json"}
-    http_load(server.port, [Request("GET", p) for p in urls_for(40)], 4, headers, max_seconds=3)
+    http_load(server.port, [Request("GET", p) for p in urls_for(40)], 4, headers, max_seconds=2)
     throughput = http_load(server.port, [Request("GET", p) for p in urls_for(scale.http_requests)], CONCURRENCY,
                            headers, server=server, max_seconds=scale.http_seconds)
     latency = http_load(server.port, [Request("GET", p) for p in urls_for(scale.latency_requests)], 1, headers,
