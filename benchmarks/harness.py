@@ -469,12 +469,6 @@ class Instance:
         self.engine.dispose()
 
 
-def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """`flask --app wsgi <args>` in a subprocess, as an operator runs it."""
-    return subprocess.run([str(BIN / "flask"), "--app", "wsgi", *args], cwd=ROOT, env=env, text=True,
-                          capture_output=True, check=False)
-
-
 # -- gunicorn ----------------------------------------------------------------------------------
 
 
@@ -566,7 +560,6 @@ class LoadResult:
     sample_error: str = ""
     bodies: list[bytes] = field(default_factory=list)
     server_cpu: float | None = None  # CPU seconds the gunicorn workers spent (None if a worker was replaced)
-    client_cpu: float = 0.0
 
     @property
     def server_ms(self) -> float | None:
@@ -647,7 +640,6 @@ def http_load(port: int, requests: Sequence[Request], concurrency: int, headers:
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     before = server.cpu_snapshot() if server else {}
-    client_before = time.process_time()
     start = time.perf_counter()
     if max_seconds is not None:
         deadline[0] = start + max_seconds
@@ -656,14 +648,13 @@ def http_load(port: int, requests: Sequence[Request], concurrency: int, headers:
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - start
-    client_cpu = time.process_time() - client_before
     server_cpu = None
     if server:
         after = server.cpu_snapshot()
         if before and set(after) == set(before):
             server_cpu = sum(after[pid] - before[pid] for pid in after)
     return LoadResult(len(latencies), seconds, latencies, statuses, received[0], concurrency,
-                      errors[0] if errors else "", bodies, server_cpu, client_cpu)
+                      errors[0] if errors else "", bodies, server_cpu)
 
 
 def http_token(port: int, credentials: tuple[str, str]) -> str:

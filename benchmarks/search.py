@@ -158,9 +158,10 @@ HEADERS = ["request", "req/s", "p50 ms", "p95 ms", "server CPU ms/req", "sequent
 
 
 def dataset_row(label: str, meta: dict[str, Any]) -> list[Any]:
-    built = (f"built now: {meta['ingest_rate']:,.0f} resources/s ({meta['procs']} `flask ingest` processes, "
+    cpu = f", {meta['ingest_cpu_rate']:,.0f} per CPU-s" if meta.get("ingest_cpu_rate") else ""
+    built = (f"built now: {meta['ingest_rate']:,.0f} resources/s{cpu} ({meta['procs']} `flask ingest` processes, "
              f"{meta['ingest_seconds']:.0f} s; generation {meta['generate_seconds']:.0f} s)" if meta.get("fresh") else
-             f"cached (built {meta['built']} at {meta['ingest_rate']:,.0f}/s with {meta['procs']} processes)")
+             f"cached (built {meta['built']} at {meta['ingest_rate']:,.0f}/s{cpu} with {meta['procs']} processes)")
     return [label, meta["resources"], meta["patients"], built]
 
 
