@@ -67,11 +67,12 @@ def restrict(project_id: str, minimum_tier: int, now: int | None = None, table: 
         or_(decisions.c.valid_from.is_(None), decisions.c.valid_from <= instant),
         or_(decisions.c.valid_until.is_(None), decisions.c.valid_until >= instant),
         in_period,
+        # Correlate explicitly: two levels down, auto-correlation would not reach the outer row.
         not_(exists(select(literal(1)).where(
             decision_classes.c.patient_id == r.patient_id,
             decision_classes.c.project_id == project_id,
-            decision_classes.c.resource_type == r.type))),
-    ))
+            decision_classes.c.resource_type == r.type).correlate(table))),
+    ).correlate(table))
 
     def apply(statement: Select[Any]) -> Select[Any]:
         return statement.where(or_(and_(compartment, consented),

@@ -243,3 +243,17 @@ def test_research_metadata_lists_no_identifying_or_date_parameter(client):
     names = {p["name"] for p in patient["searchParam"]}
     assert "gender" in names
     assert names.isdisjoint({"name", "family", "identifier", "birthdate", "phone", "address"})
+
+
+def test_one_patients_class_exclusion_hides_that_class_for_that_patient_only(app, client, world, research):
+    from consent import writer
+    from service import db
+
+    choice = writer.build(world.patients["consented"], world.project, "record", [], source="test")
+    choice["provision"]["provision"] = [{"type": "deny", "class": [
+        {"system": "http://hl7.org/fhir/resource-types", "code": "Observation"}]}]
+    with app.app_context(), db.write() as conn:
+        writer.record(conn, choice)
+    body = client.get("/research/fhir/Observation?_count=100", headers=research).get_json()
+    expected = sorted(world.marker[r] for r, n in RECORD_VISIBLE.items() if r != "consented" for _ in range(n))
+    assert _markers(body) == expected
