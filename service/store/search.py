@@ -20,10 +20,8 @@ from sqlalchemy import (
     Select,
     and_,
     case,
-    exists,
     false,
     func,
-    literal,
     not_,
     or_,
     select,
@@ -197,11 +195,13 @@ def _split_values(value: str) -> list[str]:
 
 
 def _exists(param: SearchParam, condition: ColumnElement[bool]) -> ColumnElement[bool]:
+    """`pk IN (rows of the index table that match)`: an uncorrelated subquery, so the database
+    starts from the (param, value) index instead of walking every resource of the type."""
     table = _TABLE_OF[param.kind]
-    clauses = [table.c.resource_pk == resources.c.pk, table.c.param == param.index_name, condition]
+    clauses = [table.c.param == param.index_name, condition]
     if param.kind == "reference" and param.target and param.index_name != param.name:
         clauses.append(table.c.target_type == param.target)
-    return exists(select(literal(1)).where(*clauses))
+    return resources.c.pk.in_(select(table.c.resource_pk).where(*clauses))
 
 
 def _token_clause(value: str) -> ColumnElement[bool]:
