@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Select, and_, exists, false, literal, not_, or_, select, tuple_
+from sqlalchemy import Connection, Select, and_, exists, false, literal, not_, or_, select
 
 from consent import engine, projects
 from consent.projects import PATIENT_DATA_TYPES, ProjectRecord
@@ -23,7 +23,7 @@ from policies.pseudonym import PseudonymKey
 from service import audit, db, keyring
 from service.api.searchset import Render
 from service.errors import Forbidden
-from service.store import search
+from service.store import repository, search
 from service.store.indexer import parse_reference
 from service.store.schema import decision_classes, decisions, history, resources
 from service.store.searchparams import COMPARTMENT, SearchParam, params_for
@@ -205,7 +205,7 @@ def _reference_pks(conn: Connection, loaded: list[dict[str, Any]]) -> dict[tuple
     if not wanted:
         return {}
     rows = conn.execute(select(resources.c.type, resources.c.id, resources.c.pk)
-                        .where(tuple_(resources.c.type, resources.c.id).in_(sorted(wanted))))
+                        .where(repository.by_type_and_id(wanted)))
     return {(t, i): pk for t, i, pk in rows}
 
 

@@ -16,7 +16,8 @@ import orjson
 from cryptography.fernet import Fernet, InvalidToken
 from flask import current_app
 
-from policies.keys import derive_key, load_master_key
+from policies.keys import derive_key
+from service import keyring
 from service.errors import InvalidRequest
 from service.store import search
 from service.store.search import Page, Query
@@ -25,7 +26,7 @@ from service.store.search import Page, Query
 def _fernet() -> Fernet:
     cipher = current_app.extensions.get("passerelle.cursor_cipher")
     if cipher is None:
-        key = derive_key(load_master_key(current_app.config["MASTER_KEY_FILE"]), "paging-cursor")
+        key = derive_key(keyring.master(), "paging-cursor")
         cipher = current_app.extensions["passerelle.cursor_cipher"] = Fernet(base64.urlsafe_b64encode(key))
     return cipher
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, delete, insert, select
+from sqlalchemy import ColumnElement, Connection, and_, delete, false, insert, or_, select
 from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 
@@ -75,6 +75,15 @@ class Stored:
 
     def resource(self) -> dict[str, Any]:
         return orjson.loads(self.json) if self.json else {}
+
+
+def by_type_and_id(pairs: Iterable[tuple[str, str]]) -> ColumnElement[bool]:
+    """Rows for these (type, id) pairs, grouped per type so both databases use the unique
+    (type, id) index (a row-value `IN (VALUES …)` makes SQLite scan the whole index)."""
+    ids: dict[str, list[str]] = {}
+    for resource_type, resource_id in pairs:
+        ids.setdefault(resource_type, []).append(resource_id)
+    return or_(false(), *(and_(resources.c.type == t, resources.c.id.in_(sorted(v))) for t, v in sorted(ids.items())))
 
 
 def check_id(resource_id: str) -> str:

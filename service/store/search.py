@@ -26,10 +26,10 @@ from sqlalchemy import (
     or_,
     select,
     true,
-    tuple_,
 )
 
 from service.errors import InvalidRequest, NotSupported
+from service.store import repository
 from service.store.fhirdates import DateFormatError, date_range
 from service.store.indexer import normalise, parse_reference
 from service.store.schema import idx_date, idx_quantity, idx_reference, idx_string, idx_token, resources
@@ -424,7 +424,7 @@ def _included(conn: Connection, query: Query, rows: list[Any], restrict: RowFilt
     if not wanted:
         return []
     statement = (select(*ROW_COLUMNS)
-                 .where(tuple_(resources.c.type, resources.c.id).in_(wanted), resources.c.deleted == false())
+                 .where(repository.by_type_and_id(wanted), resources.c.deleted == false())
                  .order_by(resources.c.pk))
     if restrict:
         statement = restrict(statement)
