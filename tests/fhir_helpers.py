@@ -45,3 +45,14 @@ def issue(response: Any) -> dict[str, Any]:
     body = response.get_json()
     assert body["resourceType"] == "OperationOutcome", body
     return body["issue"][0]
+
+
+def transaction(*entries: dict[str, Any]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
+
+
+def post_entry(resource: dict[str, Any], full_url: str | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"resource": resource, "request": {"method": "POST", "url": resource["resourceType"]}}
+    if full_url:
+        entry["fullUrl"] = full_url
+    return entry

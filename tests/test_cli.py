@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from service import db
 from service.app import create_app
 from service.store.schema import schema_migrations
-from tests.fhir_helpers import patient
+from tests.fhir_helpers import patient, post_entry, transaction
 
 
 def run(app: Flask, *args: str) -> Result:
@@ -124,17 +124,6 @@ def test_ingest_ndjson_reports_each_bad_line_by_file_and_line_and_exits_non_zero
     assert f"{ndjson_file}:2: " in reported[0]
     assert "birthDate" in reported[0]
     assert f"{ndjson_file}:4: " in reported[1]
-
-
-def transaction(*entries: dict[str, Any]) -> dict[str, Any]:
-    return {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
-
-
-def post_entry(resource: dict[str, Any], full_url: str | None = None) -> dict[str, Any]:
-    entry: dict[str, Any] = {"resource": resource, "request": {"method": "POST", "url": resource["resourceType"]}}
-    if full_url:
-        entry["fullUrl"] = full_url
-    return entry
 
 
 def test_ingest_of_a_transaction_bundle_file_stores_it_with_references_resolved(app, client, custodian_headers,

@@ -21,7 +21,7 @@ from policies.sensitivity import ACT_CODE, CATEGORIES
 from service import db
 from service.store.fhirdates import date_range, instant
 from service.store.schema import decisions
-from tests.fhir_helpers import create, issue, patient, search
+from tests.fhir_helpers import create, issue, patient, post_entry, search, transaction
 
 PATIENT_URN = "urn:uuid:0c4e6b9a-1111-4000-8000-000000000001"
 CONSENT_URN = "urn:uuid:0c4e6b9a-1111-4000-8000-000000000002"
@@ -109,17 +109,6 @@ def tier_of(client: FlaskClient, headers: dict[str, str], patient_id: str, proje
 
 def consent_count(client: FlaskClient, headers: dict[str, str]) -> int:
     return search(client, headers, "Consent?_summary=count")["total"]
-
-
-def transaction(*entries: dict[str, Any]) -> dict[str, Any]:
-    return {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
-
-
-def post_entry(resource: dict[str, Any], full_url: str | None = None) -> dict[str, Any]:
-    entry: dict[str, Any] = {"resource": resource, "request": {"method": "POST", "url": resource["resourceType"]}}
-    if full_url:
-        entry["fullUrl"] = full_url
-    return entry
 
 
 # --- a Consent written through the API ----------------------------------------------------------------
