@@ -11,13 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flask import Flask, current_app
-from sqlalchemy import Connection, Engine, create_engine, event, insert, select
+from sqlalchemy import Connection, Engine, create_engine, event, insert, inspect, select
 from sqlalchemy.engine import make_url
 
 from service.store.schema import metadata, schema_migrations
 
 #: Bump when a migration step is added to MIGRATIONS.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def now_us() -> int:
@@ -89,17 +89,42 @@ def write(eng: Engine | None = None) -> Iterator[Connection]:
 
 
 def migrate(eng: Engine) -> int:
-    """Create or migrate the schema; idempotent. Returns the schema version."""
+    """Create or migrate the schema; idempotent. Returns the schema version.
+
+    A new database gets the whole schema from the table definitions and every version
+    marked applied. An existing one runs, in order, the steps of each version it lacks
+    (columns and indexes added to existing tables), then gains any new table.
+    """
     with write(eng) as conn:
-        metadata.create_all(conn, checkfirst=True)
+        fresh = not inspect(conn).has_table(schema_migrations.name)
+        if fresh:
+            metadata.create_all(conn, checkfirst=True)
         applied = set(conn.scalars(select(schema_migrations.c.version)))
         for version in range(1, SCHEMA_VERSION + 1):
             if version not in applied:
-                for step in MIGRATIONS.get(version, ()):
-                    conn.exec_driver_sql(step)
+                if not fresh:
+                    for step in MIGRATIONS.get(version, ()):
+                        conn.exec_driver_sql(step)
                 conn.execute(insert(schema_migrations).values(version=version, applied=now_us()))
+        metadata.create_all(conn, checkfirst=True)
     return SCHEMA_VERSION
 
 
-#: Statements that bring a schema of version N-1 to version N (version 1 is create_all).
-MIGRATIONS: dict[int, tuple[str, ...]] = {}
+#: Statements that bring a schema of version N-1 to version N (version 1 is the first
+#: release's tables). New tables need no step: `migrate` creates them from the metadata.
+#: Each step must run on SQLite and on PostgreSQL.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # Per-version consent attributes (old versions are judged on their own content).
+    2: ("ALTER TABLE history ADD COLUMN sensitive_mask BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE history ADD COLUMN clinical_low BIGINT",
+        "ALTER TABLE history ADD COLUMN clinical_high BIGINT",
+        # Versions written before carry the current row's attributes; an older version's
+        # sensitivity is unknown, so it counts as every category (withheld from anyone who
+        # excluded one) until it is classified again.
+        "UPDATE history SET sensitive_mask = COALESCE((SELECT r.sensitive_mask FROM resources r "
+        "WHERE r.pk = history.resource_pk AND r.version = history.version), 31), "
+        "clinical_low = (SELECT r.clinical_low FROM resources r "
+        "WHERE r.pk = history.resource_pk AND r.version = history.version), clinical_high = "
+        "(SELECT r.clinical_high FROM resources r WHERE r.pk = history.resource_pk AND r.version = history.version)",
+        ),
+}

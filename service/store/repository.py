@@ -116,6 +116,7 @@ def write(conn: Connection, changes: Sequence[Change]) -> list[Stored]:
     index: list[indexer.Rows | None] = []
     fresh: list[tuple[int, dict[str, Any]]] = []
     touched_pks: list[int] = []
+    judged: dict[int, dict[str, Any]] = {}  # updated rows by position (fresh ones are in `fresh`)
     for position, change in enumerate(changes):
         version = change.current.version + 1 if change.current else 1
         method = "DELETE" if change.resource is None else ("PUT" if change.current else "POST")
@@ -126,6 +127,7 @@ def write(conn: Connection, changes: Sequence[Change]) -> list[Stored]:
             fresh.append((position, row))
         else:
             _update_row(conn, change.current, row)
+            judged[position] = row
             touched_pks.append(change.current.pk)
             stored[position] = Stored(change.current.pk, change.type, change.id, version, now,
                                       change.resource is None, row["json"], row["patient_id"], method)
@@ -138,9 +140,12 @@ def write(conn: Connection, changes: Sequence[Change]) -> list[Stored]:
         for (position, row), pk in zip(fresh, pks, strict=True):
             stored[position] = Stored(pk, row["type"], row["id"], 1, now, False, row["json"], row["patient_id"], "POST")
     done = [s for s in stored if s is not None]
+    rows = [row for _, row in sorted([*fresh, *((p, r) for p, r in judged.items())])]
     conn.execute(insert(history), [
         {"resource_pk": s.pk, "version": s.version, "patient_id": s.patient_id, "last_updated": now,
-         "method": s.method, "deleted": s.deleted, "json": s.json} for s in done])
+         "method": s.method, "deleted": s.deleted, "sensitive_mask": row["sensitive_mask"],
+         "clinical_low": row["clinical_low"], "clinical_high": row["clinical_high"], "json": s.json}
+        for s, row in zip(done, rows, strict=True)])
     if touched_pks:
         for table in INDEX_TABLES:
             conn.execute(delete(table).where(table.c.resource_pk.in_(touched_pks)))

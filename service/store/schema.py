@@ -62,6 +62,11 @@ history = Table(
     Column("last_updated", BigInteger, nullable=False),
     Column("method", String(8), nullable=False),
     Column("deleted", Boolean, nullable=False, default=False),
+    # What consent judges a version on, kept per version: an old version is released (or
+    # not) on its own patient, sensitivity and clinical dates, never on the current one's.
+    Column("sensitive_mask", BigInteger, nullable=False, default=0),
+    Column("clinical_low", BigInteger),
+    Column("clinical_high", BigInteger),
     Column("json", LargeBinary),
     PrimaryKeyConstraint("resource_pk", "version", name="pk_history"),
 )
