@@ -96,10 +96,12 @@ def migrate(eng: Engine) -> int:
     (columns and indexes added to existing tables), then gains any new table.
     """
     with write(eng) as conn:
-        fresh = not inspect(conn).has_table(schema_migrations.name)
+        applied: set[int] = set()
+        if inspect(conn).has_table(schema_migrations.name):
+            applied = set(conn.scalars(select(schema_migrations.c.version)))
+        fresh = not applied  # every release records its versions when it creates its tables
         if fresh:
             metadata.create_all(conn, checkfirst=True)
-        applied = set(conn.scalars(select(schema_migrations.c.version)))
         for version in range(1, SCHEMA_VERSION + 1):
             if version not in applied:
                 if not fresh:
