@@ -4,7 +4,7 @@
   `POST /research/fhir/$aggregate` (in-process test client) over Patients with their
   Observations (small: 10k patients × 10; full: 100k × 10), beside the same aggregate
   written by hand in plain SQL (consent join included, no noise, no ledger, no audit) and
-  beside the product's own pre-noise SQL (`service.aggregate.exact`). Target ≤ 1.3× plain
+  beside the product's own pre-noise SQL (`service.store.cohort.exact`). Target ≤ 1.3× plain
   SQL. Each timed request uses a slightly different ε, so none is answered from the
   recorded answers (that path is timed separately).
 * `policies.budget.reserve` latency with 10 and 10,000 prior spends (target flat, < 2 ms).
@@ -92,7 +92,7 @@ COUNT_SQL = f"SELECT count(*) {_MEMBERS}"
 
 
 def _histogram_sql() -> tuple[str, dict[str, Any]]:
-    from service.store.fhirdates import date_range
+    from policies.fhirdates import date_range
 
     at = date.fromisoformat(AT)
     bounds = [date_range(at.replace(year=at.year - edge).isoformat())[1] for edge in EDGES]
@@ -203,9 +203,11 @@ def sample(call: Callable[[], Any], repeats: int, watchdog: Watchdog, slow: floa
 
 
 def latency(ctx: Context) -> None:
-    from consent import projects
+    from consent import engine, projects
     from service import aggregate as product
     from service import db
+    from service.release import release_for
+    from service.store import cohort
 
     scale = ctx.options.scale
     source, meta = ctx.datasets.observations(scale.agg_patients, scale.agg_observations)
@@ -253,9 +255,12 @@ def latency(ctx: Context) -> None:
                 return plain_sql(conn, measure, project_id, count_code, mean_code)
 
         def exact(measure: str) -> Any:
-            query = product.parse(questions(count_code, mean_code, 1.0)[measure], project)
-            with instance.app.app_context(), db.read(instance.engine) as conn:
-                return _exact_value(product.exact(conn, query, project_id), measure)
+            query = product.parse(questions(count_code, mean_code, 1.0)[measure], project,
+                                  instance.app.config["MIN_EPSILON"])
+            with instance.app.app_context():
+                consented = release_for("benchmark", project_id, engine.AGGREGATE).aggregate_filter(db.now_us())
+                with db.read(instance.engine) as conn:
+                    return _exact_value(cohort.exact(conn, query.question, consented), measure)
 
         for measure in questions(count_code, mean_code, 1.0):
             progress(f"{measure}: plain SQL, $aggregate, exact() (≤ {scale.agg_repeats} timed calls each, "

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
+from policies.fhirdates import MAX_US, MIN_US, DateFormatError, date_range
 from policies.sensitivity import ACT_CODE, CATEGORIES, CATEGORY_SYSTEM, LABELS
-from service.store.fhirdates import MAX_US, MIN_US, DateFormatError, date_range
 
 NONE, AGGREGATE, RECORD = 0, 1, 2
 TIERS = ("none", "aggregate", "record")

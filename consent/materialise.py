@@ -18,12 +18,12 @@ from flask import current_app
 from sqlalchemy import Connection, and_, delete, false, insert, select
 
 from consent import engine, projects
+from policies.fhirdates import instant
 from policies.sensitivity import mask as category_mask
 from policies.sensitivity import names as category_names
 from service.db import now_us
 from service.errors import NotFound, Unprocessable
 from service.store import repository
-from service.store.fhirdates import instant
 from service.store.indexer import parse_reference
 from service.store.repository import Change, Stored
 from service.store.schema import decision_classes, decisions, history, resources
@@ -112,6 +112,13 @@ def _rows(patient_id: str, project_id: str, decision: engine.Decision, now: int
     return row, classes
 
 
+def _dated(row: dict[str, Any], stored: dict[str, Any] | None) -> dict[str, Any]:
+    """`row`, keeping the stored row's `updated` when nothing else about the decision changed."""
+    if stored is not None and all(stored[k] == v for k, v in row.items() if k != "updated"):
+        return {**row, "updated": stored["updated"]}
+    return row
+
+
 def _patient_chunks(conn: Connection, patient_ids: Sequence[str] | None) -> Iterable[list[str]]:
     if patient_ids is not None:
         for start in range(0, len(patient_ids), _CHUNK):
@@ -130,7 +137,12 @@ def _patient_chunks(conn: Connection, patient_ids: Sequence[str] | None) -> Iter
 
 def refresh(conn: Connection, default: str, *, patient_ids: Sequence[str] | None = None,
             project_ids: Sequence[str] | None = None) -> int:
-    """Recompute the decisions of these patients (all if None) for these projects (all if None)."""
+    """Recompute the decisions of these patients (all if None) for these projects (all if None).
+
+    A decision that comes out identical to the stored one keeps its `updated` instant, which
+    versions the project's recorded aggregate answers: an unrelated change (another
+    project's consent) does not make them stale.
+    """
     chosen = [p for p in projects.all_projects(conn) if project_ids is None or p.project_id in project_ids]
     if not chosen:
         return 0
@@ -144,6 +156,8 @@ def refresh(conn: Connection, default: str, *, patient_ids: Sequence[str] | None
     written = 0
     for chunk in _patient_chunks(conn, patient_ids):
         project_filter = decisions.c.project_id.in_([v.id for v in views])
+        stored = {(r.patient_id, r.project_id): r._asdict() for r in conn.execute(
+            select(decisions).where(decisions.c.patient_id.in_(chunk), project_filter))}
         conn.execute(delete(decisions).where(decisions.c.patient_id.in_(chunk), project_filter))
         conn.execute(delete(decision_classes).where(
             and_(decision_classes.c.patient_id.in_(chunk), decision_classes.c.project_id.in_([v.id for v in views]))))
@@ -158,7 +172,7 @@ def refresh(conn: Connection, default: str, *, patient_ids: Sequence[str] | None
                 own = consents.get(patient_id)
                 decision = engine.decide(own, view, default) if own else defaults[view.id]
                 row, excluded = _rows(patient_id, view.id, decision, now)
-                rows.append(row)
+                rows.append(_dated(row, stored.get((patient_id, view.id))))
                 classes.extend(excluded)
         if rows:
             conn.execute(insert(decisions), rows)

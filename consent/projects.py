@@ -16,7 +16,7 @@ from sqlalchemy import Connection, func, select, update
 
 from consent import engine
 from policies import budget
-from service import audit
+from service import audit, keyring
 from service.db import now_us
 from service.errors import InvalidRequest, NotFound
 from service.store import repository
@@ -27,6 +27,8 @@ from service.validation import validate
 #: Resource types of patient data a project may receive (all of them without a type list).
 #: Consents and provenance are about the release itself, never research data.
 PATIENT_DATA_TYPES: tuple[str, ...] = tuple(sorted({"Patient", *COMPARTMENT} - {"Consent", "Provenance"}))
+#: Resources about no patient that a project receives only when it declares them.
+DIRECTORY_TYPES: tuple[str, ...] = ("Location", "Medication", "Organization", "Practitioner", "PractitionerRole")
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,16 @@ class ProjectRecord:
     epsilon_cap: float = 1.0
     suppression: int = 11
 
+    @property
+    def released_types(self) -> tuple[str, ...]:
+        """Every type the project receives: its declared types, or all patient data without a list."""
+        return self.types or PATIENT_DATA_TYPES
+
     def view(self) -> engine.Project:
         """What the consent engine needs (a closed project may receive nothing)."""
         tier = engine.NONE if self.status != "active" else self.max_tier
-        return engine.Project(self.project_id, tier, self.types or PATIENT_DATA_TYPES, self.organization_id)
+        patient_data = tuple(t for t in self.released_types if t in PATIENT_DATA_TYPES)
+        return engine.Project(self.project_id, tier, patient_data, self.organization_id)
 
     def as_json(self) -> dict[str, Any]:
         return {"project_id": self.project_id, "name": self.name, "tier": engine.TIERS[self.max_tier],
@@ -65,14 +73,17 @@ def _record(row: Any) -> ProjectRecord:
 
 
 def parse_types(text: str | None) -> tuple[str, ...] | None:
-    """`Observation,Condition` → validated tuple; None or empty means every patient-data type."""
+    """`Observation,Condition` → validated tuple; None or empty means every patient-data type.
+
+    Directory types (Practitioner, Organization, …) are released only to projects that list them.
+    """
     if not text:
         return None
     names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    unknown = [t for t in names if t not in PATIENT_DATA_TYPES]
+    unknown = [t for t in names if t not in PATIENT_DATA_TYPES and t not in DIRECTORY_TYPES]
     if unknown:
-        raise InvalidRequest(f"not patient-data resource types: {', '.join(unknown)} "
-                             f"(choose from {', '.join(PATIENT_DATA_TYPES)})")
+        raise InvalidRequest(f"not resource types a project can receive: {', '.join(unknown)} "
+                             f"(choose from {', '.join(PATIENT_DATA_TYPES + DIRECTORY_TYPES)})")
     return names
 
 
@@ -111,6 +122,7 @@ def create(conn: Connection, *, name: str, tier: str, epsilon: float, delta: flo
         epsilon_cap=min(epsilon_cap, epsilon), suppression=suppression, status="active",
         created=now_us()))
     budget.ensure_budget(conn, stored.id, epsilon, delta, actor="project create")
+    keyring.start(conn, stored.id)
     return get(conn, stored.id)
 
 

@@ -68,10 +68,14 @@ if os.path.isdir("/dev/shm"):
 
 
 def post_worker_init(worker: Any) -> None:
-    """Every worker process also runs Bulk Data export jobs in a background thread.
+    """Warm each worker process up: load every R4B model and start its export worker thread now.
 
-    Jobs, leases and files live in the database, so any worker of any node may take a
-    job; a worker that dies mid-job loses its lease and another one starts it again.
+    The app would start that thread on its first request anyway (so `gunicorn wsgi:app`
+    without this file runs exports too); starting it here runs queued jobs before any
+    request arrives. With PASSERELLE_EXPORT_WORKER=off no thread starts: run
+    `flask --app wsgi export-worker` processes instead. Jobs, leases and heartbeats live
+    in the database, so any worker of any node may take a job; a worker that dies
+    mid-job loses its lease and another one starts it again.
     """
     from service.api.capability import resource_types
     from service.export import start_worker

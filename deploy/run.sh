@@ -15,6 +15,10 @@ BIND="${PASSERELLE_BIND:-127.0.0.1:8000}"
 export PASSERELLE_BIND="$BIND"
 BASE="${PASSERELLE_BASE_URL:-http://$BIND}"
 BASE="${BASE%/}"
+if [[ -z "${PASSERELLE_BASE_URL:-}" && ! "${BIND%:*}" =~ ^(127\.[0-9.]+|localhost|\[::1\])$ ]]; then
+    echo "Note: without PASSERELLE_BASE_URL only loopback hosts (localhost, 127.0.0.1, [::1]) are served;" \
+         "set PASSERELLE_BASE_URL to the URL clients use to reach $BIND." >&2
+fi
 
 mkdir -p "$INSTANCE"
 chmod 700 "$INSTANCE"

@@ -2,14 +2,14 @@
 
 Every function takes the caller's SQLAlchemy `Connection`; the caller owns the
 transaction (`service.db.write(engine)`, which on SQLite is `BEGIN IMMEDIATE`). An
-`$aggregate` request runs, in ONE write transaction:
+`$aggregate` request runs in three steps, so that no write transaction is open while
+it computes:
 
-    answer = recorded_answer(conn, project, query_hash, data_version, idempotency_key)
-    if answer is not None: return answer                  # spends nothing, no fresh noise
-    reserve(conn, project, epsilon, delta, query_hash=..., idempotency_key=..., actor=...)
-    ... bounded SQL aggregate, policies.dp noise, suppression ...
-    record_answer(conn, project, query_hash, data_version, response, idempotency_key)
-    # commit, then return the response
+    claimed = claim(conn, project, query_hash, data_version, epsilon, idempotency_key=..., actor=...)
+    # commit: claimed.answer is the recorded answer (nothing spent), or None and ε is reserved
+    ... bounded SQL aggregate in a read transaction, policies.dp noise, suppression ...
+    answer = record_answer(conn, project, query_hash, data_version, response, idempotency_key)
+    # commit, then release `answer`
 
 Guarantees:
 - No overspend, under any concurrency: `reserve` is one conditional UPDATE
@@ -19,15 +19,20 @@ Guarantees:
   rounded up (ceil) and a total down (floor), from the shortest decimal form of the float
   (so 0.07 is 70 000 µε, not 70 001), so rounding can only make the ledger stricter.
 - No refunds: nothing ever lowers `spent`, nor a `total` (only `raise_budget` changes it,
-  upwards, audited).
-- Fail closed: nothing here catches a database error; it propagates, the transaction
-  rolls back (reservation included) and the caller answers nothing.
+  upwards, audited). A reservation committed by `claim` stays spent whatever happens to
+  the computation it paid for.
+- One answer per question: a (project, query, data version) and an idempotency key are
+  each answered one way only. Two identical questions computed at the same time both pay;
+  the one recorded second gets the first one's answer.
+- Fail closed: nothing here catches a database error; it propagates and the caller's
+  transaction rolls back.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from numbers import Real
 from typing import Any
@@ -36,19 +41,25 @@ from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from service.db import now_us
-from service.errors import Conflict, Forbidden, InvalidRequest, TooManyRequests, Unprocessable
+from service.errors import Conflict, Forbidden, InvalidRequest, Unprocessable
 from service.store.schema import answer_keys, answers, budget_spends, budgets
 
 MICRO = 10**6   # ε units per 1.0
 PICO = 10**12   # δ units per 1.0
 
 
-class BudgetExhausted(TooManyRequests):
-    """The reservation would exceed the project's total; `remaining_*` say what is left."""
+class BudgetExhausted(Forbidden):
+    """The reservation would exceed the project's total; `remaining_*` say what is left.
+
+    403 `too-costly`, not a rate limit: asking again changes nothing until the custodian
+    raises the budget.
+    """
+
+    code = "too-costly"
 
     def __init__(self, remaining_epsilon: float, remaining_delta: float):
         super().__init__(f"Privacy budget exhausted: remaining epsilon {remaining_epsilon:.6f}, "
-                         f"remaining delta {remaining_delta:.12g}")
+                         f"remaining delta {remaining_delta:.12g}; only the data custodian can raise it")
         self.remaining_epsilon = remaining_epsilon
         self.remaining_delta = remaining_delta
 
@@ -156,8 +167,7 @@ def reserve(conn: Connection, project_id: str, epsilon: float, delta: float = 0.
 
     One conditional UPDATE decides: on PostgreSQL a concurrent reservation waits for this
     row's lock and re-checks the condition on the committed row; on SQLite the write
-    transaction holds the database lock. Never refunded, even if the caller fails later
-    (a failure rolls the whole transaction back, so nothing was released either).
+    transaction holds the database lock. Once committed, never refunded.
     """
     _check_key(idempotency_key)
     e = epsilon_micro(epsilon)
@@ -206,6 +216,29 @@ def status(conn: Connection, project_id: str, history_limit: int | None = 100) -
 
 # --- recorded answers --------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Claim:
+    """What `claim` decided: `answer`, already released for this request (nothing spent), or
+    None once ε is reserved for computing it; `remaining` ε after that."""
+
+    answer: Any | None
+    remaining: float
+
+
+def claim(conn: Connection, project_id: str, query_hash: str, data_version: str, epsilon: float,
+          delta: float = 0.0, *, idempotency_key: str | None = None, actor: str | None = None) -> Claim:
+    """The first step of a request: its recorded answer, or ε (and δ) reserved to compute it.
+
+    Raises `BudgetExhausted` (nothing spent) when the reservation does not fit, and
+    `IdempotencyConflict` (nothing spent) for a key already used for another query.
+    """
+    recorded = recorded_answer(conn, project_id, query_hash, data_version, idempotency_key)
+    if recorded is None:
+        reserve(conn, project_id, epsilon, delta, query_hash=query_hash, idempotency_key=idempotency_key,
+                actor=actor)
+    return Claim(recorded, status(conn, project_id, history_limit=0)["remaining"])
+
+
 def recorded_answer(conn: Connection, project_id: str, query_hash: str, data_version: str | int,
                     idempotency_key: str | None = None) -> Any | None:
     """The answer already released for this request, or None if the query must be computed.
@@ -213,9 +246,8 @@ def recorded_answer(conn: Connection, project_id: str, query_hash: str, data_ver
     A known idempotency key returns its answer whatever the data version (a retry never
     draws fresh noise); a key reused for another query raises `IdempotencyConflict`.
     Otherwise the same canonical query on the same data version returns the recorded
-    answer. Call it first in the write transaction: it locks the project's budget row, so
-    on PostgreSQL two identical concurrent queries serialise and the second finds the
-    first's answer instead of spending twice.
+    answer, and a new key is bound to it. Locks the project's budget row first, so
+    claims and records of one project serialise.
     """
     _check_key(idempotency_key)
     _locked_row(conn, project_id)
@@ -229,35 +261,41 @@ def recorded_answer(conn: Connection, project_id: str, query_hash: str, data_ver
     response = conn.scalar(select(answers.c.response).where(
         answers.c.project_id == project_id, answers.c.query_hash == query_hash,
         answers.c.data_version == str(data_version)))
-    return None if response is None else json.loads(response)
+    if response is None:
+        return None
+    recorded = json.loads(response)
+    _bind_key(conn, project_id, idempotency_key, query_hash, recorded)
+    return recorded
+
+
+def record_answer(conn: Connection, project_id: str, query_hash: str, data_version: str | int, response: Any,
+                  idempotency_key: str | None = None) -> Any:
+    """Record the noisy answer (JSON-serialisable) of a claimed request; returns the answer to release.
+
+    If the same request was answered meanwhile (an identical question, or the same
+    idempotency key, computed at the same time), that first answer is returned and
+    `response` is discarded: one request, one answer.
+    """
+    earlier = recorded_answer(conn, project_id, query_hash, data_version, idempotency_key)
+    if earlier is not None:
+        return earlier
+    conn.execute(insert(answers).values(project_id=project_id, query_hash=query_hash,
+                                        data_version=str(data_version), created=now_us(),
+                                        response=_dumps(response)))
+    _bind_key(conn, project_id, idempotency_key, query_hash, response)
+    return response
 
 
 def _dumps(response: Any) -> str:
     return json.dumps(response, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def bind_key(conn: Connection, project_id: str, idempotency_key: str | None, query_hash: str, response: Any) -> None:
+def _bind_key(conn: Connection, project_id: str, idempotency_key: str | None, query_hash: str, response: Any) -> None:
     """Remember which answer a request with this idempotency key received (no-op without a key)."""
-    _check_key(idempotency_key)
     if idempotency_key is not None:
         conn.execute(insert(answer_keys).values(project_id=project_id, idempotency_key=idempotency_key,
                                                 query_hash=query_hash, response=_dumps(response),
                                                 created=now_us()))
-
-
-def record_answer(conn: Connection, project_id: str, query_hash: str, data_version: str | int, response: Any,
-                  idempotency_key: str | None = None) -> None:
-    """Store the noisy answer (JSON-serialisable) in the reservation's transaction, before returning it.
-
-    A second answer for the same (project, query, data version) or the same idempotency key
-    violates a unique constraint: the error propagates and the whole transaction, the
-    reservation included, rolls back.
-    """
-    _check_key(idempotency_key)
-    conn.execute(insert(answers).values(project_id=project_id, query_hash=query_hash,
-                                        data_version=str(data_version), created=now_us(),
-                                        response=_dumps(response)))
-    bind_key(conn, project_id, idempotency_key, query_hash, response)
 
 
 # --- helpers -----------------------------------------------------------------------------------

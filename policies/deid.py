@@ -12,8 +12,10 @@ What every released resource is guaranteed, whatever the profile says:
   that is not a FHIR element of its parent.
 * `id` is the project's pseudonym of the stored row; every `Reference.reference` that
   points at a stored resource is rewritten to `Type/<pseudonym>` the same way, so a
-  research client can follow it; `urn:uuid:` references get a keyed pseudonym UUID;
-  references to nothing stored are removed. `Reference.display` and
+  research client can follow it; `urn:uuid:` references get a keyed pseudonym UUID.
+  A Reference whose target cannot be followed (not stored, or not in the caller's
+  mapping) is removed whole, its `type` included; a versioned reference, when a mapping
+  is given, only if the mapping names that version. `Reference.display` and
   `Reference.identifier` are always removed (they embed names and identifier values).
 * The narrative `text` is removed; `meta` keeps only `versionId` and `security`, to
   which the `PSEUDED` label (and `ABSTRED` when a value was generalised) is added.
@@ -550,7 +552,7 @@ class _Context:
 
     deid: Deidentifier
     offset: int | None
-    pks: Mapping[tuple[str, str], int] | None
+    pks: Mapping[tuple[str, ...], int] | None
     local_ids: frozenset[str] = frozenset()
     missing: set[tuple[str, str]] = field(default_factory=set)
     abstracted: bool = False
@@ -728,7 +730,10 @@ def _reference(extensions: dict[str, Action], value: Any, ctx: _Context) -> Any:
         return _DROP
     out: dict[str, Any] = {}
     target = value.get("reference")
-    if type(target) is str and (rewritten := ctx.deid._rewrite_reference(target, ctx)) is not None:
+    if type(target) is str:
+        rewritten = ctx.deid._rewrite_reference(target, ctx)
+        if rewritten is None:
+            return _DROP  # even its type would say that something withheld exists
         out["reference"] = rewritten
     kind = value.get("type")
     if type(kind) is str:
@@ -776,8 +781,9 @@ class Deidentifier:
 
     `resolve_pk(type, id)` returns the stored row number of a referenced resource, or None
     if it is not stored; `apply` may also be given a prefetched {(type, id): pk} mapping
-    for a batch, which is consulted first. Found pseudonyms are cached for the life of the
-    Deidentifier (one request), misses for one `apply` call.
+    for a batch, which is consulted first; with a mapping, a versioned reference is
+    followed only if the mapping also holds its (type, id, version). Found pseudonyms are
+    cached for the life of the Deidentifier (one request), misses for one `apply` call.
     """
 
     _CACHE_LIMIT = 65536
@@ -795,7 +801,7 @@ class Deidentifier:
         self._targets: dict[tuple[str, str], str] = {}
 
     def apply(self, resource: dict[str, Any], pk: int, patient_id: str | None,
-              pks: Mapping[tuple[str, str], int] | None = None) -> dict[str, Any]:
+              pks: Mapping[tuple[str, ...], int] | None = None) -> dict[str, Any]:
         """The released form of a stored resource (row `pk`, in `patient_id`'s compartment).
 
         The input is not modified. Dates are shifted by the patient's offset for this
@@ -837,6 +843,8 @@ class Deidentifier:
             version, parts = parts[-1], parts[:-2]
         if not (len(parts) == 2 or (len(parts) > 3 and parts[0] in ("http:", "https:") and parts[1] == "")):
             return None
+        if version is not None and ctx.pks is not None and (parts[-2], parts[-1], version) not in ctx.pks:
+            return None  # that version is not one the caller may follow
         pseudonym = self._target(parts[-2], parts[-1], ctx)
         if pseudonym is None:
             return None

@@ -18,6 +18,10 @@ accountant per call, and the database ledger is the only budget that counts.
 
 95 % intervals are computed from the mechanism's noise distribution and the released
 value only, never from the data, so publishing them is free post-processing.
+
+Work is bounded: no mechanism loops a number of times that depends on ε or on a value
+(only on the declared bins, the fixed simulation count, or the number of patients), and
+none accepts ε below `EPSILON_FLOOR`.
 """
 from __future__ import annotations
 
@@ -40,6 +44,9 @@ ALPHA = 0.05
 MEAN_SIMULATIONS = 10_000
 #: Small-cell rule: a noisy count below this is not released.
 SUPPRESSION_THRESHOLD = 11
+#: No mechanism takes a smaller ε: its noise would dwarf any count a database holds, and
+#: interval arithmetic at that scale loses float precision (deployments set a higher minimum).
+EPSILON_FLOOR = 1e-9
 
 RandomState = np.random.RandomState | None
 
@@ -91,8 +98,9 @@ class ReleasedHistogram:
 # --- parameter checks: the one place every mechanism validates its inputs ---------------
 
 def _check_epsilon(epsilon: Any) -> float:
-    if isinstance(epsilon, bool) or not isinstance(epsilon, Real) or not math.isfinite(epsilon) or epsilon <= 0:
-        raise MechanismError(f"epsilon must be a finite number > 0, got {epsilon!r}")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, Real) or not math.isfinite(epsilon) \
+            or not epsilon >= EPSILON_FLOOR:
+        raise MechanismError(f"epsilon must be a finite number ≥ {EPSILON_FLOOR:g}, got {epsilon!r}")
     return float(epsilon)
 
 
@@ -145,15 +153,16 @@ def geometric_half_width(epsilon: float, sensitivity: int, alpha: float = ALPHA)
     The noise is discrete, so the interval's exact coverage is 1 - geometric_tail(t) ≥ 95 %
     (e.g. 97.3 % at ε = 1, 95.3 % at ε = 0.1): it is the shortest symmetric interval that
     reaches 95 %, never shorter.
+
+    Constant work whatever ε: the closed form, then one step if rounding landed it one off
+    (exact while t < 2^52, i.e. far below any ε a mechanism accepts).
     """
     ratio = epsilon / sensitivity
-    # Closed form from 2 p^(t+1) / (1 + p) ≤ alpha, then nudged in case rounding landed one off.
-    t = max(0, math.ceil(-(math.log(alpha / 2) + math.log1p(math.exp(-ratio))) / ratio) - 1)
-    while t > 0 and geometric_tail(t - 1, ratio) <= alpha:
-        t -= 1
-    while geometric_tail(t, ratio) > alpha:
-        t += 1
-    return t
+    # Closed form from 2 p^(t+1) / (1 + p) ≤ alpha.
+    t = max(0, math.ceil((math.log(2 / alpha) - math.log1p(math.exp(-ratio))) / ratio) - 1)
+    if t > 0 and geometric_tail(t - 1, ratio) <= alpha:
+        return t - 1
+    return t + 1 if geometric_tail(t, ratio) > alpha else t
 
 
 def laplace_half_width(epsilon: float, sensitivity: float, alpha: float = ALPHA) -> float:
@@ -319,9 +328,9 @@ class BoundedMean(_Bounded):
     def _interval(self, mean: float, n_hat: int, rng: np.random.RandomState | np.random.Generator
                   ) -> tuple[float, float]:
         half = self.epsilon / 2
-        p = math.exp(-half)
+        success = -math.expm1(-half)  # 1 - exp(-ε/2) without cancellation at small ε
         # Two-sided geometric = difference of two one-sided geometrics on {0, 1, …}.
-        count_noise = rng.geometric(1 - p, MEAN_SIMULATIONS) - rng.geometric(1 - p, MEAN_SIMULATIONS)
+        count_noise = rng.geometric(success, MEAN_SIMULATIONS) - rng.geometric(success, MEAN_SIMULATIONS)
         sum_noise = rng.laplace(0.0, self.sensitivity / half, MEAN_SIMULATIONS)
         simulated = np.clip((mean * n_hat + sum_noise) / np.maximum(n_hat + count_noise, 1), self.lower, self.upper)
         err_lo, err_hi = np.quantile(simulated - mean, [ALPHA / 2, 1 - ALPHA / 2])

@@ -11,7 +11,7 @@ from service.config import load_config
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build a Passerelle app; `config` overrides values read from the environment."""
-    app = Flask(__name__, instance_relative_config=False)
+    app = Flask(__name__, instance_relative_config=False, static_folder=None)
     app.config.update(load_config())
     app.config.update(config or {})
     app.json.sort_keys = False
@@ -19,9 +19,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     errors.register(app)
 
     import consent.materialise  # noqa: F401 - registers decision materialisation on every write
-    from service import auth, cli, health
-    from service.api import custodian, operations, research
+    from service import auth, cli, export, health
+    from service.api import custodian, operations, research, scopes
+    from service.api.fhirjson import check_host
 
+    export.init_app(app)  # first: any request, even one refused below, starts this process's export worker
+    # In this order, before any blueprint's own checks: the Host, then the token and its scopes.
+    app.before_request(check_host)
+    app.before_request(scopes.enforce)
     app.register_blueprint(health.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(custodian.bp, url_prefix="/fhir")

@@ -6,7 +6,9 @@ or `client_secret_post`) or, as SMART Backend Services asks, with a JWT signed b
 from their registered JWKS (`private_key_jwt`, RS384/ES384). Tokens, used assertion ids
 and clients all live in the database, so any node can issue or check any token. Secrets
 and tokens are stored only as SHA-256 hashes: both are 256-bit random values, so a slow
-password hash would add nothing.
+password hash would add nothing. A client gets and uses tokens only while it is active
+and, for a research client, while its project is open: disabling the client or closing
+the project stops its tokens at once.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from typing import Any
 from urllib.parse import unquote
 
 import jwt
-from flask import Blueprint, Response, current_app, g, jsonify, request
-from sqlalchemy import Connection, delete, insert, select
+from flask import Blueprint, Response, current_app, jsonify, request
+from sqlalchemy import ColumnElement, Connection, Join, and_, delete, insert, or_, select
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
@@ -212,6 +214,25 @@ def register_client(conn: Connection, name: str, role: str, project_id: str | No
     return described
 
 
+# -- who may act -------------------------------------------------------------------------------
+
+
+def _clients_with_projects() -> Join:
+    return clients.outerjoin(projects, projects.c.project_id == clients.c.project_id)
+
+
+def _may_act() -> ColumnElement[bool]:
+    """A client may get and use tokens while it is active and, for a research client, its project is open."""
+    return and_(clients.c.active.is_(True), or_(clients.c.project_id.is_(None), projects.c.status == "active"))
+
+
+def _check_may_act(conn: Connection, client_id: str) -> None:
+    """After authentication: refuse a client whose project is closed (it proved who it is, so it may know)."""
+    if conn.scalar(select(clients.c.client_id).select_from(_clients_with_projects())
+                   .where(clients.c.client_id == client_id, _may_act())) is None:
+        raise OAuthError("unauthorized_client", "this client's research project is closed: it gets no more tokens")
+
+
 # -- client authentication at the token endpoint ----------------------------------------------
 
 
@@ -321,6 +342,7 @@ def token() -> Response:
     value = secrets.token_urlsafe(32)
     with db.write() as conn:
         row = _authenticated_client(conn)
+        _check_may_act(conn, row.client_id)
         scope = grant_scope(row.role, request.form.get("scope"))
         now = db.now_us()
         # Expired rows are useless (an expired assertion is refused before its jti is looked at).
@@ -350,42 +372,20 @@ def smart_configuration() -> Response:
 
 
 def authenticate(role: str) -> Principal:
-    """The caller behind the request's bearer token; 401 without a valid one, 403 for another role."""
+    """The caller behind the request's bearer token; 401 without a valid one (unknown, expired, or
+    of a client that may no longer act: see `_may_act`), 403 for another role."""
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
         raise Unauthorized("A bearer token is required (POST /auth/token)")
     with db.read() as conn:
         row = conn.execute(
             select(clients.c.client_id, clients.c.role, clients.c.project_id, access_tokens.c.scope)
-            .join(clients, clients.c.client_id == access_tokens.c.client_id)
+            .select_from(_clients_with_projects().join(access_tokens,
+                                                       access_tokens.c.client_id == clients.c.client_id))
             .where(access_tokens.c.token_hash == _hash(value.strip()), access_tokens.c.expires_at > db.now_us(),
-                   clients.c.active.is_(True))).first()
+                   _may_act())).first()
     if row is None:
-        raise Unauthorized("The bearer token is unknown or expired")
+        raise Unauthorized("The bearer token is unknown, expired or revoked (client disabled or project closed)")
     if row.role != role:
         raise Forbidden(f"A {row.role} token cannot use this API")
     return Principal(row.client_id, row.role, row.project_id, tuple(row.scope.split()))
-
-
-def require(role: str) -> None:
-    """For a blueprint's before_request: authenticate and keep the caller on `g.principal`."""
-    g.principal = authenticate(role)
-
-
-_LETTER_OF_METHOD = {"GET": "r", "HEAD": "r", "POST": "c", "PUT": "u", "DELETE": "d"}
-
-
-def require_scope(resource_type: str, permission: str) -> None:
-    """Refuse (403) a request the token's granted scopes do not cover (`*`: every type)."""
-    principal: Principal = g.principal
-    if not principal.permits(resource_type, permission):
-        what = "every resource type" if resource_type == "*" else resource_type
-        raise Forbidden(f"The token's scope ({' '.join(principal.scopes)}) does not allow "
-                        f"'{permission}' on {what}")
-
-
-def interaction_letter(method: str, has_id: bool) -> str:
-    """The SMART permission a REST interaction needs: search is `s`, read `r`, and so on."""
-    if method in ("GET", "HEAD") and not has_id:
-        return "s"
-    return _LETTER_OF_METHOD.get(method, "u")

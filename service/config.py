@@ -5,15 +5,19 @@ deployment overrides them in the environment (see README, "Configuration").
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Access tokens never live longer than this (SMART Backend Services caps them at 5 min).
 MAX_TOKEN_LIFETIME = 300
 CONSENT_DEFAULTS = ("deny", "aggregate", "record")
+_DNS_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*", re.IGNORECASE)
 
 
 def _int(env: dict[str, str], name: str, default: int) -> int:
@@ -24,6 +28,49 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError as exc:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def host_name(value: str) -> str | None:
+    """A host as requests name it (`Example.org`, `127.0.0.1`, `[::1]`), lowercased and unbracketed;
+    None unless it is a DNS name or an IP address."""
+    name = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    try:
+        return ipaddress.ip_address(name).compressed
+    except ValueError:
+        return name.lower() if not value.startswith("[") and _DNS_NAME.fullmatch(name) else None
+
+
+def _base_url(env: dict[str, str]) -> str:
+    raw = env.get("PASSERELLE_BASE_URL", "").strip()
+    if not raw:
+        return ""
+    try:
+        parts = urlsplit(raw)
+        valid = (parts.scheme in ("http", "https") and host_name(parts.hostname or "") is not None
+                 and parts.username is None and parts.path in ("", "/") and not any(c in raw for c in "?#")
+                 and parts.port != 0)  # .port raises ValueError when out of range
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ValueError(f"PASSERELLE_BASE_URL must be scheme://host[:port] (http or https, nothing after the "
+                         f"port), got {raw!r}")
+    return raw.rstrip("/")
+
+
+def _trusted_hosts(env: dict[str, str], base_url: str) -> tuple[str, ...]:
+    raw = env.get("PASSERELLE_TRUSTED_HOSTS", "")
+    listed = [item.strip() for item in raw.split(",") if item.strip()]
+    if listed and not base_url:
+        raise ValueError("PASSERELLE_TRUSTED_HOSTS needs PASSERELLE_BASE_URL: set the public base URL that "
+                         "links and token audiences use")
+    names = []
+    for item in listed:
+        name = host_name(item)
+        if name is None:
+            raise ValueError(f"PASSERELLE_TRUSTED_HOSTS lists host names separated by commas (no scheme or port), "
+                             f"got {item!r}")
+        names.append(name)
+    return tuple(names)
 
 
 def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -37,12 +84,19 @@ def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
     token_lifetime = _int(env, "PASSERELLE_TOKEN_LIFETIME", MAX_TOKEN_LIFETIME)
     if not 1 <= token_lifetime <= MAX_TOKEN_LIFETIME:
         raise ValueError(f"PASSERELLE_TOKEN_LIFETIME must be between 1 and {MAX_TOKEN_LIFETIME} seconds")
+    base_url = _base_url(env)
+    export_worker = env.get("PASSERELLE_EXPORT_WORKER", "thread")
+    if export_worker not in ("thread", "off"):
+        raise ValueError(f"PASSERELLE_EXPORT_WORKER must be thread or off, got {export_worker!r}")
     return {
         "INSTANCE_DIR": str(instance),
         "DATABASE_URL": database_url,
         "MASTER_KEY_FILE": env.get("PASSERELLE_MASTER_KEY_FILE", str(instance / "master.key")),
-        # Public base URL (scheme://host[:port]) when behind a proxy; otherwise taken from the request.
-        "BASE_URL": env.get("PASSERELLE_BASE_URL", "").rstrip("/"),
+        # Public base URL (scheme://host[:port]) of every link and token audience; without it, the
+        # (loopback) request's own (service/api/fhirjson.py).
+        "BASE_URL": base_url,
+        # Further host names requests may use besides BASE_URL's (not Flask's TRUSTED_HOSTS: see fhirjson).
+        "EXTRA_HOSTS": _trusted_hosts(env, base_url),
         "MAX_CONTENT_LENGTH": _int(env, "PASSERELLE_MAX_BODY_BYTES", 64 * 1024 * 1024),
         "TOKEN_LIFETIME": token_lifetime,
         "DEFAULT_PAGE_SIZE": _int(env, "PASSERELLE_PAGE_SIZE", 20),
@@ -51,5 +105,12 @@ def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
         "CONSENT_DEFAULT": consent_default,
         "EXPORT_TTL_SECONDS": _int(env, "PASSERELLE_EXPORT_TTL", 24 * 3600),
         "EXPORT_POLL_SECONDS": _int(env, "PASSERELLE_EXPORT_POLL_SECONDS", 2),
+        # Export jobs run in a worker thread of each serving process (thread), or only in
+        # dedicated `flask --app wsgi export-worker` processes (off).
+        "EXPORT_WORKER": export_worker,
         "DB_POOL_SIZE": _int(env, "PASSERELLE_DB_POOL_SIZE", 5),
+        # The smallest ε one $aggregate may spend: a tinier one buys only noise (and unbounded intervals).
+        "MIN_EPSILON": float(env.get("PASSERELLE_MIN_EPSILON") or 0.001),
+        # How long a statement waits for a database lock before the request answers 503.
+        "DB_BUSY_SECONDS": _int(env, "PASSERELLE_DB_BUSY_SECONDS", 30),
     }

@@ -13,6 +13,7 @@ from pathlib import Path
 from flask import Flask, current_app
 from sqlalchemy import Connection, Engine, create_engine, event, insert, inspect, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from service.store.schema import metadata, schema_migrations
 
@@ -25,21 +26,28 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-def make_engine(url: str, pool_size: int = 5) -> Engine:
-    """Create an engine with the settings each backend needs for concurrent workers."""
+def make_engine(url: str, pool_size: int = 5, busy_seconds: float = 30.0) -> Engine:
+    """Create an engine with the settings each backend needs for concurrent workers.
+
+    `busy_seconds` is how long a statement waits for a lock before failing with a
+    contention error (SQLite's busy timeout; PostgreSQL's lock_timeout).
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"timeout": 30})
-        _configure_sqlite(engine)
+        engine = create_engine(parsed, connect_args={"timeout": busy_seconds})
+        _configure_sqlite(engine, int(busy_seconds * 1000))
         return engine
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
-    return create_engine(parsed, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    # Server options in the URL (e.g. a search_path) are kept beside the lock timeout.
+    options = " ".join(filter(None, (parsed.query.get("options"), f"-c lock_timeout={int(busy_seconds * 1000)}")))
+    return create_engine(parsed.difference_update_query(["options"]), pool_size=pool_size, max_overflow=pool_size,
+                         pool_pre_ping=True, connect_args={"options": options})
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, busy_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:
         # Let SQLAlchemy's begin event (below) issue BEGIN itself instead of pysqlite.
@@ -48,7 +56,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -58,12 +66,24 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("writer") else "BEGIN")
 
 
+#: SQLSTATEs of PostgreSQL errors a retry can cure: serialization failure, deadlock, lock timeout.
+_CONTENTION_STATES = frozenset({"40001", "40P01", "55P03"})
+
+
+def is_contention(exc: OperationalError) -> bool:
+    """Whether a database error means "busy, try again" (SQLite's lock, PostgreSQL's conflicts)."""
+    state = getattr(exc.orig, "sqlstate", None)
+    message = str(exc.orig).lower()
+    return state in _CONTENTION_STATES or "database is locked" in message or "database is busy" in message
+
+
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
 def init_app(app: Flask) -> None:
-    app.extensions["passerelle.engine"] = make_engine(app.config["DATABASE_URL"], app.config["DB_POOL_SIZE"])
+    app.extensions["passerelle.engine"] = make_engine(app.config["DATABASE_URL"], app.config["DB_POOL_SIZE"],
+                                                      app.config["DB_BUSY_SECONDS"])
 
 
 def engine() -> Engine:
@@ -128,5 +148,18 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "clinical_low = (SELECT r.clinical_low FROM resources r "
         "WHERE r.pk = history.resource_pk AND r.version = history.version), clinical_high = "
         "(SELECT r.clinical_high FROM resources r WHERE r.pk = history.resource_pk AND r.version = history.version)",
+        # Project keys are made with the project now, never on a research request's read path.
+        "INSERT INTO project_keys (project_id, version, created) SELECT p.project_id, 1, p.created "
+        "FROM projects p WHERE NOT EXISTS (SELECT 1 FROM project_keys k WHERE k.project_id = p.project_id)",
+        # Export files now record what each line holds, so a download is judged against consent
+        # again; earlier files cannot be, so they expire (and running jobs start again).
+        "ALTER TABLE export_parts ADD COLUMN lines TEXT",
+        "DELETE FROM export_parts",
+        "DELETE FROM export_files",
+        "UPDATE export_jobs SET state = 'expired' WHERE state = 'completed'",
+        "UPDATE export_jobs SET state = 'accepted', owner = NULL, lease_until = NULL WHERE state = 'in-progress'",
+        # Recorded $aggregate answers are versioned per project: its types' and decisions' newest writes.
+        "CREATE INDEX IF NOT EXISTS ix_resources_type_last_updated ON resources (type, last_updated)",
+        "CREATE INDEX IF NOT EXISTS ix_decisions_project_updated ON decisions (project_id, updated)",
         ),
 }

@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 from flask import Flask, Response
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,13 @@ class TooManyRequests(FhirError):
     code = "throttled"
 
 
+class ServiceUnavailable(FhirError):
+    """A transient condition (a busy database, no running worker): the client may retry later."""
+
+    status = 503
+    code = "transient"
+
+
 class ExportFailed(FhirError):
     """A Bulk Data job ended in failure (reported on its status URL)."""
 
@@ -119,6 +127,7 @@ _HTTP_CODES = {401: "login", 403: "forbidden", 404: "not-found", 405: "not-suppo
 
 def register(app: Flask) -> None:
     """Install the handlers that render every error as an OperationOutcome."""
+    from service import db
     from service.api.fhirjson import fhir_response
 
     @app.errorhandler(FhirError)
@@ -137,6 +146,14 @@ def register(app: Flask) -> None:
         if status == 405 and allowed:
             response.headers["Allow"] = ", ".join(allowed)
         return response
+
+    @app.errorhandler(OperationalError)
+    def _database_error(exc: OperationalError) -> Response:
+        if not db.is_contention(exc):
+            return _unexpected(exc)
+        log.warning("database contention: %s", exc.orig)
+        busy = ServiceUnavailable("The database is busy; retry in a moment", headers={"Retry-After": "1"})
+        return fhir_response(busy.outcome(), busy.status, headers=busy.headers)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

@@ -1,35 +1,42 @@
-"""FHIR Bulk Data `$export` for research projects: jobs, workers and NDJSON files.
+"""FHIR Bulk Data `$export` for research projects: kick-off, status, cancel, and the workers.
 
-Everything lives in the database (jobs, leases, file parts), so any node can accept
-a kick-off, run the job, answer a poll or serve a file, and a restart loses nothing:
-a job whose worker died is claimed again when its lease expires and restarted from
-scratch; the manifest appears only once every file is complete, so a client never
-sees a half-delivered export. Rows stream through the same release gate as search
-(consent filter in SQL, de-identification, audit) in keyset batches: memory stays
-flat however large the export.
+Jobs, files and worker heartbeats live in the database (service/store/jobs.py), so any
+node can accept a kick-off, run the job, answer a poll or serve a file, and a restart
+loses nothing: a job whose worker died is claimed again when its lease expires and
+restarted from scratch; the manifest appears only once every file is complete. Stored
+data reaches a file, and a file a client, only through the caller's `Release`
+(service/release.py): rows are chosen by the consent filter in SQL and de-identified
+when a file is written, in keyset batches (memory stays flat however large the export),
+and every line is judged again when the file is downloaded.
+
+Workers run wherever the app is served: each serving process starts a worker thread on
+its first request (`PASSERELLE_EXPORT_WORKER=thread`, the default), and
+`flask --app wsgi export-worker` runs one as a process of its own (with `off` on the
+serving processes). Every worker beats in the database; a kick-off, or a poll of an
+unfinished job, when no worker has beaten lately is answered 503 instead of waiting.
 """
 from __future__ import annotations
 
-import json
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from flask import Flask
-from sqlalchemy import Connection, Engine, delete, false, insert, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from consent import engine as consent_engine
 from consent.projects import PATIENT_DATA_TYPES
-from service import db
-from service.errors import InvalidRequest, NotFound
-from service.release import Release, open_release, patients_of
-from service.store.fhirdates import DateFormatError, date_range, instant
-from service.store.schema import export_files, export_jobs, export_parts, idx_reference, resources
+from policies.fhirdates import DateFormatError, date_range, instant
+from service.errors import ExportFailed, Gone, InvalidRequest, ServiceUnavailable, TooManyRequests
+from service.release import Release, release_for
+from service.store import jobs
 
 log = logging.getLogger(__name__)
 
@@ -38,152 +45,135 @@ _SUPPORTED = frozenset({"_outputFormat", "_type", "_since"})
 _BATCH = 500
 _PART_BYTES = 1 << 20
 LEASE_US = 60_000_000
+#: An idle worker looks for queued jobs this often; it records a heartbeat at most this often.
+IDLE_SECONDS = 1.0
+HEARTBEAT_SECONDS = 5.0
+#: No heartbeat for three intervals: no worker is running.
+_SILENT_US = int(3 * HEARTBEAT_SECONDS * 1_000_000)
+_STARTED_IN = "passerelle.export_worker_pid"
+_start_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
-class Job:
-    """One export job as stored."""
+class Status:
+    """What a status poll answers: the manifest of a completed job, or the progress of a running one."""
 
-    job_id: str
-    project_id: str
-    client_id: str
-    kind: str
-    group_id: str | None
-    types: tuple[str, ...]
-    since: int | None
-    request: str
-    state: str
-    transaction_time: int
-    progress: str
-    error: str | None
-    last_poll: int | None
-    expires: int | None
-
-
-def _job(row: Any) -> Job:
-    return Job(row.job_id, row.project_id, row.client_id, row.kind, row.group_id, tuple(json.loads(row.types)),
-               row.since, row.request, row.state, row.transaction_time, row.progress, row.error, row.last_poll,
-               row.expires)
+    manifest: dict[str, Any] | None
+    headers: dict[str, str]
 
 
 # -- kick-off ----------------------------------------------------------------------------------
 
 
-def kick_off(conn: Connection, release: Release, *, kind: str, group_id: str | None,
-             params: list[tuple[str, str]], request_url: str) -> str:
-    """Validate an export request and queue its job; returns the job id."""
+def kick_off(release: Release, *, kind: str, group_id: str | None, params: Sequence[tuple[str, str]],
+             request_url: str) -> str:
+    """Validate an export request and queue its job; returns the job id.
+
+    `kind` is system, patient or group. Without `_type` the job exports every type the
+    project receives (a patient or group export: only its patient-data types); `_type`
+    may repeat and list types separated by commas. `_since` must be the transactionTime
+    of one of this project's earlier published manifests, exactly as the manifest gave it:
+    any other instant would let a caller probe real write times, which date shifting hides.
+    """
     unsupported = sorted({name for name, _ in params} - _SUPPORTED)
     if unsupported:
         raise InvalidRequest(f"$export does not support {', '.join(unsupported)}", expression=unsupported[0])
-    values = dict(params)
-    output_format = values.get("_outputFormat", NDJSON_FORMATS[0])
+    output_format = _single(params, "_outputFormat") or NDJSON_FORMATS[0]
     if output_format not in NDJSON_FORMATS:
         raise InvalidRequest(f"_outputFormat {output_format!r} is not supported; use application/fhir+ndjson",
                              expression="_outputFormat")
+    types = _types(release, kind, [value for name, value in params if name == "_type"])
+    since = _since(release, _single(params, "_since"))
+    if group_id is not None:
+        release.require_group(group_id)
+    _require_worker()
+    return jobs.create(project_id=release.project.project_id, client_id=release.client_id, kind=kind,
+                       group_id=group_id, types=types, since=since, request=request_url)
+
+
+def _single(params: Sequence[tuple[str, str]], name: str) -> str | None:
+    values = [value for key, value in params if key == name]
+    if len(values) > 1:
+        raise InvalidRequest(f"{name} may be given only once", expression=name)
+    return values[0] if values else None
+
+
+def _types(release: Release, kind: str, requested: list[str]) -> list[str]:
     allowed = [t for t in release.types if kind == "system" or t in PATIENT_DATA_TYPES]
-    types = [t.strip() for t in values["_type"].split(",") if t.strip()] if values.get("_type") else allowed
-    refused = [t for t in types if t not in allowed]
+    named = list(dict.fromkeys(t.strip() for value in requested for t in value.split(",") if t.strip()))
+    refused = [t for t in named if t not in allowed]
     if refused:
         raise InvalidRequest(f"_type {', '.join(refused)}: not available to this project on this export",
                              expression="_type")
-    since = None
-    if values.get("_since"):
-        try:
-            since = date_range(values["_since"])[0]
-        except DateFormatError as exc:
-            raise InvalidRequest(f"_since: {exc}", expression="_since") from None
-    if group_id is not None:
-        group = conn.execute(select(resources.c.pk).where(resources.c.type == "Group", resources.c.id == group_id,
-                                                          resources.c.deleted == false())).first()
-        if group is None:
-            raise NotFound(f"Group/{group_id} is not known")
-    job_id = str(uuid.uuid4())
-    now = db.now_us()
-    conn.execute(insert(export_jobs).values(
-        job_id=job_id, project_id=release.project.project_id, client_id=release.client_id, kind=kind,
-        group_id=group_id, types=json.dumps(types), since=since, request=request_url, state="accepted",
-        transaction_time=now, progress="queued", created=now))
-    return job_id
+    return named or allowed
 
 
-# -- status, manifest, files, cancel -------------------------------------------------------
+def _since(release: Release, value: str | None) -> int | None:
+    """The transaction time of the earlier export a `_since` names (None without `_since`)."""
+    if value is None:
+        return None
+    try:
+        low, high = date_range(value)
+    except DateFormatError as exc:
+        raise InvalidRequest(f"_since: {exc}", expression="_since") from None
+    for transaction_time in jobs.published_transaction_times(release.project.project_id, low, high):
+        if instant(transaction_time) == value:
+            return transaction_time
+    raise InvalidRequest("_since must be the transactionTime of one of this project's earlier completed exports, "
+                         "exactly as its manifest gave it", expression="_since")
 
 
-def get(conn: Connection, job_id: str, project_id: str) -> Job:
-    """A job of this project (another project's job is as unknown as a missing one)."""
-    row = conn.execute(select(export_jobs).where(export_jobs.c.job_id == job_id,
-                                                 export_jobs.c.project_id == project_id)).first()
-    if row is None or row.state == "cancelled":
-        raise NotFound(f"Export job {job_id} is not known")
-    return _job(row)
+def _require_worker() -> None:
+    if not jobs.worker_alive(_SILENT_US):
+        raise ServiceUnavailable("No export worker is running, so the export cannot progress; try again later or "
+                                 "tell the data custodian")
 
 
-def note_poll(conn: Connection, job_id: str) -> None:
-    conn.execute(update(export_jobs).where(export_jobs.c.job_id == job_id).values(last_poll=db.now_us()))
+# -- status, cancel --------------------------------------------------------------------------
 
 
-def manifest(conn: Connection, job: Job, file_url: str) -> dict[str, Any]:
-    """The Bulk Data completion manifest; `file_url` is formatted with the file number."""
-    rows = conn.execute(select(export_files).where(export_files.c.job_id == job.job_id)
-                        .order_by(export_files.c.file_no)).all()
+def status(release: Release, job_id: str, poll_seconds: int, file_url: str) -> Status:
+    """Answer a status poll of one of this project's jobs (`file_url` is formatted with the file number).
+
+    Polls more frequent than `poll_seconds` get TooManyRequests; a failed job ExportFailed,
+    an expired one Gone, and an unfinished one ServiceUnavailable while no worker runs.
+    """
+    job = jobs.get(job_id, release.project.project_id)
+    wait = {"Retry-After": str(max(1, int(poll_seconds)))}
+    if not jobs.note_poll(job_id, int(poll_seconds * 1_000_000)):
+        raise TooManyRequests(f"Poll at most every {poll_seconds} seconds", headers=wait)
+    if job.state == "completed":
+        return Status(_manifest(job, file_url), {})
+    if job.state == "failed":
+        raise ExportFailed(job.error or "The export failed")
+    if job.state == "expired":
+        raise Gone(f"The files of export job {job_id} have expired; start a new export")
+    _require_worker()
+    return Status(None, {**wait, "X-Progress": job.progress or job.state})
+
+
+def _manifest(job: jobs.Job, file_url: str) -> dict[str, Any]:
+    """The Bulk Data completion manifest.
+
+    Each `count` is the number of lines the file was written with: a download holds only
+    the lines the project may still receive (release.py), so it can hold fewer.
+    """
     return {
         "transactionTime": instant(job.transaction_time),
         "request": job.request,
         "requiresAccessToken": True,
-        "output": [{"type": r.resource_type, "url": file_url.format(r.file_no), "count": r.count} for r in rows],
+        "output": [{"type": f.resource_type, "url": file_url.format(f.file_no), "count": f.count}
+                   for f in jobs.files(job.job_id)],
         "error": [],
     }
 
 
-def file_parts(engine: Engine, job: Job, file_no: int) -> Iterator[bytes]:
-    """Stream one file part by part (each part read in its own short transaction)."""
-    with db.read(engine) as conn:
-        known = conn.execute(select(export_files.c.count).where(export_files.c.job_id == job.job_id,
-                                                                export_files.c.file_no == file_no)).first()
-    if known is None or job.state != "completed":
-        raise NotFound(f"Export file {file_no} of job {job.job_id} is not known")
-
-    def stream() -> Iterator[bytes]:
-        part = 0
-        while True:
-            with db.read(engine) as conn:
-                content = conn.execute(select(export_parts.c.content).where(
-                    export_parts.c.job_id == job.job_id, export_parts.c.file_no == file_no,
-                    export_parts.c.part == part)).scalar()
-            if content is None:
-                return
-            yield bytes(content)
-            part += 1
-    return stream()
+def cancel(release: Release, job_id: str) -> None:
+    """Cancel one of this project's jobs and delete what it produced."""
+    jobs.cancel(job_id, release.project.project_id)
 
 
-def cancel(conn: Connection, job: Job) -> None:
-    """Cancel a job and delete what it produced (a running worker notices at its next part)."""
-    conn.execute(update(export_jobs).where(export_jobs.c.job_id == job.job_id).values(state="cancelled"))
-    _purge_files(conn, job.job_id)
-
-
-def _purge_files(conn: Connection, job_id: str) -> None:
-    conn.execute(delete(export_parts).where(export_parts.c.job_id == job_id))
-    conn.execute(delete(export_files).where(export_files.c.job_id == job_id))
-
-
-# -- the worker ----------------------------------------------------------------------------
-
-
-def claim(engine: Engine, owner: str) -> str | None:
-    """Take the oldest queued job, or one whose worker's lease ran out; None if there is none."""
-    now = db.now_us()
-    claimable = or_(export_jobs.c.state == "accepted",
-                    (export_jobs.c.state == "in-progress") & (export_jobs.c.lease_until < now))
-    with db.write(engine) as conn:
-        job_id = conn.execute(select(export_jobs.c.job_id).where(claimable)
-                              .order_by(export_jobs.c.created).limit(1)).scalar()
-        if job_id is None:
-            return None
-        taken = conn.execute(update(export_jobs).where(export_jobs.c.job_id == job_id, claimable).values(
-            state="in-progress", owner=owner, lease_until=now + LEASE_US, progress="starting"))
-        return job_id if taken.rowcount == 1 else None
+# -- the workers ------------------------------------------------------------------------------
 
 
 class _Cancelled(Exception):
@@ -191,133 +181,115 @@ class _Cancelled(Exception):
 
 
 class _Writer:
-    """Buffers one file's NDJSON and stores it in parts, renewing the lease as it goes."""
+    """Buffers one file's NDJSON with what each line holds, and stores it in parts, renewing the lease."""
 
-    def __init__(self, engine: Engine, job_id: str, owner: str, file_no: int):
-        self.engine, self.job_id, self.owner, self.file_no = engine, job_id, owner, file_no
+    def __init__(self, job_id: str, owner: str, file_no: int):
+        self.job_id, self.owner, self.file_no = job_id, owner, file_no
         self.buffer = bytearray()
+        self.lines: list[jobs.Line] = []
         self.part = 0
         self.count = 0
 
-    def add(self, resource: dict[str, Any]) -> None:
+    def add(self, line: jobs.Line, resource: dict[str, Any]) -> None:
         self.buffer += orjson.dumps(resource) + b"\n"
+        self.lines.append(line)
         self.count += 1
         if len(self.buffer) >= _PART_BYTES:
             self.flush()
 
     def flush(self, progress: str | None = None) -> None:
-        with db.write(self.engine) as conn:
-            still_ours = conn.execute(update(export_jobs).where(
-                export_jobs.c.job_id == self.job_id, export_jobs.c.owner == self.owner,
-                export_jobs.c.state == "in-progress").values(
-                lease_until=db.now_us() + LEASE_US, **({"progress": progress} if progress else {})))
-            if still_ours.rowcount != 1:
-                raise _Cancelled
-            if self.buffer:
-                conn.execute(insert(export_parts).values(job_id=self.job_id, file_no=self.file_no, part=self.part,
-                                                         content=bytes(self.buffer)))
-                self.part += 1
-                self.buffer = bytearray()
+        if not jobs.store_part(self.job_id, self.owner, self.file_no, self.part, bytes(self.buffer), self.lines,
+                               LEASE_US, progress):
+            raise _Cancelled
+        if self.buffer:
+            self.part += 1
+            self.buffer, self.lines = bytearray(), []
 
 
-def _rows(conn: Connection, release: Release, job: Job, resource_type: str, after: int) -> list[Any]:
-    statement = (select(resources.c.pk, resources.c.type, resources.c.id, resources.c.json, resources.c.patient_id)
-                 .where(resources.c.type == resource_type, resources.c.deleted == false(), resources.c.pk > after,
-                        resources.c.last_updated <= job.transaction_time))
-    if job.since is not None:
-        statement = statement.where(resources.c.last_updated > job.since)
-    if job.group_id is not None:
-        group_pk = select(resources.c.pk).where(resources.c.type == "Group", resources.c.id == job.group_id)
-        members = select(idx_reference.c.target_id).where(
-            idx_reference.c.resource_pk == group_pk.scalar_subquery(), idx_reference.c.param == "member",
-            idx_reference.c.target_type == "Patient")
-        statement = statement.where(resources.c.patient_id.in_(members))
-    return conn.execute(release.records_filter()(statement).order_by(resources.c.pk).limit(_BATCH)).all()
+class Worker:
+    """One export worker: runs queued jobs and records a heartbeat while it lives."""
 
+    def __init__(self, app: Flask, worker_id: str | None = None):
+        self.app = app
+        self.worker_id = worker_id or f"{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._next_beat = 0.0
 
-def run(app: Flask, job_id: str, owner: str) -> None:
-    """Produce every file of a claimed job, then publish its manifest in one step."""
-    engine = db.engine()
-    with db.write(engine) as conn:
-        job = _job(conn.execute(select(export_jobs).where(export_jobs.c.job_id == job_id)).one())
-        _purge_files(conn, job_id)  # a job taken over from a dead worker starts again from scratch
-    patients: set[str] = set()
-    total = 0
-    try:
-        with db.read(engine) as conn:
-            release = open_release(conn, job.client_id, job.project_id, consent_engine.RECORD)
-        for file_no, resource_type in enumerate(job.types):
-            writer = _Writer(engine, job_id, owner, file_no)
-            after = 0
-            while True:
-                with db.read(engine) as conn:
-                    rows = _rows(conn, release, job, resource_type, after)
-                    for resource in release.deidentify(conn, rows):
-                        writer.add(resource)
-                if not rows:
-                    break
-                patients |= patients_of(rows)
-                after = rows[-1].pk
-            writer.flush(progress=f"{file_no + 1} of {len(job.types)} resource types done")
-            total += writer.count
-            if writer.count:
-                with db.write(engine) as conn:
-                    conn.execute(insert(export_files).values(job_id=job_id, file_no=file_no,
-                                                             resource_type=resource_type, count=writer.count))
-        ttl = app.config["EXPORT_TTL_SECONDS"] * 1_000_000
-        with db.write(engine) as conn:
-            done = conn.execute(update(export_jobs).where(export_jobs.c.job_id == job_id,
-                                                          export_jobs.c.owner == owner,
-                                                          export_jobs.c.state == "in-progress")
-                                .values(state="completed", progress="100%", expires=db.now_us() + ttl))
-            if done.rowcount != 1:
-                raise _Cancelled
-        release.audit("export", {"job": job_id, "types": list(job.types), "request": job.request}, patients,
-                      resources=total)
-    except _Cancelled:
-        log.info("export job %s was cancelled or taken over", job_id)
-    except Exception as exc:  # a failed job is reported to its client, never left half-done
-        log.exception("export job %s failed", job_id)
-        with db.write(engine) as conn:
-            _purge_files(conn, job_id)
-            conn.execute(update(export_jobs).where(export_jobs.c.job_id == job_id).values(
-                state="failed", error=getattr(exc, "message", "the export failed; ask the data custodian")))
+    def beat(self) -> None:
+        """Record that this worker is alive (at most once every HEARTBEAT_SECONDS)."""
+        if time.monotonic() >= self._next_beat:
+            with self.app.app_context():
+                jobs.beat(self.worker_id)
+            self._next_beat = time.monotonic() + HEARTBEAT_SECONDS
 
+    def work(self) -> int:
+        """Run queued jobs until none is left; returns how many ran."""
+        ran = 0
+        with self.app.app_context():
+            self.beat()
+            jobs.purge_expired()
+            while (job_id := jobs.claim(self.worker_id, LEASE_US)) is not None:
+                self._run(job_id)
+                ran += 1
+        return ran
 
-def purge_expired(engine: Engine) -> int:
-    """Delete the files of completed jobs past their expiry."""
-    now = db.now_us()
-    with db.write(engine) as conn:
-        expired = list(conn.execute(select(export_jobs.c.job_id).where(
-            export_jobs.c.state == "completed", export_jobs.c.expires < now)).scalars())
-        for job_id in expired:
-            _purge_files(conn, job_id)
-            conn.execute(update(export_jobs).where(export_jobs.c.job_id == job_id).values(state="expired"))
-    return len(expired)
-
-
-def work(app: Flask, owner: str | None = None) -> int:
-    """Run queued jobs until none is left; returns how many ran."""
-    owner = owner or f"worker-{uuid.uuid4()}"
-    ran = 0
-    with app.app_context():
-        engine = db.engine()
-        purge_expired(engine)
-        while (job_id := claim(engine, owner)) is not None:
-            run(app, job_id, owner)
-            ran += 1
-    return ran
-
-
-def start_worker(app: Flask, interval: float = 1.0) -> threading.Thread:
-    """A daemon thread in this process that runs export jobs as they arrive."""
-    def loop() -> None:
+    def serve(self) -> NoReturn:
+        """Run jobs as they arrive, for as long as the process lives."""
         while True:
             try:
-                work(app)
-            except Exception:  # keep the worker alive; the job itself records its failure
+                self.work()
+            except Exception:  # keep the worker alive; a job itself records its failure
                 log.exception("export worker iteration failed")
-            time.sleep(interval)
-    thread = threading.Thread(target=loop, name="passerelle-export-worker", daemon=True)
-    thread.start()
-    return thread
+            time.sleep(IDLE_SECONDS)
+
+    def _run(self, job_id: str) -> None:
+        """Produce every file of a claimed job, then publish its manifest in one step."""
+        job = jobs.restart(job_id)
+        try:
+            release = release_for(job.client_id, job.project_id, consent_engine.RECORD)
+            for file_no, resource_type in enumerate(job.types):
+                writer = _Writer(job_id, self.worker_id, file_no)
+                after = 0
+                while batch := release.export_rows(resource_type, after=after, until=job.transaction_time,
+                                                   since=job.since, group_id=job.group_id, limit=_BATCH):
+                    for line, resource in batch:
+                        writer.add(line, resource)
+                    after = batch[-1][0][0]
+                    self.beat()
+                writer.flush(progress=f"{file_no + 1} of {len(job.types)} resource types done")
+                if writer.count:
+                    jobs.add_file(job_id, file_no, resource_type, writer.count)
+            if not jobs.complete(job_id, self.worker_id, self.app.config["EXPORT_TTL_SECONDS"] * 1_000_000):
+                raise _Cancelled
+        except _Cancelled:
+            log.info("export job %s was cancelled or taken over", job_id)
+        except Exception as exc:  # a failed job is reported to its client, never left half-done
+            log.exception("export job %s failed", job_id)
+            jobs.fail(job_id, getattr(exc, "message", "the export failed; ask the data custodian"))
+
+
+def init_app(app: Flask) -> None:
+    """Give every serving process its export worker thread on its first request."""
+    app.before_request(lambda: start_worker(app))
+
+
+def start_worker(app: Flask) -> None:
+    """Start this process's export worker thread, unless it runs already or EXPORT_WORKER is off.
+
+    Fork-safe: the thread belongs to the process that started it, so a process forked
+    from it (a preloading server's workers) starts its own. The first heartbeat is
+    written before this returns, so the request that started the worker already finds
+    it alive.
+    """
+    pid = os.getpid()
+    if app.config["EXPORT_WORKER"] != "thread" or app.extensions.get(_STARTED_IN) == pid:
+        return
+    with _start_lock:
+        if app.extensions.get(_STARTED_IN) == pid:
+            return
+        worker = Worker(app)
+        try:
+            worker.beat()
+        except SQLAlchemyError:  # the database is unreachable now; the thread beats once it is back
+            log.exception("export worker heartbeat failed")
+        threading.Thread(target=worker.serve, name="passerelle-export-worker", daemon=True).start()
+        app.extensions[_STARTED_IN] = pid

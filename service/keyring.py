@@ -6,17 +6,25 @@ the project's current key version (`project_keys`), which `keys rotate` advances
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 from flask import current_app
 from sqlalchemy import Connection, func, insert, select
 
-from consent.projects import ProjectRecord
 from policies.deid import Profile, load_profile, parse_profile
 from policies.keys import load_master_key
 from policies.pseudonym import PseudonymKey
 from service.db import now_us
+from service.errors import Forbidden
 from service.store.schema import project_keys
+
+if TYPE_CHECKING:
+    from consent.projects import ProjectRecord
+
+class KeyMissing(Forbidden):
+    """A project has no key version: nothing can be pseudonymised for it."""
+
 
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "policies" / "profiles" / "default.json"
 
@@ -28,12 +36,17 @@ def master() -> bytes:
     return cache["master"]
 
 
+def start(conn: Connection, project_id: str) -> None:
+    """Give a new project its first key version (in the transaction that creates the project)."""
+    conn.execute(insert(project_keys).values(project_id=project_id, version=1, created=now_us()))
+
+
 def current_version(conn: Connection, project_id: str) -> int:
+    """The project's current key version; a project without one receives nothing (fail closed)."""
     version = conn.execute(select(func.max(project_keys.c.version))
                            .where(project_keys.c.project_id == project_id)).scalar()
     if version is None:
-        conn.execute(insert(project_keys).values(project_id=project_id, version=1, created=now_us()))
-        return 1
+        raise KeyMissing(f"Project {project_id} has no pseudonym key; run `flask --app wsgi init-db`")
     return version
 
 

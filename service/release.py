@@ -1,91 +1,138 @@
 """The one gate: the only way data leaves Passerelle for research.
 
-Every research output path (read, vread, search, `_include`, paging, `$export`,
-`$aggregate`) composes the same three steps from here: the consent filter inside
-the SQL statement (`restrict`), de-identification of each released resource
-(`Release.render` / `Release.deidentify`), and an audit entry written before the
-response leaves (`Release.audit`).
+A research caller holds one `Release` (its project, client, tier, key and profile) and
+reaches stored data only through its methods: search (with `_include`), read, version
+read, export rows and files, and the consented rows an aggregate builds on. Each path
+applies, in this order and nowhere else:
+
+1. project and type checks (`Release.require_type`, `Release.translate`): only the types
+   the project declared, directory types (Practitioner, Organization, …) only when declared;
+2. the consent filter inside the SQL statement (`restrict`), judged on the row's own
+   version: its patient, sensitivity mask, resource class and clinical dates;
+3. de-identification (`Release.deidentify`), where a reference survives only if its target
+   would itself be released to this project (the reference look-up goes through the same
+   filter), otherwise the element is removed;
+4. an audit entry naming the patients whose data left (`Release.audit`), written before the
+   response leaves: if it cannot be written, nothing is released.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Select, and_, exists, false, literal, not_, or_, select
+from sqlalchemy import Connection, Select, and_, exists, false, literal, not_, or_, select, tuple_
 
 from consent import engine, projects
-from consent.projects import PATIENT_DATA_TYPES, ProjectRecord
+from consent.projects import DIRECTORY_TYPES, PATIENT_DATA_TYPES, ProjectRecord
+from policies import budget
 from policies.deid import Deidentifier
 from policies.pseudonym import PseudonymKey
 from service import audit, db, keyring
-from service.api.searchset import Render
-from service.errors import Forbidden
-from service.store import repository, search
+from service.api.searchset import run_search
+from service.errors import Forbidden, NotFound
+from service.store import cohort, jobs, project_groups, repository, search
 from service.store.indexer import parse_reference
 from service.store.schema import decision_classes, decisions, history, resources
 from service.store.searchparams import COMPARTMENT, SearchParam, params_for
+from service.validation import VERSION_NUMBER
 
-#: Resources about no patient that a research view may carry, as far as the profile allows.
-NON_PATIENT_TYPES: tuple[str, ...] = ("Location", "Medication", "Organization", "Practitioner", "PractitionerRole")
 #: Search parameters that would let a caller probe identifying or shifted values.
 _WITHHELD_PARAMS = frozenset({"identifier", "telecom", "phone", "email", "_security", "_tag", "_profile",
                               "_lastUpdated"})
 _RESULT_PARAMS = frozenset({"_count", "_total", "_summary", "_include", "_cursor", "_format", "_pretty"})
+#: The result parameters the research view answers (no `_sort`: order would reveal real values);
+#: also what a search link shows of them.
+RESEARCH_RESULT_PARAMS = ("_count", "_total", "_summary", "_include")
 #: Stands for a pseudonym that resolves to nothing: no stored id can contain "~".
 _NOTHING = "~"
+_COMPARTMENT_TYPES = frozenset({"Patient", *COMPARTMENT})
 
 
-def restrict(project_id: str, minimum_tier: int, now: int | None = None, table: Any = resources
-             ) -> search.RowFilter:
-    """The consent filter as SQL: only rows the project's decisions allow, inside the query.
+@dataclass(frozen=True)
+class Judged:
+    """The columns consent judges a row on, and the tables they come from.
+
+    `current(table)` judges the current version (the resources table or an alias of it);
+    `version()` judges a row of `history` on that version's own patient, sensitivity and
+    clinical dates (only the type, which never changes, comes from `resources`).
+    """
+
+    type: Any
+    patient_id: Any
+    sensitive_mask: Any
+    clinical_low: Any
+    clinical_high: Any
+    tables: tuple[Any, ...]
+
+    @classmethod
+    def current(cls, table: Any = resources) -> Judged:
+        c = table.c
+        return cls(c.type, c.patient_id, c.sensitive_mask, c.clinical_low, c.clinical_high, (table,))
+
+    @classmethod
+    def version(cls) -> Judged:
+        h = history.c
+        return cls(resources.c.type, h.patient_id, h.sensitive_mask, h.clinical_low, h.clinical_high,
+                   (resources, history))
+
+
+def restrict(project_id: str, minimum_tier: int, now: int | None = None, table: Any = resources, *,
+             types: Iterable[str] = PATIENT_DATA_TYPES) -> search.RowFilter:
+    """The consent filter as SQL: only rows of `types` the project's decisions allow, inside the query.
 
     A patient-compartment row needs a decision of at least `minimum_tier` for its
     patient that is in force now, whose excluded categories do not meet the row's
     sensitivity mask, whose excluded classes do not include its type, and whose data
     period contains its clinical date (a row without one is withheld when a period
-    applies; the Patient resource itself carries no clinical date and is exempt).
-    `table` is the resources table or an alias of it.
+    applies; the Patient resource itself carries no clinical date and is exempt). A
+    directory row (Practitioner, Organization, …) passes only if its type is in `types`.
+    `table` is the resources table, an alias of it, or a `Judged` (e.g. `Judged.version()`).
     """
     instant = now if now is not None else db.now_us()
-    r = table.c
-    compartment = r.type.in_(sorted({"Patient", *COMPARTMENT}))
+    judged = table if isinstance(table, Judged) else Judged.current(table)
+    wanted = set(types)
+    in_compartment = sorted(wanted & _COMPARTMENT_TYPES)
+    directory = sorted(wanted - _COMPARTMENT_TYPES)
     in_period = or_(
-        r.type == "Patient",
+        judged.type == "Patient",
         and_(decisions.c.period_start.is_(None), decisions.c.period_end.is_(None)),
-        and_(r.clinical_low.is_not(None),
-             or_(decisions.c.period_start.is_(None), r.clinical_low >= decisions.c.period_start),
-             or_(decisions.c.period_end.is_(None), r.clinical_high <= decisions.c.period_end)),
+        and_(judged.clinical_low.is_not(None),
+             or_(decisions.c.period_start.is_(None), judged.clinical_low >= decisions.c.period_start),
+             or_(decisions.c.period_end.is_(None), judged.clinical_high <= decisions.c.period_end)),
     )
     consented = exists(select(literal(1)).where(
-        decisions.c.patient_id == r.patient_id,
+        decisions.c.patient_id == judged.patient_id,
         decisions.c.project_id == project_id,
         decisions.c.tier >= minimum_tier,
-        r.sensitive_mask.op("&")(decisions.c.excluded_mask) == 0,
+        judged.sensitive_mask.op("&")(decisions.c.excluded_mask) == 0,
         or_(decisions.c.valid_from.is_(None), decisions.c.valid_from <= instant),
         or_(decisions.c.valid_until.is_(None), decisions.c.valid_until >= instant),
         in_period,
         # Correlate explicitly: two levels down, auto-correlation would not reach the outer row.
         not_(exists(select(literal(1)).where(
-            decision_classes.c.patient_id == r.patient_id,
+            decision_classes.c.patient_id == judged.patient_id,
             decision_classes.c.project_id == project_id,
-            decision_classes.c.resource_type == r.type).correlate(table))),
-    ).correlate(table))
+            decision_classes.c.resource_type == judged.type).correlate(*judged.tables))),
+    ).correlate(*judged.tables))
+    allowed = and_(judged.type.in_(in_compartment), consented) if in_compartment else false()
+    if directory:
+        allowed = or_(allowed, judged.type.in_(directory))
 
     def apply(statement: Select[Any]) -> Select[Any]:
-        return statement.where(or_(and_(compartment, consented),
-                                   and_(not_(compartment), r.type.in_(NON_PATIENT_TYPES))))
+        return statement.where(allowed)
     return apply
 
 
 @dataclass
 class Release:
-    """One research caller's view of the data: a project, its current key and profile."""
+    """One research caller's view of the data: a project, its tier, its current key and profile."""
 
     project: ProjectRecord
     client_id: str
+    tier: int
     key: PseudonymKey
     deid: Deidentifier
 
@@ -93,24 +140,28 @@ class Release:
 
     @property
     def types(self) -> tuple[str, ...]:
-        return (*(self.project.types or PATIENT_DATA_TYPES), *NON_PATIENT_TYPES)
+        """The resource types this project receives, by any path."""
+        return self.project.released_types
 
     def require_type(self, resource_type: str) -> None:
         if resource_type not in self.types:
             raise Forbidden(f"Project {self.project.project_id} may not receive {resource_type} resources")
 
-    def records_filter(self) -> search.RowFilter:
-        return restrict(self.project.project_id, engine.RECORD)
+    def rows_filter(self, now: int | None = None, table: Any = resources) -> search.RowFilter:
+        """The consent filter at this release's tier over the project's types."""
+        return restrict(self.project.project_id, self.tier, now, table, types=self.types)
 
     # -- pseudonyms in, real ids out ---------------------------------------------------------
 
     def real_ids(self, conn: Connection, resource_type: str, pseudonyms: Iterable[str]) -> list[str]:
-        """The stored ids behind pseudonyms of one type (unresolvable ones map to nothing)."""
+        """The stored ids behind pseudonyms of one type that this project may receive (any other
+        pseudonym maps to nothing: searching by a withheld resource finds nothing)."""
         pks = [pk for p in pseudonyms if (pk := self.key.resolve(resource_type, p)) is not None]
         found: dict[int, str] = {}
         if pks:
-            found = dict(conn.execute(select(resources.c.pk, resources.c.id)
-                                      .where(resources.c.pk.in_(pks), resources.c.type == resource_type)).all())
+            statement = select(resources.c.pk, resources.c.id).where(
+                resources.c.pk.in_(pks), resources.c.type == resource_type, resources.c.deleted == false())
+            found = dict(conn.execute(self.rows_filter()(statement)).all())
         return [found[pk] for pk in pks if pk in found] or [_NOTHING]
 
     def translate(self, conn: Connection, resource_type: str, args: Sequence[tuple[str, str]]
@@ -122,9 +173,7 @@ class Release:
             name, _, modifier = raw_name.partition(":")
             if name in _RESULT_PARAMS:
                 if name == "_include":
-                    target = value.split(":")[2] if value.count(":") == 2 else None
-                    if target and target not in self.types:
-                        raise Forbidden(f"Project {self.project.project_id} may not receive {target} resources")
+                    self._check_include(known, value)
                 out.append((raw_name, value))
                 continue
             if name == "_sort":
@@ -144,6 +193,14 @@ class Release:
                 out.append((raw_name, value))
         return out
 
+    def _check_include(self, known: dict[str, SearchParam], value: str) -> None:
+        """Refuse an `_include` whose target type the project may not receive (either form)."""
+        parts = value.split(":")
+        param = known.get(parts[1]) if len(parts) in (2, 3) else None
+        target = parts[2] if len(parts) == 3 else (param.target if param else None)
+        if target and target not in self.types:
+            raise Forbidden(f"Project {self.project.project_id} may not receive {target} resources")
+
     def _real_references(self, conn: Connection, target: str | None, modifier: str, value: str) -> list[str]:
         refs = []
         for item in value.split(","):
@@ -153,35 +210,167 @@ class Release:
             refs.extend(f"{kind}/{real}" for real in self.real_ids(conn, kind, [pseudonym]))
         return refs
 
-    def visible_row(self, conn: Connection, resource_type: str, pseudonym: str, version: int | None) -> Any:
-        """The stored row (or one version of it) behind a pseudonym, if this project may see it."""
+    # -- search, read, version read -----------------------------------------------------------
+
+    def search(self, resource_type: str, args: Sequence[tuple[str, str]], base: str) -> dict[str, Any]:
+        """A searchset Bundle of what this project may see, `_include`d resources filtered alike."""
+        self.require_type(resource_type)
+        echo = [(k, v) for k, v in args if k.partition(":")[0] not in ("_cursor", "_pretty") and
+                (k.partition(":")[0] not in search.RESULT_PARAMS or k in RESEARCH_RESULT_PARAMS)]
+        released: list[Any] = []
+        with db.read() as conn:
+            real = self.translate(conn, resource_type, args)
+
+            def render(rows: list[Any], mode: str) -> list[dict[str, Any]]:
+                released.extend(rows)
+                return [{"fullUrl": f"{base}/{res['resourceType']}/{res['id']}", "resource": res,
+                         "search": {"mode": mode}} for res in self.deidentify(conn, rows)]
+
+            body = run_search(conn, resource_type, real, base=base, view=f"project:{self.project.project_id}",
+                              strict=True, render=render, restrict=self.rows_filter(), echo=echo)
+        self.audit("search", {"type": resource_type, "query": echo}, patients_of(released), len(released))
+        return body
+
+    def read(self, resource_type: str, pseudonym: str, version: int | None = None) -> dict[str, Any]:
+        """One resource (or one version of it) by pseudonym; NotFound unless this project may see it."""
+        self.require_type(resource_type)
+        with db.read() as conn:
+            row = self._visible_row(conn, resource_type, pseudonym, version)
+            if row is None:
+                raise NotFound(f"{resource_type}/{pseudonym} is not known")
+            resource = self.deidentify(conn, [row])[0]
+        self.audit("read", {"type": resource_type, "id": pseudonym, "version": version}, patients_of([row]), 1)
+        return resource
+
+    def _visible_row(self, conn: Connection, resource_type: str, pseudonym: str, version: int | None) -> Any:
         pk = self.key.resolve(resource_type, pseudonym)
         if pk is None:
             return None
-        content = resources.c.json if version is None else history.c.json
-        statement = (select(resources.c.pk, resources.c.type, resources.c.id, content, resources.c.patient_id)
-                     .where(resources.c.pk == pk, resources.c.type == resource_type, resources.c.deleted == false()))
-        if version is not None:
-            statement = statement.join(history, and_(history.c.resource_pk == resources.c.pk,
-                                                     history.c.version == version, history.c.deleted == false()))
-        return conn.execute(self.records_filter()(statement)).first()
+        live = (resources.c.pk == pk, resources.c.type == resource_type, resources.c.deleted == false())
+        if version is None:
+            statement = select(*search.ROW_COLUMNS).where(*live)
+            return conn.execute(self.rows_filter()(statement)).first()
+        statement = (select(resources.c.pk, resources.c.type, resources.c.id, history.c.json, history.c.patient_id)
+                     .join(history, history.c.resource_pk == resources.c.pk)
+                     .where(*live, history.c.version == version, history.c.deleted == false()))
+        return conn.execute(self.rows_filter(table=Judged.version())(statement)).first()
+
+    def visible_versions(self, conn: Connection, versions: Iterable[tuple[int, int]]) -> set[tuple[int, int]]:
+        """Which (row, version) pairs this project may receive now, each judged on its own version."""
+        wanted = sorted(set(versions))
+        visible: set[tuple[int, int]] = set()
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            statement = (select(history.c.resource_pk, history.c.version)
+                         .join(resources, resources.c.pk == history.c.resource_pk)
+                         .where(resources.c.pk.in_({pk for pk, _ in chunk}),
+                                tuple_(history.c.resource_pk, history.c.version).in_(chunk),
+                                history.c.deleted == false()))
+            visible.update(tuple(row) for row in conn.execute(self.rows_filter(table=Judged.version())(statement)))
+        return visible
+
+    # -- export --------------------------------------------------------------------------------
+
+    def require_group(self, group_id: str) -> None:
+        """Refuse a Group the custodian did not attach to this project, or deleted, exactly as an unknown id."""
+        with db.read() as conn:
+            if not project_groups.available(conn, self.project.project_id, group_id):
+                raise NotFound(f"Group/{group_id} is not known")
+
+    def export_rows(self, resource_type: str, *, after: int, until: int, since: int | None, group_id: str | None,
+                    limit: int) -> list[tuple[jobs.Line, dict[str, Any]]]:
+        """The next batch of an export: at most `limit` rows of one type past row number `after`, last
+        written in (`since`, `until`], of the members of an available Group when `group_id` is given;
+        each de-identified and keyed by what its line holds (row, version, patient)."""
+        self.require_type(resource_type)
+        statement = (select(*search.ROW_COLUMNS, resources.c.version)
+                     .where(resources.c.type == resource_type, resources.c.deleted == false(),
+                            resources.c.pk > after, resources.c.last_updated <= until))
+        if since is not None:
+            statement = statement.where(resources.c.last_updated > since)
+        if group_id is not None:
+            statement = statement.where(resources.c.patient_id.in_(
+                project_groups.members(self.project.project_id, group_id)))
+        with db.read() as conn:
+            rows = conn.execute(self.rows_filter()(statement).order_by(resources.c.pk).limit(limit)).all()
+            released = self.deidentify(conn, rows)
+        return [((row.pk, row.version, row.patient_id), resource)
+                for row, resource in zip(rows, released, strict=True)]
+
+    def export_file(self, job_id: str, file_no: int) -> Iterator[bytes]:
+        """One NDJSON file of this project's completed export, holding only the lines it may receive now.
+
+        Every line is judged again on the stored version it was written from
+        (`visible_versions`, part by part): a withdrawal, or a category, class or data
+        period excluded since the export, removes it. The audit entry names the patients
+        whose lines the file carries and is written before the first byte leaves. NotFound
+        for an unknown file or job, another project's job, or one not completed.
+        """
+        kept: list[bytes] = []  # per part, one 0/1 byte per line
+        patients: set[str] = set()
+        with db.read() as conn:
+            parts = jobs.file_part_count(conn, self.project.project_id, job_id, file_no)
+            if parts is None:
+                raise NotFound(f"Export file {file_no} of job {job_id} is not known")
+            for part in range(parts):
+                lines = jobs.part_lines(conn, job_id, file_no, part)
+                visible = self.visible_versions(conn, [(pk, version) for pk, version, _ in lines])
+                keep = bytes((pk, version) in visible for pk, version, _ in lines)
+                patients.update(patient for (_, _, patient), carried in zip(lines, keep, strict=True)
+                                if carried and patient)
+                kept.append(keep)
+        self.audit("export-download", {"job": job_id, "file": file_no}, patients, sum(map(sum, kept)))
+
+        def stream() -> Iterator[bytes]:
+            for part, keep in enumerate(kept):
+                content = jobs.part_content(job_id, file_no, part)
+                if content is None:  # cancelled or expired meanwhile: nothing more leaves
+                    return
+                yield b"".join(line for line, carried in zip(content.splitlines(keepends=True), keep, strict=True)
+                               if carried)
+        return stream()
 
     # -- rendering -----------------------------------------------------------------------------
 
     def deidentify(self, conn: Connection, rows: Sequence[Any]) -> list[dict[str, Any]]:
-        """De-identify stored rows (pk, type, id, json, patient_id) for this project."""
+        """De-identify stored rows (pk, type, id, json, patient_id) for this project.
+
+        References are rewritten only to targets this project may receive now; any other
+        reference element is removed (required ones get a data-absent-reason).
+        """
         loaded = [orjson.loads(row.json) for row in rows]
-        pks = _reference_pks(conn, loaded)
+        pks = self._released_targets(conn, loaded)
         return [self.deid.apply(resource, row.pk, row.patient_id, pks)
                 for resource, row in zip(loaded, rows, strict=True)]
 
-    def render(self, conn: Connection, base: str, released: list[Any]) -> Render:
-        """A searchset renderer that de-identifies and remembers which patients were released."""
-        def render(rows: list[Any], mode: str) -> list[dict[str, Any]]:
-            released.extend(rows)
-            return [{"fullUrl": f"{base}/{res['resourceType']}/{res['id']}", "resource": res,
-                     "search": {"mode": mode}} for res in self.deidentify(conn, rows)]
-        return render
+    def _released_targets(self, conn: Connection, loaded: list[dict[str, Any]]) -> dict[tuple[str, ...], int]:
+        """Row numbers of the referenced resources this project may receive: (type, id) → pk
+        judged on the current version, and (type, id, version) → pk for versioned references,
+        judged on that version."""
+        current: set[tuple[str, str]] = set()
+        versioned: set[tuple[str, str, str]] = set()
+        for resource in loaded:
+            for reference in _references(resource):
+                parsed = parse_reference(reference)
+                if parsed and parsed[0] in self.types:
+                    current.add((parsed[0], parsed[1]))
+                    version = reference.rpartition("/_history/")[2] if "/_history/" in reference else ""
+                    if VERSION_NUMBER.fullmatch(version):
+                        versioned.add((parsed[0], parsed[1], version))
+        if not current:
+            return {}
+        live = (repository.by_type_and_id(current), resources.c.deleted == false())
+        found: dict[tuple[str, ...], int] = {(t, i): pk for t, i, pk in conn.execute(
+            self.rows_filter()(select(resources.c.type, resources.c.id, resources.c.pk).where(*live)))}
+        if versioned:
+            statement = (select(resources.c.type, resources.c.id, history.c.version, resources.c.pk)
+                         .join(history, history.c.resource_pk == resources.c.pk)
+                         .where(*live, history.c.version.in_({int(v) for _, _, v in versioned}),
+                                history.c.deleted == false()))
+            for t, i, v, pk in conn.execute(self.rows_filter(table=Judged.version())(statement)):
+                if (t, i, str(v)) in versioned:
+                    found[(t, i, str(v))] = pk
+        return found
 
     def audit(self, action: str, detail: dict[str, Any], patients: Iterable[str], resources: int) -> None:
         """Record the release in its own transaction; if that fails, nothing is released."""
@@ -189,24 +378,40 @@ class Release:
             audit.record(conn, actor=self.client_id, action=action, project_id=self.project.project_id,
                          detail={**detail, "resources": resources}, patients=patients)
 
+    # -- aggregates ----------------------------------------------------------------------------
+
+    def aggregate_filter(self, now: int) -> search.RowFilter:
+        """The consent filter aggregates are computed under: rows whose patient's decision
+        reaches the aggregate tier at `now`, of the project's types and Patient (the unit)."""
+        return restrict(self.project.project_id, engine.AGGREGATE, now, types=("Patient", *self.types))
+
+    def reserve_aggregate(self, question: cohort.Question, query_hash: str, epsilon: float,
+                          idempotency_key: str | None) -> budget.Claim:
+        """In a short write transaction: the answer recorded for this request on the data the
+        question reads (nothing spent), or ε reserved for computing it (`budget.claim`)."""
+        with db.write() as conn:
+            version = cohort.data_version(conn, self.project.project_id, question.types)
+            return budget.claim(conn, self.project.project_id, query_hash, version, epsilon,
+                                idempotency_key=idempotency_key, actor=self.client_id)
+
+    def aggregate_rows(self, question: cohort.Question) -> tuple[cohort.Exact, str]:
+        """In a read transaction, which holds up no writer: the exact aggregate over the consented
+        rows with the patients of its cohort, and the data version read before it."""
+        with db.read() as conn:
+            version = cohort.data_version(conn, self.project.project_id, question.types)
+            return cohort.exact(conn, question, self.aggregate_filter(db.now_us())), version
+
+    def record_aggregate(self, query_hash: str, data_version: str, response: Any,
+                         idempotency_key: str | None) -> Any:
+        """In a short write transaction: record a computed answer; returns the answer to release
+        (the first one, if the same request was answered meanwhile)."""
+        with db.write() as conn:
+            return budget.record_answer(conn, self.project.project_id, query_hash, data_version, response,
+                                        idempotency_key)
+
 
 def patients_of(rows: Iterable[Any]) -> set[str]:
     return {row.patient_id for row in rows if row.patient_id}
-
-
-def _reference_pks(conn: Connection, loaded: list[dict[str, Any]]) -> dict[tuple[str, str], int]:
-    """Stored row numbers of everything the resources refer to, fetched in one query."""
-    wanted: set[tuple[str, str]] = set()
-    for resource in loaded:
-        for reference in _references(resource):
-            parsed = parse_reference(reference)
-            if parsed and parsed[0]:
-                wanted.add((parsed[0], parsed[1]))
-    if not wanted:
-        return {}
-    rows = conn.execute(select(resources.c.type, resources.c.id, resources.c.pk)
-                        .where(repository.by_type_and_id(wanted)))
-    return {(t, i): pk for t, i, pk in rows}
 
 
 def _references(node: Any) -> Iterable[str]:
@@ -232,7 +437,14 @@ def open_release(conn: Connection, client_id: str, project_id: str | None, minim
         raise Forbidden(f"Project {project_id} may only receive aggregate results; record-level paths are refused")
     key = keyring.project_key(conn, project_id)
     profile = keyring.profile_for(project)
-    return Release(project, client_id, key, Deidentifier(profile, key, reference_year=datetime.now(UTC).year))
+    return Release(project, client_id, minimum_tier, key,
+                   Deidentifier(profile, key, reference_year=datetime.now(UTC).year))
+
+
+def release_for(client_id: str, project_id: str | None, minimum_tier: int) -> Release:
+    """`open_release` in a read transaction of its own (for a request that holds none)."""
+    with db.read() as conn:
+        return open_release(conn, client_id, project_id, minimum_tier)
 
 
 def research_param_allowed(param: SearchParam) -> bool:
@@ -242,4 +454,4 @@ def research_param_allowed(param: SearchParam) -> bool:
 
 def research_capability_types() -> tuple[str, ...]:
     """Every type some research project could receive (what the research metadata lists)."""
-    return tuple(sorted({*PATIENT_DATA_TYPES, *NON_PATIENT_TYPES}))
+    return tuple(sorted({*PATIENT_DATA_TYPES, *DIRECTORY_TYPES}))

@@ -5,6 +5,7 @@ known valid, and outputs are plain dicts checked against the models in tests.
 """
 from __future__ import annotations
 
+import re
 from functools import cache
 from typing import Any
 
@@ -28,6 +29,17 @@ def model_for(resource_type: str) -> type | None:
         return None
     # Data types (HumanName, …) are models too; only resources may be stored.
     return model if issubclass(model, Resource) and model.get_resource_type() == resource_type else None
+
+
+#: A version id as this server writes them: 1, 2, … (at most 9 digits, within the column's range).
+VERSION_NUMBER = re.compile(r"[1-9][0-9]{0,8}")
+
+
+def version_number(text: str, what: str) -> int:
+    """The version a URL names; NotFound for anything this server never wrote as a version id."""
+    if not VERSION_NUMBER.fullmatch(text):
+        raise NotFound(f"{text!r} is not a version of {what}")
+    return int(text)
 
 
 def check_type(resource_type: str) -> None:

@@ -21,8 +21,12 @@ from sqlalchemy.engine import make_url
 from policies.keys import ensure_master_key
 from service import db
 from service.app import create_app
+from service.export import Worker
 from service.store.schema import metadata
+from tests.research_world import World, bearer, build, token
 
+# Every app a test builds runs export jobs only when the test calls `export.work` (or asks for a thread).
+os.environ["PASSERELLE_EXPORT_WORKER"] = "off"
 PG_URL = os.environ.get("PASSERELLE_TEST_DATABASE_URL", "")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -136,3 +140,23 @@ def custodian_token(app: Flask, client: FlaskClient) -> str:
 @pytest.fixture
 def custodian_headers(custodian_token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {custodian_token}", "Content-Type": "application/fhir+json"}
+
+
+@pytest.fixture
+def export_worker(app: Flask) -> Worker:
+    """A live export worker of this app (it has recorded its heartbeat); `export_worker.work()` runs the queue."""
+    worker = Worker(app)
+    worker.beat()
+    return worker
+
+
+@pytest.fixture
+def world(app: Flask, client: FlaskClient, custodian_headers: dict[str, str]) -> World:
+    """The research world of tests/research_world.py: three projects, patients in every consent situation."""
+    return build(app, client, custodian_headers)
+
+
+@pytest.fixture
+def research(app: Flask, client: FlaskClient, world: World) -> dict[str, str]:
+    """Headers of a research client of the world's record-level project."""
+    return bearer(token(client, app, "research", world.project))

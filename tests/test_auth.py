@@ -12,14 +12,14 @@ import jwt
 import pytest
 from click.testing import Result
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from flask import Blueprint, Flask, g, jsonify
+from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select, update
 from werkzeug.test import TestResponse
 
 from consent import projects
 from service import db
-from service.auth import ASSERTION_TYPE, Principal, register_client, require
+from service.auth import ASSERTION_TYPE, Principal, register_client
 from service.errors import InvalidRequest
 from service.store.schema import access_tokens, clients
 
@@ -30,13 +30,8 @@ KEY_MAKERS: dict[str, Callable[[], Any]] = {
     "ES384": lambda: ec.generate_private_key(ec.SECP384R1()),
 }
 
-probe = Blueprint("probe", __name__)
-
-
-@probe.get("/probe")
-def _probe() -> Any:
-    require("custodian")
-    return jsonify(client_id=g.principal.client_id, role=g.principal.role, scopes=list(g.principal.scopes))
+#: A custodian route that needs a token and answers 200 with one.
+PROTECTED = "/fhir/Patient"
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -104,13 +99,6 @@ def signing(request: pytest.FixtureRequest, app: Flask) -> tuple[Any, str, str]:
     """(private key, algorithm, client_id) of a client registered with that key's public JWK."""
     private_key = KEY_MAKERS[request.param]()
     return private_key, request.param, jwks_client(app, public_jwk(private_key, request.param))
-
-
-@pytest.fixture
-def probed(app: Flask) -> FlaskClient:
-    """A client of the app with a test-only custodian route at /probe."""
-    app.register_blueprint(probe)
-    return app.test_client()
 
 
 # -- registration ------------------------------------------------------------------------------
@@ -278,6 +266,24 @@ def test_disabled_client_gets_invalid_client(app, client):
     assert_oauth_error(response, 401, "invalid_client")
 
 
+def test_research_client_of_a_closed_project_gets_no_token(app, client, project_id):
+    registered = secret_client(app, "research", project_id)
+    with app.app_context(), db.write() as conn:
+        projects.close(conn, project_id)
+    response = post_basic(client, registered["client_id"], registered["client_secret"])
+    assert_oauth_error(response, 400, "unauthorized_client")
+    assert "closed" in response.get_json()["error_description"]
+
+
+def test_closed_project_is_not_revealed_to_a_caller_without_the_secret(app, client, project_id):
+    registered = secret_client(app, "research", project_id)
+    with app.app_context(), db.write() as conn:
+        projects.close(conn, project_id)
+    response = post_basic(client, registered["client_id"], "not-the-secret")
+    assert_oauth_error(response, 401, "invalid_client")
+    assert response.get_json()["error_description"] == "client authentication failed"
+
+
 # -- the token endpoint: SMART private_key_jwt ------------------------------------------------
 
 
@@ -423,61 +429,62 @@ def test_smart_configuration_advertises_backend_services_without_auth(client, pa
         config["capabilities"])
 
 
-def test_token_endpoint_follows_the_configured_public_base_url(app, client):
-    app.config["BASE_URL"] = "https://gateway.example"
-    assert client.get("/.well-known/smart-configuration").get_json()["token_endpoint"] == (
-        "https://gateway.example/auth/token")
-
-
 # -- bearer tokens on the API ------------------------------------------------------------------
 
 
-def test_request_without_a_token_is_401_operation_outcome(probed):
-    response = probed.get("/probe")
+def test_request_without_a_token_is_401_operation_outcome(client):
+    response = client.get(PROTECTED)
     assert response.status_code == 401
     assert response.get_json()["resourceType"] == "OperationOutcome"
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
 
 @pytest.mark.parametrize("header", ["Bearer not-a-real-token", "Basic dXNlcjpwYXNz", "Bearer "])
-def test_request_with_a_garbage_or_non_bearer_token_is_401(probed, header):
-    response = probed.get("/probe", headers={"Authorization": header})
+def test_request_with_a_garbage_or_non_bearer_token_is_401(client, header):
+    response = client.get(PROTECTED, headers={"Authorization": header})
     assert response.status_code == 401
     assert response.get_json()["resourceType"] == "OperationOutcome"
 
 
-def test_research_token_on_a_custodian_route_is_403(app, probed, project_id):
-    value = token_for(probed, secret_client(app, "research", project_id))
-    response = probed.get("/probe", headers={"Authorization": f"Bearer {value}"})
+def test_research_token_on_a_custodian_route_is_403(app, client, project_id):
+    value = token_for(client, secret_client(app, "research", project_id))
+    response = client.get(PROTECTED, headers={"Authorization": f"Bearer {value}"})
     assert response.status_code == 403
     assert response.get_json()["resourceType"] == "OperationOutcome"
 
 
-def test_custodian_token_is_accepted_and_names_the_caller(app, probed):
-    registered = secret_client(app)
-    value = token_for(probed, registered)
-    response = probed.get("/probe", headers={"Authorization": f"Bearer {value}"})
-    assert response.status_code == 200
-    assert response.get_json() == {"client_id": registered["client_id"], "role": "custodian",
-                                   "scopes": ["system/*.cruds"]}
+def test_custodian_token_is_accepted_on_the_custodian_api(app, client):
+    value = token_for(client, secret_client(app))
+    assert client.get(PROTECTED, headers={"Authorization": f"Bearer {value}"}).status_code == 200
 
 
-def test_expired_token_is_401(app, probed):
-    value = token_for(probed, secret_client(app))
+def test_expired_token_is_401(app, client):
+    value = token_for(client, secret_client(app))
     with app.app_context(), db.write() as conn:
         conn.execute(update(access_tokens).values(expires_at=db.now_us() - 1))
-    assert probed.get("/probe", headers={"Authorization": f"Bearer {value}"}).status_code == 401
+    assert client.get(PROTECTED, headers={"Authorization": f"Bearer {value}"}).status_code == 401
 
 
-def test_token_of_a_client_disabled_since_is_401(app, probed):
+def test_token_of_a_client_disabled_since_is_401(app, client):
     registered = secret_client(app)
-    value = token_for(probed, registered)
+    value = token_for(client, registered)
     assert run(app, "client", "disable", registered["client_id"]).exit_code == 0
-    assert probed.get("/probe", headers={"Authorization": f"Bearer {value}"}).status_code == 401
+    response = client.get(PROTECTED, headers={"Authorization": f"Bearer {value}"})
+    assert response.status_code == 401
+    assert response.get_json()["resourceType"] == "OperationOutcome"
 
 
-def test_conftest_custodian_headers_carry_a_working_token(probed, custodian_headers):
-    assert probed.get("/probe", headers=custodian_headers).status_code == 200
+def test_token_of_a_research_client_whose_project_was_closed_since_is_401(app, client, project_id):
+    value = token_for(client, secret_client(app, "research", project_id))
+    with app.app_context(), db.write() as conn:
+        projects.close(conn, project_id)
+    response = client.get("/research/fhir/Observation", headers={"Authorization": f"Bearer {value}"})
+    assert response.status_code == 401
+    assert response.get_json()["resourceType"] == "OperationOutcome"
+
+
+def test_conftest_custodian_headers_carry_a_working_token(client, custodian_headers):
+    assert client.get(PROTECTED, headers=custodian_headers).status_code == 200
 
 
 def test_issuing_a_token_purges_expired_tokens(app, client):

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, insert, select
-from sqlalchemy.exc import IntegrityError
 
 from policies import budget
 from service import db
@@ -79,7 +78,8 @@ def test_reserve_spends_exactly_and_refuses_overspend(engine: Engine) -> None:
     assert _spent_micro(engine) == 900_000
     with pytest.raises(budget.BudgetExhausted) as refused:
         _reserve(engine, 0.2)
-    assert refused.value.remaining_epsilon == 0.1 and refused.value.status == 429
+    assert refused.value.remaining_epsilon == 0.1
+    assert (refused.value.status, refused.value.code) == (403, "too-costly")
     assert "0.100000" in refused.value.message
     assert _spent_micro(engine) == 900_000  # a refusal spends nothing
     _reserve(engine, 0.1)                   # exactly the remainder is allowed
@@ -166,22 +166,22 @@ def test_ledger_history_explains_the_totals(engine: Engine) -> None:
 
 def _aggregate(eng: Engine, params: dict[str, Any], data_version: str, key: str | None = None,
                *, fail_after_reserve: bool = False) -> dict[str, Any]:
-    """The caller's flow, as the $aggregate operation will run it (one write transaction)."""
+    """The caller's flow, as `$aggregate` runs it: claim, compute outside any write transaction, record."""
     # Imported here so the spawned concurrency workers, which import this module, skip diffprivlib.
     from policies import dp
 
     query_hash = budget.canonical_hash(params)
     with db.write(eng) as conn:
-        recorded = budget.recorded_answer(conn, P, query_hash, data_version, key)
-        if recorded is not None:
-            return recorded
-        budget.reserve(conn, P, params["epsilon"], query_hash=query_hash, idempotency_key=key, actor="client")
-        if fail_after_reserve:
-            raise RuntimeError("the aggregate query failed")
-        released = dp.Count(params["epsilon"]).release(40)
-        response = {"value": released.value, "interval": list(released.interval)}
-        budget.record_answer(conn, P, query_hash, data_version, response, key)
-        return response
+        claim = budget.claim(conn, P, query_hash, data_version, params["epsilon"], idempotency_key=key,
+                             actor="client")
+    if claim.answer is not None:
+        return claim.answer
+    if fail_after_reserve:
+        raise RuntimeError("the aggregate query failed")
+    released = dp.Count(params["epsilon"]).release(40)
+    with db.write(eng) as conn:
+        return budget.record_answer(conn, P, query_hash, data_version,
+                                    {"value": released.value, "interval": list(released.interval)}, key)
 
 
 def test_identical_query_returns_the_recorded_answer_and_spends_nothing(engine: Engine) -> None:
@@ -212,26 +212,46 @@ def test_idempotency_key_never_draws_fresh_noise(engine: Engine) -> None:
         assert budget.recorded_answer(conn, P, "unknown", "v1", "req-2") is None
 
 
-def test_failure_after_reservation_releases_and_records_nothing(engine: Engine) -> None:
+def test_a_claim_tells_the_remaining_budget_after_it(engine: Engine) -> None:
+    with db.write(engine) as conn:
+        budget.ensure_budget(conn, P, 1.0)
+        assert budget.claim(conn, P, "h", "v1", 0.3) == budget.Claim(None, 0.7)
+        budget.record_answer(conn, P, "h", "v1", {"value": 1})
+        assert budget.claim(conn, P, "h", "v1", 0.3) == budget.Claim({"value": 1}, 0.7)
+
+
+def test_a_failed_computation_keeps_its_reservation_and_records_nothing(engine: Engine) -> None:
+    """No refunds: a failure after the reservation may depend on the data, so it is paid for."""
     with db.write(engine) as conn:
         budget.ensure_budget(conn, P, 1.0)
     with pytest.raises(RuntimeError):
         _aggregate(engine, {"kind": "count", "epsilon": 0.1}, "v1", fail_after_reserve=True)
-    assert _spent_micro(engine) == 0  # the transaction rolled back: nothing released, nothing spent
+    assert _spent_micro(engine) == 100_000
     with db.read(engine) as conn:
         assert conn.scalar(select(func.count()).select_from(answers)) == 0
 
 
-def test_database_errors_propagate_and_roll_back_the_reservation(engine: Engine) -> None:
+def test_an_answer_recorded_meanwhile_is_the_one_released(engine: Engine) -> None:
+    """Two identical questions computed at once both pay, and both get the first recorded answer."""
     with db.write(engine) as conn:
         budget.ensure_budget(conn, P, 1.0)
-        budget.record_answer(conn, P, "h", "v1", {"value": 1})
-    with pytest.raises(IntegrityError), db.write(engine) as conn:
-        budget.reserve(conn, P, 0.5, query_hash="h")
-        budget.record_answer(conn, P, "h", "v1", {"value": 2})  # duplicate (project, query, version)
-    assert _spent_micro(engine) == 0
+        for _ in range(2):
+            assert budget.claim(conn, P, "h", "v1", 0.25, idempotency_key=None).answer is None
+        first = budget.record_answer(conn, P, "h", "v1", {"value": 1}, "key-1")
+        second = budget.record_answer(conn, P, "h", "v1", {"value": 2}, "key-2")
+    assert first == second == {"value": 1}
     with db.read(engine) as conn:
-        assert budget.recorded_answer(conn, P, "h", "v1") == {"value": 1}
+        assert budget.recorded_answer(conn, P, "h", "v2", "key-2") == {"value": 1}  # the key was bound to it
+    assert _spent_micro(engine) == 500_000
+
+
+def test_an_error_before_the_claim_commits_spends_nothing(engine: Engine) -> None:
+    with db.write(engine) as conn:
+        budget.ensure_budget(conn, P, 1.0)
+    with pytest.raises(RuntimeError), db.write(engine) as conn:
+        budget.claim(conn, P, "h", "v1", 0.5)
+        raise RuntimeError("the transaction failed before it committed")
+    assert _spent_micro(engine) == 0
 
 
 # --- durability and concurrency ----------------------------------------------------------------------
@@ -293,7 +313,8 @@ def test_concurrent_reservations_never_overspend(database_url: str, engine: Engi
 
 
 def _identical_query_worker(url: str, count: int, barrier: Any, results: Any) -> None:
-    """One process running the same query `count` times, with a pause inside the transaction."""
+    """One process asking the same question `count` times: claim, compute slowly with no
+    transaction open, record."""
     import random
 
     eng = db.make_engine(url, pool_size=1)
@@ -301,20 +322,20 @@ def _identical_query_worker(url: str, count: int, barrier: Any, results: Any) ->
     seen = []
     for _ in range(count):
         with db.write(eng) as conn:
-            answer = budget.recorded_answer(conn, P, "same-query", "v1")
-            if answer is None:
-                budget.reserve(conn, P, 0.1, query_hash="same-query")
-                time.sleep(0.05)  # widen the window in which a second runner could slip in
-                answer = {"value": random.random()}
-                budget.record_answer(conn, P, "same-query", "v1", answer)
+            answer = budget.claim(conn, P, "same-query", "v1", 0.1).answer
+        if answer is None:
+            time.sleep(0.05)  # widen the window in which a second runner could slip in
+            with db.write(eng) as conn:
+                answer = budget.record_answer(conn, P, "same-query", "v1", {"value": random.random()})
         seen.append(answer["value"])
     eng.dispose()
     results.put(seen)
 
 
-def test_concurrent_identical_queries_spend_once(database_url: str, engine: Engine) -> None:
-    # recorded_answer locks the budget row first, so on PostgreSQL the runners serialise and
-    # all but the first find the recorded answer (SQLite's BEGIN IMMEDIATE does the same).
+def test_concurrent_identical_queries_release_one_answer_and_never_overspend(database_url: str,
+                                                                             engine: Engine) -> None:
+    # Runners computing at the same time each pay (nothing is locked while computing), but
+    # record_answer serialises on the budget row and all of them release the first answer.
     with db.write(engine) as conn:
         budget.ensure_budget(conn, P, 1.0)
     ctx = multiprocessing.get_context("spawn")
@@ -330,7 +351,10 @@ def test_concurrent_identical_queries_spend_once(database_url: str, engine: Engi
             w.join(timeout=30)
     assert [w.exitcode for w in workers] == [0] * 4
     assert len(seen) == 12 and len(set(seen)) == 1
-    assert _spent_micro(engine) == 100_000
+    state = _status(engine, history_limit=None)
+    claims = sum(h["kind"] == "query" for h in state["history"])
+    assert 1 <= claims <= 4  # at most one per runner: its later questions find the recorded answer
+    assert _spent_micro(engine) == claims * 100_000
 
 
 @pytest.mark.parametrize("prior", [10, 10_000])

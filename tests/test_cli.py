@@ -1,4 +1,4 @@
-"""The `flask --app wsgi …` commands: init-db, ingest and demo-data."""
+"""The `flask --app wsgi …` commands: init-db, ingest, demo-data, project group and export-worker."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from service import db
 from service.app import create_app
 from service.store.schema import schema_migrations
-from tests.fhir_helpers import patient, post_entry, transaction
+from tests.fhir_helpers import create, patient, post_entry, transaction
 
 
 def run(app: Flask, *args: str) -> Result:
@@ -186,3 +186,90 @@ def test_demo_data_ndjson_writes_files_without_touching_the_database(app, client
                  for line in path.read_text().splitlines() if line.strip()]
     assert sum(r["resourceType"] == "Patient" for r in resources) == 3
     assert patient_count(client, custodian_headers) == 0
+
+
+# --- project group -------------------------------------------------------------------------
+
+@pytest.fixture
+def project_id(app: Flask) -> str:
+    result = run(app, "project", "create", "--name", "Cohort study", "--tier", "record", "--epsilon", "1")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["project_id"]
+
+
+@pytest.fixture
+def group_id(client: FlaskClient, custodian_headers: dict[str, str]) -> str:
+    return create(client, custodian_headers, {"resourceType": "Group", "type": "person", "actual": True})["id"]
+
+
+def groups_of(app: Flask, project_id: str) -> list[str]:
+    result = run(app, "project", "group", "list", "--project", project_id)
+    assert result.exit_code == 0, result.output
+    return [json.loads(line)["group_id"] for line in result.stdout.splitlines()]
+
+
+def test_project_group_add_attaches_a_group_that_list_then_shows(app, project_id, group_id):
+    result = run(app, "project", "group", "add", "--project", project_id, "--group", group_id)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"project_id": project_id, "group_id": group_id, "attached": True}
+    assert groups_of(app, project_id) == [group_id]
+
+
+def test_project_group_remove_detaches_it(app, project_id, group_id):
+    run(app, "project", "group", "add", "--project", project_id, "--group", group_id)
+    result = run(app, "project", "group", "remove", "--project", project_id, "--group", group_id)
+    assert result.exit_code == 0, result.output
+    assert groups_of(app, project_id) == []
+
+
+def test_project_group_add_refuses_an_unknown_project(app, group_id):
+    result = run(app, "project", "group", "add", "--project", "no-such-project", "--group", group_id)
+    assert result.exit_code == 1
+    assert "Project 'no-such-project' is not known" in result.stderr
+
+
+def test_project_group_add_refuses_an_unknown_group(app, project_id):
+    result = run(app, "project", "group", "add", "--project", project_id, "--group", "no-such-group")
+    assert result.exit_code == 1
+    assert "Group/no-such-group is not known" in result.stderr
+    assert groups_of(app, project_id) == []
+
+
+def test_project_group_add_refuses_a_deleted_group(app, client, custodian_headers, project_id, group_id):
+    assert client.delete(f"/fhir/Group/{group_id}", headers=custodian_headers).status_code in (200, 204)
+    result = run(app, "project", "group", "add", "--project", project_id, "--group", group_id)
+    assert result.exit_code == 1
+    assert f"Group/{group_id} was deleted" in result.stderr
+    assert groups_of(app, project_id) == []
+
+
+def test_project_group_add_refuses_a_group_already_attached(app, project_id, group_id):
+    run(app, "project", "group", "add", "--project", project_id, "--group", group_id)
+    result = run(app, "project", "group", "add", "--project", project_id, "--group", group_id)
+    assert result.exit_code == 1
+    assert "already attached" in result.stderr
+    assert groups_of(app, project_id) == [group_id]
+
+
+def test_project_group_remove_refuses_a_group_not_attached(app, project_id, group_id):
+    result = run(app, "project", "group", "remove", "--project", project_id, "--group", group_id)
+    assert result.exit_code == 1
+    assert "is not attached" in result.stderr
+
+
+# --- export-worker -------------------------------------------------------------------------
+
+def test_export_worker_once_runs_the_queued_jobs_and_says_how_many(app, client, project_id, export_worker):
+    created = json.loads(run(app, "client", "create", "--name", "partner", "--role", "research",
+                             "--project", project_id).stdout)
+    granted = client.post("/auth/token", data={"grant_type": "client_credentials"},
+                          auth=(created["client_id"], created["client_secret"])).get_json()
+    headers = {"Authorization": f"Bearer {granted['access_token']}"}
+    kick = client.get("/research/fhir/Patient/$export", headers={**headers, "Prefer": "respond-async"})
+    assert kick.status_code == 202, kick.get_json()
+
+    result = run(app, "export-worker", "--once")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"jobs": 1}
+    app.config["EXPORT_POLL_SECONDS"] = 0
+    assert client.get(kick.headers["Content-Location"], headers=headers).status_code == 200

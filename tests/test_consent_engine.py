@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from consent import engine
 from consent.engine import AGGREGATE, NONE, RECORD, Decision, Project
+from policies.fhirdates import date_range
 from policies.sensitivity import ACT_CODE, CATEGORIES, CATEGORY_SYSTEM
-from service.store.fhirdates import date_range
 
 CLASSES = ("Patient", "Observation", "Condition", "MedicationRequest")
 PROJECT = Project("study-a", RECORD, CLASSES, organization="org-1")

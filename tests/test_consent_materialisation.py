@@ -17,9 +17,9 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
 from consent import engine
+from policies.fhirdates import date_range, instant
 from policies.sensitivity import ACT_CODE, CATEGORIES
 from service import db
-from service.store.fhirdates import date_range, instant
 from service.store.schema import decisions
 from tests.fhir_helpers import create, issue, patient, post_entry, search, transaction
 

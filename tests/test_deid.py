@@ -520,10 +520,21 @@ def test_a_reference_to_an_unreleased_contained_resource_is_removed(key: Pseudon
     assert "subject" not in engine(rules, key).apply(source, 701, "p1")
 
 
-def test_an_unresolvable_reference_is_removed_but_its_type_kept(deid: Deidentifier) -> None:
+def test_an_unresolvable_reference_is_removed_with_its_type(deid: Deidentifier) -> None:
     source = {**observation(), "performer": [{"reference": "Practitioner/unknown", "type": "Practitioner",
                                               "display": DOCTOR}, {"reference": "Practitioner/gone"}]}
-    assert deid.apply(source, 701, "p1")["performer"] == [{"type": "Practitioner"}]
+    assert "performer" not in deid.apply(source, 701, "p1")
+
+
+def test_a_versioned_reference_absent_from_the_mapping_is_removed(deid: Deidentifier) -> None:
+    source = {**observation(), "subject": {"reference": "Patient/p1/_history/1"}}
+    assert "subject" not in deid.apply(source, 701, "p1", {("Patient", "p1"): 101})
+
+
+def test_a_versioned_reference_the_mapping_names_is_kept(deid: Deidentifier, key: PseudonymKey) -> None:
+    source = {**observation(), "subject": {"reference": "Patient/p1/_history/1"}}
+    released = deid.apply(source, 701, "p1", {("Patient", "p1"): 101, ("Patient", "p1", "1"): 101})
+    assert released["subject"] == {"reference": f"Patient/{key.pseudonym('Patient', 101)}/_history/1"}
 
 
 @pytest.mark.parametrize("reference", ["Patient?identifier=123", "urn:oid:1.2.3", "a/b/Patient/p1", "Patient",

@@ -10,6 +10,9 @@ from __future__ import annotations
 import inspect
 import math
 import secrets
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -172,7 +175,7 @@ def test_mean_is_clipped_and_carries_its_noisy_count() -> None:
 
 # --- parameters ------------------------------------------------------------------------------
 
-BAD_EPSILONS = [0, 0.0, -1.0, math.nan, math.inf, True, "1"]
+BAD_EPSILONS = [0, 0.0, -1.0, math.nan, math.inf, True, "1", 1e-300, 5e-324, dp.EPSILON_FLOOR / 2]
 
 
 @pytest.mark.parametrize("eps", BAD_EPSILONS)
@@ -181,6 +184,36 @@ def test_every_mechanism_refuses_a_bad_epsilon(eps) -> None:
                  lambda: dp.BoundedMean(eps, 0, 1), lambda: dp.Quantile(eps, 0.5, 0, 1)):
         with pytest.raises(dp.MechanismError):
             make()
+
+
+def _within(seconds: float, work: Callable[[], Any]) -> Any:
+    """Run `work` in a thread; fail if it has not returned after `seconds` (a daemon thread is left behind)."""
+    outcome: list[Any] = []
+    thread = threading.Thread(target=lambda: outcome.append(work()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still running after {seconds} s"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("eps", [1e-300, 1e-50, 1e-20])
+def test_the_geometric_interval_takes_constant_work_whatever_epsilon(eps) -> None:
+    """ε = 1e-300 once looped for ever inside the budget's write transaction (issue 9)."""
+    t = _within(2.0, lambda: dp.geometric_half_width(eps, 1))
+    assert t > 1e19
+
+
+def test_every_mechanism_releases_at_once_at_the_smallest_epsilon_it_accepts() -> None:
+    eps, rs = dp.EPSILON_FLOOR, np.random.RandomState(7)
+    releases = {
+        "count": lambda: dp.Count(eps).release(10, random_state=rs),
+        "histogram": lambda: dp.Histogram(eps, ("a", "b"), 2).release({"a": 3}, random_state=rs),
+        "sum": lambda: dp.BoundedSum(eps, 0.0, 1.0).release(3.0, random_state=rs),
+        "mean": lambda: dp.BoundedMean(eps, 0.0, 1.0).release(3.0, 10, random_state=rs),
+        "quantile": lambda: dp.Quantile(eps, 0.5, 0.0, 1.0).release([0.2, 0.4], random_state=rs),
+    }
+    for name, release in releases.items():
+        assert _within(5.0, release) is not None, name
 
 
 @pytest.mark.parametrize("lower, upper", [(1.0, 0.0), (1.0, 1.0), (-math.inf, 1.0), (0.0, math.nan), (None, 1.0)])

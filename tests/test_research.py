@@ -7,24 +7,12 @@ consented to another project only.
 """
 from __future__ import annotations
 
-import orjson
 import pytest
 
-from service import export
-from tests.research_world import DEPRESSION, World, bearer, build, token
+from tests.research_world import DEPRESSION, World, bearer, token
 
 RECORD_VISIBLE = {"consented": 2, "no_mental_health": 2, "recent_only": 1}
 HIDDEN = ("aggregate_only", "refused", "silent", "other_project")
-
-
-@pytest.fixture
-def world(app, client, custodian_headers) -> World:
-    return build(app, client, custodian_headers)
-
-
-@pytest.fixture
-def research(app, client, world) -> dict[str, str]:
-    return bearer(token(client, app, "research", world.project))
 
 
 def _markers(bundle: dict) -> list[float]:
@@ -199,42 +187,6 @@ def test_research_metadata_is_a_read_only_capability_statement(client):
     body = client.get("/research/fhir/metadata").get_json()
     interactions = {i["code"] for r in body["rest"][0]["resource"] for i in r["interaction"]}
     assert interactions.isdisjoint({"create", "update", "delete"})
-
-
-# -- $export ---------------------------------------------------------------------------------
-
-
-def _export(app, client, headers: dict[str, str], path: str = "/research/fhir/$export") -> dict[str, bytes]:
-    app.config["EXPORT_POLL_SECONDS"] = 0
-    kick = client.get(path, headers={**headers, "Prefer": "respond-async"})
-    assert kick.status_code == 202, kick.get_json()
-    status_url = kick.headers["Content-Location"]
-    assert _get(client, status_url, headers).status_code == 202
-    export.work(app)
-    done = _get(client, status_url, headers)
-    assert done.status_code == 200
-    manifest = done.get_json()
-    assert manifest["requiresAccessToken"] is True
-    return {item["type"]: _get(client, item["url"], headers).data for item in manifest["output"]}
-
-
-def test_export_carries_exactly_the_visible_data(app, client, world, research):
-    files = _export(app, client, research)
-    observations = [orjson.loads(line) for line in files["Observation"].splitlines()]
-    assert sorted(o["valueQuantity"]["value"] for o in observations) == _expected_markers(world)
-    assert len(files["Patient"].splitlines()) == len(RECORD_VISIBLE)
-    for real_id in world.patients.values():
-        assert all(real_id.encode() not in content for content in files.values())
-
-
-def test_export_files_need_the_same_projects_token(app, client, world, research):
-    app.config["EXPORT_POLL_SECONDS"] = 0
-    kick = client.get("/research/fhir/Patient/$export", headers={**research, "Prefer": "respond-async"})
-    export.work(app)
-    manifest = _get(client, kick.headers["Content-Location"], research).get_json()
-    other = bearer(token(client, app, "research", world.other_project))
-    assert _get(client, manifest["output"][0]["url"], other).status_code == 404
-    assert _get(client, kick.headers["Content-Location"], other).status_code == 404
 
 
 def test_research_metadata_lists_no_identifying_or_date_parameter(client):

@@ -16,7 +16,7 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from consent import projects, writer
-from service import db, export, synthetic
+from service import db, synthetic
 from tests.research_world import bearer, token
 
 PATIENTS = 12
@@ -50,7 +50,9 @@ def corpus(app, client, custodian_headers):
     people = [e["resource"] for e in patients]
     staff = client.get("/fhir/Practitioner?_count=100", headers=custodian_headers).get_json().get("entry", [])
     with app.app_context(), db.write() as conn:
-        project = projects.create(conn, name="corpus", tier="record", epsilon=1.0).project_id
+        # Every type a project can receive, directory types included, so all of them are checked.
+        project = projects.create(conn, name="corpus", tier="record", epsilon=1.0,
+                                  types=projects.PATIENT_DATA_TYPES + projects.DIRECTORY_TYPES).project_id
         for person in people:
             writer.record(conn, writer.build(person["id"], project, "record", [], source="test"))
     secrets = set()
@@ -101,12 +103,12 @@ def test_every_searchable_resource_is_valid_and_carries_nothing_identifying(app,
     assert released > PATIENTS * 10
 
 
-def test_every_exported_resource_is_valid_and_carries_nothing_identifying(app, client, corpus):
+def test_every_exported_resource_is_valid_and_carries_nothing_identifying(app, client, corpus, export_worker):
     project, secrets, birth_dates, real_ids = corpus
     headers = bearer(token(client, app, "research", project))
     app.config["EXPORT_POLL_SECONDS"] = 0
     kick = client.get("/research/fhir/$export", headers={**headers, "Prefer": "respond-async"})
-    export.work(app)
+    export_worker.work()
     manifest = client.get(kick.headers["Content-Location"].replace("http://localhost", ""), headers=headers)
     assert manifest.status_code == 200
     total = 0

@@ -5,7 +5,7 @@ query builder accepts.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import cache
 from typing import Any
 
@@ -18,6 +18,11 @@ SOFTWARE_VERSION = "0.1.0"
 FHIR_VERSION = "4.3.0"  # R4B: the models every resource is validated against
 _WRITE = ("create", "update", "delete")
 _READ = ("read", "vread", "history-instance", "search-type")
+#: What the research view answers: no history (it would list versions a project may not see).
+RESEARCH_READ = ("read", "vread", "search-type")
+#: Parameters that shape results, with their search-parameter types.
+RESULT_PARAMS = {"_count": "number", "_sort": "string", "_total": "token", "_summary": "token",
+                 "_include": "special"}
 _SMART_OAUTH = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 
 
@@ -28,14 +33,15 @@ def resource_types() -> tuple[str, ...]:
     return tuple(sorted(n for n in names if model_for(n) is not None))
 
 
-def _resource(resource_type: str, writable: bool, accepts: Callable[[SearchParam], bool]) -> dict[str, Any]:
+def _resource(resource_type: str, writable: bool, accepts: Callable[[SearchParam], bool],
+              reads: tuple[str, ...]) -> dict[str, Any]:
     params = {name: p for name, p in params_for(resource_type).items() if accepts(p)}
-    interactions = _READ + (_WRITE if writable else ())
+    interactions = reads + (_WRITE if writable else ())
     entry: dict[str, Any] = {
         "type": resource_type,
         "interaction": [{"code": code} for code in interactions],
         "versioning": "versioned",
-        "readHistory": True,
+        "readHistory": "vread" in reads,
         "updateCreate": writable,
         "conditionalCreate": writable,
         "conditionalUpdate": False,
@@ -52,8 +58,13 @@ def _resource(resource_type: str, writable: bool, accepts: Callable[[SearchParam
 
 def statement(base: str, *, writable: bool = True, types: tuple[str, ...] | None = None,
               description: str = "Passerelle custodian FHIR API",
-              accepts: Callable[[SearchParam], bool] = lambda _: True) -> dict[str, Any]:
-    """A CapabilityStatement for a FHIR base URL (`writable` False for the read-only research view)."""
+              accepts: Callable[[SearchParam], bool] = lambda _: True,
+              reads: tuple[str, ...] = _READ, result_params: Iterable[str] = tuple(RESULT_PARAMS)) -> dict[str, Any]:
+    """A CapabilityStatement for a FHIR base URL (`writable` False for the read-only research view).
+
+    `accepts` chooses the search parameters advertised, `result_params` the result
+    parameters and `reads` the read interactions, so each API lists exactly what it answers.
+    """
     chosen = types if types is not None else resource_types()
     server_base = base.rsplit("/fhir", 1)[0].rsplit("/research", 1)[0]
     return {
@@ -79,10 +90,8 @@ def statement(base: str, *, writable: bool = True, types: tuple[str, ...] | None
                 "extension": [{"url": _SMART_OAUTH, "extension": [
                     {"url": "token", "valueUri": f"{server_base}/auth/token"}]}],
             },
-            "resource": [_resource(t, writable, accepts) for t in chosen],
+            "resource": [_resource(t, writable, accepts, reads) for t in chosen],
             **({"interaction": [{"code": "transaction"}, {"code": "batch"}]} if writable else {}),
-            "searchParam": [{"name": name, "type": kind} for name, kind in
-                            (("_count", "number"), ("_sort", "string"), ("_total", "token"),
-                             ("_summary", "token"), ("_include", "special"))],
+            "searchParam": [{"name": name, "type": RESULT_PARAMS[name]} for name in result_params],
         }],
     }

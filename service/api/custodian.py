@@ -11,32 +11,24 @@ from urllib.parse import parse_qsl
 
 from flask import Blueprint, Response, request
 
-from service import auth, bundles, db
-from service.api import capability
+from service import bundles, db
+from service.api import capability, scopes
 from service.api.fhirjson import base_url, check_format, fhir_response, parse_body
 from service.api.searchset import render_stored, run_search
 from service.bundles import parse_if_match
-from service.errors import InvalidRequest, NotFound, PreconditionFailed, operation_outcome
+from service.errors import InvalidRequest, PreconditionFailed, operation_outcome
 from service.store import repository
 from service.store.repository import Stored
-from service.store.search import matching_ids
-from service.validation import check_type, validate
+from service.store.search import custodian_view, matching_ids
+from service.validation import check_type, validate, version_number
 
 bp = Blueprint("custodian", __name__)
 
 ROLE = "custodian"
 
 
-@bp.before_request
-def _authenticate() -> None:
-    check_format()
-    if request.endpoint != "custodian.metadata":
-        auth.require(ROLE)
-        args = request.view_args or {}
-        if "resource_type" in args:
-            letter = "s" if request.endpoint == "custodian.search_type" else \
-                auth.interaction_letter(request.method, "resource_id" in args)
-            auth.require_scope(args["resource_type"], letter)
+# Tokens and scopes are checked for every route by service/api/scopes.py.
+bp.before_request(check_format)
 
 
 def _base() -> str:
@@ -83,29 +75,17 @@ def metadata() -> Response:
     return fhir_response(capability.statement(_base()))
 
 
-def _check_bundle_scopes(body: Any) -> None:
-    """Every entry of a Bundle needs the scope its own interaction would need."""
-    entries = body.get("entry") if isinstance(body, dict) else None
-    for entry in entries if isinstance(entries, list) else ():
-        req = entry.get("request") if isinstance(entry, dict) else None
-        if not isinstance(req, dict) or not isinstance(req.get("url"), str):
-            continue  # the Bundle parser reports malformed entries
-        path = req["url"].split("?", 1)[0].strip("/").split("/")
-        if path and path[0]:
-            auth.require_scope(path[0], auth.interaction_letter(str(req.get("method")), len(path) > 1))
-
-
 @bp.post("")
 @bp.post("/")
 def bundle() -> Response:
     body = parse_body()
-    _check_bundle_scopes(body)
+    scopes.require_bundle_entries(body)
     base = _base()
 
     def read_search(resource_type: str, args: list[tuple[str, str]]) -> dict[str, Any]:
         with db.read() as conn:
             return run_search(conn, resource_type, args, base=base, view=ROLE, strict=True,
-                              render=render_stored(base))
+                              render=render_stored(base), restrict=custodian_view)
 
     with db.write() as conn:
         result = bundles.process(conn, body, read_search)
@@ -119,7 +99,7 @@ def search_type(resource_type: str) -> Response:
     args = _search_args()
     with db.read() as conn:
         return fhir_response(run_search(conn, resource_type, args, base=_base(), view=ROLE, strict=_strict(),
-                                        render=render_stored(_base())))
+                                        render=render_stored(_base()), restrict=custodian_view))
 
 
 @bp.post("/<resource_type>")
@@ -194,8 +174,7 @@ def history(resource_type: str, resource_id: str) -> Response:
 @bp.get("/<resource_type>/<resource_id>/_history/<version>")
 def vread(resource_type: str, resource_id: str, version: str) -> Response:
     check_type(resource_type)
-    if not version.isdigit():
-        raise NotFound(f"{version!r} is not a version of {resource_type}/{resource_id}")
+    number = version_number(version, f"{resource_type}/{resource_id}")
     with db.read() as conn:
-        stored = repository.vread(conn, resource_type, resource_id, int(version))
+        stored = repository.vread(conn, resource_type, resource_id, number)
     return fhir_response(stored.json, headers=_version_headers(stored))

@@ -1,11 +1,20 @@
-"""FHIR JSON on the wire: content negotiation, body parsing and responses."""
+"""FHIR JSON on the wire: content negotiation, body parsing, responses, and the public base
+URL that absolute links and token audiences are built on.
+
+The base is `PASSERELLE_BASE_URL` whatever a request's `Host` says. Without it, only
+loopback hosts are served and the base is the request's own, so a forged `Host` can
+never choose a link target or a token audience (`check_host`).
+"""
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from flask import Response, current_app, request
 
+from service.config import host_name
 from service.errors import InvalidRequest, UnsupportedMediaType
 
 FHIR_JSON = "application/fhir+json"
@@ -49,3 +58,31 @@ def parse_body() -> Any:
 def base_url() -> str:
     """The public base of this server (scheme://host[:port]), for absolute links."""
     return current_app.config["BASE_URL"] or request.host_url.rstrip("/")
+
+
+def _is_loopback(name: str) -> bool:
+    try:
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _name(host: str) -> str | None:
+    """`Example.org:8443` → `example.org`, `[::1]:80` → `::1`; None when there is no host."""
+    return host_name(urlsplit(f"//{host}").hostname or "")
+
+
+def check_host() -> None:
+    """Refuse (400) a request whose `Host` is neither the base URL's host nor a trusted host
+    (PASSERELLE_TRUSTED_HOSTS), or, without a base URL, not a loopback host. Any port."""
+    # werkzeug leaves a malformed Host empty; the refusal shows what was sent.
+    name, shown = _name(request.host), request.headers.get("Host", "")
+    base = current_app.config["BASE_URL"]
+    if not base:
+        if name is None or not _is_loopback(name):
+            raise InvalidRequest(f"Host {shown!r} is refused: without PASSERELLE_BASE_URL only loopback hosts "
+                                 "(localhost, 127.0.0.1, [::1]) are served; set PASSERELLE_BASE_URL to this "
+                                 "server's public URL")
+    elif name is None or name not in (_name(urlsplit(base).netloc), *current_app.config["EXTRA_HOSTS"]):
+        raise InvalidRequest(f"Host {shown!r} is refused: this server answers as {base} (PASSERELLE_BASE_URL); "
+                             "add the host name to PASSERELLE_TRUSTED_HOSTS to accept it")

@@ -5,58 +5,50 @@ output passes through; they never query the store themselves.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 from flask import Blueprint, Response, current_app, g, request, stream_with_context
 
 from consent import engine
-from service import aggregate, auth, db, export
+from service import aggregate, export
 from service.api import capability
 from service.api.fhirjson import base_url, check_format, fhir_response, parse_body
-from service.api.searchset import run_search
-from service.errors import ExportFailed, Forbidden, Gone, InvalidRequest, MethodNotAllowed, NotFound, TooManyRequests
-from service.release import Release, open_release, patients_of, research_capability_types, research_param_allowed
-from service.store.search import RESULT_PARAMS
-from service.validation import check_type
+from service.errors import InvalidRequest, MethodNotAllowed
+from service.release import (
+    RESEARCH_RESULT_PARAMS,
+    Release,
+    release_for,
+    research_capability_types,
+    research_param_allowed,
+)
+from service.validation import check_type, version_number
 
 bp = Blueprint("research", __name__)
-ROLE = "research"
 
 
-@bp.before_request
-def _authenticate() -> None:
-    check_format()
-    if request.endpoint != "research.metadata":
-        auth.require(ROLE)
-        resource_type = (request.view_args or {}).get("resource_type")
-        if resource_type:
-            auth.require_scope(resource_type, "s" if request.endpoint == "research.search_type" else "r")
-        elif request.method == "GET" or request.endpoint == "research.aggregate_operation":
-            auth.require_scope("*", "s")  # exports and aggregates reach every type
+# Tokens and scopes are checked for every route by service/api/scopes.py.
+bp.before_request(check_format)
 
 
 def _base() -> str:
     return f"{base_url()}/research/fhir"
 
 
-def _release(conn: Any) -> Release:
-    principal = g.principal
-    return open_release(conn, principal.client_id, principal.project_id, engine.RECORD)
+def _records() -> Release:
+    """The caller's record-level release (refused for aggregate-only or closed projects)."""
+    return release_for(g.principal.client_id, g.principal.project_id, engine.RECORD)
 
 
 @bp.get("/metadata")
 def metadata() -> Response:
     return fhir_response(capability.statement(_base(), writable=False, types=research_capability_types(),
                                               description="Passerelle research view: consented, de-identified",
-                                              accepts=research_param_allowed))
+                                              accepts=research_param_allowed, reads=capability.RESEARCH_READ,
+                                              result_params=RESEARCH_RESULT_PARAMS))
 
 
 @bp.route("", methods=["POST", "PUT", "DELETE", "PATCH"])
 @bp.route("/<path:_rest>", methods=["POST", "PUT", "DELETE", "PATCH"])
 def read_only(_rest: str = "") -> Response:
-    if request.method == "POST" and _rest.endswith("/_search"):
-        return search_type(_rest[: -len("/_search")])
     raise MethodNotAllowed("The research API is read-only", headers={"Allow": "GET"})
 
 
@@ -68,58 +60,31 @@ def _search_args() -> list[tuple[str, str]]:
 
 
 @bp.get("/<resource_type>")
+@bp.post("/<resource_type>/_search")
 def search_type(resource_type: str) -> Response:
     check_type(resource_type)
-    args = _search_args()
-    echo = [(k, v) for k, v in args if k.partition(":")[0] not in ("_cursor", "_pretty") and
-            (k.partition(":")[0] not in RESULT_PARAMS or k in ("_count", "_total", "_summary", "_include"))]
-    released: list[Any] = []
-    with db.read() as conn:
-        release = _release(conn)
-        release.require_type(resource_type)
-        real = release.translate(conn, resource_type, args)
-        body = run_search(conn, resource_type, real, base=_base(), view=f"project:{release.project.project_id}",
-                          strict=True, render=release.render(conn, _base(), released),
-                          restrict=release.records_filter(), echo=echo)
-    release.audit("search", {"type": resource_type, "query": echo}, patients_of(released), len(released))
-    return fhir_response(body)
-
-
-def _visible(resource_type: str, pseudonym: str, version: int | None = None) -> Response:
-    with db.read() as conn:
-        release = _release(conn)
-        release.require_type(resource_type)
-        row = release.visible_row(conn, resource_type, pseudonym, version)
-        if row is None:
-            raise NotFound(f"{resource_type}/{pseudonym} is not known")
-        resource = release.deidentify(conn, [row])[0]
-    release.audit("read", {"type": resource_type, "id": pseudonym, "version": version}, patients_of([row]), 1)
-    return fhir_response(resource)
+    return fhir_response(_records().search(resource_type, _search_args(), _base()))
 
 
 @bp.get("/<resource_type>/<pseudonym>")
 def read(resource_type: str, pseudonym: str) -> Response:
     check_type(resource_type)
-    return _visible(resource_type, pseudonym)
+    return fhir_response(_records().read(resource_type, pseudonym))
 
 
 @bp.get("/<resource_type>/<pseudonym>/_history/<version>")
 def vread(resource_type: str, pseudonym: str, version: str) -> Response:
     check_type(resource_type)
-    if not version.isdigit():
-        raise NotFound(f"{resource_type}/{pseudonym} is not known")
-    return _visible(resource_type, pseudonym, int(version))
+    number = version_number(version, f"{resource_type}/{pseudonym}")
+    return fhir_response(_records().read(resource_type, pseudonym, number))
 
 
 @bp.post("/$aggregate")
 def aggregate_operation() -> Response:
-    """A differentially private answer (README, "$aggregate"); ε is spent before it is computed."""
+    """A differentially private answer (README, "$aggregate"); ε is reserved before it is computed."""
     body = parse_body()
-    principal = g.principal
-    if principal.project_id is None:
-        raise Forbidden("This client is not bound to a research project")
-    key = request.headers.get("Idempotency-Key")
-    return fhir_response(aggregate.answer(principal.project_id, principal.client_id, body, key))
+    release = release_for(g.principal.client_id, g.principal.project_id, engine.AGGREGATE)
+    return fhir_response(aggregate.answer(release, body, request.headers.get("Idempotency-Key")))
 
 
 # -- Bulk Data $export ---------------------------------------------------------------------
@@ -129,9 +94,7 @@ def _kick_off(kind: str, group_id: str | None = None) -> Response:
     if "respond-async" not in request.headers.get("Prefer", ""):
         raise InvalidRequest("$export runs asynchronously: send the header Prefer: respond-async")
     params = [(k, v) for k, v in request.args.items(multi=True) if k != "_format"]
-    with db.write() as conn:
-        job_id = export.kick_off(conn, _release(conn), kind=kind, group_id=group_id, params=params,
-                                 request_url=request.url)
+    job_id = export.kick_off(_records(), kind=kind, group_id=group_id, params=params, request_url=request.url)
     return fhir_response(b"", 202, headers={"Content-Location": f"{_base()}/_export/{job_id}"})
 
 
@@ -150,39 +113,22 @@ def export_group(group_id: str) -> Response:
     return _kick_off("group", group_id)
 
 
-def _job(job_id: str) -> export.Job:
-    with db.read() as conn:
-        return export.get(conn, job_id, g.principal.project_id or "")
-
-
 @bp.get("/_export/<job_id>")
 def export_status(job_id: str) -> Response:
-    job = _job(job_id)
-    interval = current_app.config["EXPORT_POLL_SECONDS"]
-    wait = {"Retry-After": str(max(1, int(interval)))}
-    if job.last_poll is not None and db.now_us() - job.last_poll < interval * 1_000_000:
-        raise TooManyRequests(f"Poll at most every {interval} seconds", headers=wait)
-    with db.write() as conn:
-        export.note_poll(conn, job_id)
-        if job.state == "completed":
-            body = export.manifest(conn, job, f"{_base()}/_export/{job_id}/file/{{}}")
-            return Response(orjson.dumps(body), 200, mimetype="application/json")
-    if job.state == "failed":
-        raise ExportFailed(job.error or "The export failed")
-    if job.state == "expired":
-        raise Gone(f"The files of export job {job_id} have expired; start a new export")
-    return fhir_response(b"", 202, headers={**wait, "X-Progress": job.progress or job.state})
+    status = export.status(_records(), job_id, current_app.config["EXPORT_POLL_SECONDS"],
+                           f"{_base()}/_export/{job_id}/file/{{}}")
+    if status.manifest is not None:
+        return Response(orjson.dumps(status.manifest), 200, mimetype="application/json")
+    return fhir_response(b"", 202, headers=status.headers)
 
 
 @bp.delete("/_export/<job_id>")
 def export_cancel(job_id: str) -> Response:
-    job = _job(job_id)
-    with db.write() as conn:
-        export.cancel(conn, job)
+    export.cancel(_records(), job_id)
     return fhir_response(b"", 202)
 
 
 @bp.get("/_export/<job_id>/file/<int:file_no>")
 def export_file(job_id: str, file_no: int) -> Response:
-    parts = export.file_parts(db.engine(), _job(job_id), file_no)
-    return Response(stream_with_context(parts), 200, mimetype="application/fhir+ndjson")
+    lines = _records().export_file(job_id, file_no)
+    return Response(stream_with_context(lines), 200, mimetype="application/fhir+ndjson")

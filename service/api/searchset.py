@@ -94,7 +94,7 @@ def bundle(page: Page, query: Query, *, base: str, view: str, path: str, request
 
 
 def run_search(conn: Any, resource_type: str, args: list[tuple[str, str]], *, base: str, view: str,
-               strict: bool, render: Render, restrict: search.RowFilter | None = None,
+               strict: bool, render: Render, restrict: search.RowFilter,
                echo: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """Parse, execute and render one search request.
 

@@ -1,4 +1,4 @@
-"""`project create|list|show|close`: research projects and their settings."""
+"""`project create|list|show|close|raise-budget|group`: research projects and their settings."""
 from __future__ import annotations
 
 import getpass
@@ -15,6 +15,7 @@ from policies import budget
 from policies.deid import ProfileError, load_profile
 from service import db
 from service.cli.output import emit, readable_errors
+from service.store import project_groups
 
 
 @click.group("project", cls=AppGroup)
@@ -94,3 +95,40 @@ def raise_budget_command(project_id: str, epsilon: float) -> None:
     with readable_errors(), db.write() as conn:
         projects.raise_budget(conn, project_id, epsilon, actor=f"cli:{getpass.getuser()}")
         emit(budget.status(conn, project_id, history_limit=10))
+
+
+@project_group.group("group", cls=AppGroup)
+def groups_group() -> None:
+    """The custodian's Groups a project may export: Group-level $export serves no other Group."""
+
+
+@groups_group.command("add")
+@click.option("--project", "project_id", required=True)
+@click.option("--group", "group_id", required=True, help="Id of a stored Group resource.")
+def group_add_command(project_id: str, group_id: str) -> None:
+    """Attach a Group to a project; its consenting members can then be exported as a Group."""
+    with readable_errors(), db.write() as conn:
+        projects.get(conn, project_id)
+        project_groups.attach(conn, project_id, group_id)
+    emit({"project_id": project_id, "group_id": group_id, "attached": True})
+
+
+@groups_group.command("remove")
+@click.option("--project", "project_id", required=True)
+@click.option("--group", "group_id", required=True)
+def group_remove_command(project_id: str, group_id: str) -> None:
+    """Detach a Group from a project; the project's exports of it end and their files are deleted."""
+    with readable_errors(), db.write() as conn:
+        projects.get(conn, project_id)
+        project_groups.detach(conn, project_id, group_id)
+    emit({"project_id": project_id, "group_id": group_id, "attached": False})
+
+
+@groups_group.command("list")
+@click.option("--project", "project_id", required=True)
+def group_list_command(project_id: str) -> None:
+    """Print the Groups attached to a project, one JSON object per line."""
+    with readable_errors(), db.read() as conn:
+        projects.get(conn, project_id)
+        for group_id in project_groups.attached(conn, project_id):
+            emit({"project_id": project_id, "group_id": group_id})

@@ -9,7 +9,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from service.store.fhirdates import MAX_US, MIN_US, DateFormatError, date_range
+from policies.fhirdates import MAX_US, MIN_US, DateFormatError, date_range
 from service.store.searchparams import CLINICAL_DATE, COMPARTMENT, SearchParam, indexed_params
 
 Rows = dict[str, list[dict[str, Any]]]

@@ -17,11 +17,11 @@ from sqlalchemy import ColumnElement, Connection, and_, delete, false, insert, o
 from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 
+from policies.fhirdates import instant
 from policies.sensitivity import mask_of
 from service.db import now_us
 from service.errors import Conflict, Gone, InvalidRequest, NotFound, PreconditionFailed
 from service.store import indexer
-from service.store.fhirdates import instant
 from service.store.schema import INDEX_TABLES, history, resources
 
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")

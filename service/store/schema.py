@@ -49,8 +49,9 @@ resources = Table(
     UniqueConstraint("type", "id", name="uq_resources_type_id"),
     Index("ix_resources_type_pk", "type", "pk"),
     Index("ix_resources_patient", "patient_id", "type"),
-    # MAX(last_updated) is the data version that keys recorded $aggregate answers.
     Index("ix_resources_last_updated", "last_updated"),
+    # MAX(last_updated) per type versions recorded $aggregate answers (service/store/cohort.py).
+    Index("ix_resources_type_last_updated", "type", "last_updated"),
 )
 
 history = Table(
@@ -208,6 +209,8 @@ decisions = Table(
     PrimaryKeyConstraint("patient_id", "project_id", name="pk_decisions"),
     Index("ix_decisions_project", "project_id", "tier", "patient_id"),
     Index("ix_decisions_updated", "updated"),
+    # MAX(updated) per project versions its recorded $aggregate answers.
+    Index("ix_decisions_project_updated", "project_id", "updated"),
 )
 
 #: One row per resource class a decision excludes, so research queries can filter in SQL.
@@ -359,7 +362,28 @@ export_parts = Table(
     Column("file_no", Integer, nullable=False),
     Column("part", Integer, nullable=False),
     Column("content", LargeBinary, nullable=False),
+    # JSON [[resource pk, version, patient id], …], one per NDJSON line of `content`: what a
+    # download re-judges against consent (parts written before this column are dropped on migration).
+    Column("lines", Text),
     PrimaryKeyConstraint("job_id", "file_no", "part", name="pk_export_parts"),
+)
+
+#: Export workers' heartbeats: a kick-off or poll with no recent beat is told no worker runs.
+export_workers = Table(
+    "export_workers",
+    metadata,
+    Column("worker_id", String(128), primary_key=True),
+    Column("last_beat", BigInteger, nullable=False),
+)
+
+#: The custodian's Groups a project may export (`project group add`); no other Group exists for it.
+project_groups = Table(
+    "project_groups",
+    metadata,
+    Column("project_id", String(64), nullable=False),
+    Column("group_id", ID, nullable=False),
+    Column("attached", BigInteger, nullable=False),
+    PrimaryKeyConstraint("project_id", "group_id", name="pk_project_groups"),
 )
 
 schema_migrations = Table(

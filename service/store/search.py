@@ -28,9 +28,9 @@ from sqlalchemy import (
     true,
 )
 
+from policies.fhirdates import DateFormatError, date_range
 from service.errors import InvalidRequest, NotSupported
 from service.store import repository
-from service.store.fhirdates import DateFormatError, date_range
 from service.store.indexer import normalise, parse_reference
 from service.store.schema import idx_date, idx_quantity, idx_reference, idx_string, idx_token, resources
 from service.store.searchparams import SearchParam, params_for
@@ -365,26 +365,35 @@ def _ordered(query: Query, statement: Select[Any], anchor: list[Any] | None, bac
 
 # -- execution ---------------------------------------------------------------------------------
 
+#: Narrows a statement over `resources` to the rows a caller may receive. Every query function
+#: here takes one and none has a default: the research gate passes its consent filter, the
+#: custodian passes `custodian_view` by name.
 RowFilter = Callable[[Select[Any]], Select[Any]]
 #: What every result row carries, before the sort-key columns.
 ROW_COLUMNS = (resources.c.pk, resources.c.type, resources.c.id, resources.c.json, resources.c.patient_id)
 
 
-def base_statement(query: Query, restrict: RowFilter | None = None) -> Select[Any]:
-    """The matching resources of a query (no ordering), optionally narrowed by `restrict`."""
+def custodian_view(statement: Select[Any]) -> Select[Any]:
+    """The custodian's row filter: every stored row. Research paths never use it."""
+    return statement
+
+
+def base_statement(query: Query, restrict: RowFilter) -> Select[Any]:
+    """The matching resources of a query (no ordering), narrowed by `restrict`."""
     statement = (select(*ROW_COLUMNS)
                  .where(resources.c.type == query.resource_type, resources.c.deleted == false(), *query.where))
-    return restrict(statement) if restrict else statement
+    return restrict(statement)
 
 
-def count(conn: Connection, query: Query, restrict: RowFilter | None = None) -> int:
+def count(conn: Connection, query: Query, restrict: RowFilter) -> int:
     statement = base_statement(query, restrict).with_only_columns(func.count()).order_by(None)
     return conn.execute(statement).scalar_one()
 
 
-def run(conn: Connection, query: Query, *, anchor: list[Any] | None = None, backwards: bool = False,
-        restrict: RowFilter | None = None) -> Page:
-    """Fetch one page after (or before) `anchor`, with total and includes as the query asks."""
+def run(conn: Connection, query: Query, *, restrict: RowFilter, anchor: list[Any] | None = None,
+        backwards: bool = False) -> Page:
+    """Fetch one page after (or before) `anchor`, with total and includes as the query asks;
+    matches and included resources alike are narrowed by `restrict`."""
     total = count(conn, query, restrict) if query.total else None
     if query.summary_count or query.count == 0:
         return Page([], [], total, None, None)
@@ -409,7 +418,7 @@ def run(conn: Connection, query: Query, *, anchor: list[Any] | None = None, back
     )
 
 
-def _included(conn: Connection, query: Query, rows: list[Any], restrict: RowFilter | None) -> list[Any]:
+def _included(conn: Connection, query: Query, rows: list[Any], restrict: RowFilter) -> list[Any]:
     pks = [row.pk for row in rows]
     targets: set[tuple[str, str]] = set()
     for param, target_type in query.includes:
@@ -426,15 +435,14 @@ def _included(conn: Connection, query: Query, rows: list[Any], restrict: RowFilt
     statement = (select(*ROW_COLUMNS)
                  .where(repository.by_type_and_id(wanted), resources.c.deleted == false())
                  .order_by(resources.c.pk))
-    if restrict:
-        statement = restrict(statement)
-    return conn.execute(statement).all()
+    return conn.execute(restrict(statement)).all()
 
 
 def matching_ids(conn: Connection, resource_type: str, query_string: Sequence[tuple[str, str]],
                  limit: int = 2) -> list[str]:
     """Ids of resources matching a conditional-operation query (If-None-Exist, conditional refs)."""
     query = parse(resource_type, query_string, default_count=limit, max_count=limit)
-    statement = base_statement(query).with_only_columns(resources.c.id).order_by(resources.c.pk).limit(limit)
+    statement = (base_statement(query, custodian_view).with_only_columns(resources.c.id)
+                 .order_by(resources.c.pk).limit(limit))
     return list(conn.execute(statement).scalars())
 

@@ -1,0 +1,179 @@
+"""Which token each route takes and which SMART scope it needs: one table, one check.
+
+Every endpoint of the app is declared in `ROUTES`: public (no token), or the role whose
+bearer token it takes, the SMART v2 permission letters it needs (c r u d s) and the
+resource type it touches — a fixed type, `*` for every type, or the type named in the
+URL. `enforce` runs before every request (service/app.py) and refuses an endpoint the
+table does not declare; tests/test_scopes.py fails for one too.
+
+A request needs `r` on every type its `_include` or `_revinclude` parameters can bring
+in (the custodian's and the research API's searches alike, `POST …/_search` included).
+The entries of a custodian Bundle are checked one by one, as their own interactions
+(`require_bundle_entries`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+from flask import g, request
+
+from service import auth
+from service.errors import Forbidden
+from service.store.searchparams import params_for
+
+EVERY_TYPE = "*"
+#: As `Access.on`: the type named by the URL's `<resource_type>`.
+URL_TYPE = "<resource_type>"
+_FORM = "application/x-www-form-urlencoded"
+
+
+@dataclass(frozen=True)
+class Access:
+    """What one endpoint needs: no token (`role` None), any token of `role` (`permission` empty),
+    or a token of `role` whose scopes grant each letter of `permission` on the type `on`."""
+
+    role: str | None
+    permission: str = ""
+    on: str = URL_TYPE
+
+    def resource_type(self, view_args: Mapping[str, Any]) -> str:
+        return view_args["resource_type"] if self.on == URL_TYPE else self.on
+
+
+PUBLIC = Access(None)
+
+
+def _custodian(permission: str, on: str = URL_TYPE) -> Access:
+    return Access("custodian", permission, on)
+
+
+def _research(permission: str, on: str = URL_TYPE) -> Access:
+    return Access("research", permission, on)
+
+
+ROUTES: dict[str, Access] = {
+    # No token: liveness, discovery, and the token endpoint (it authenticates the client itself).
+    "health.healthz": PUBLIC,
+    "auth.token": PUBLIC,
+    "auth.smart_configuration": PUBLIC,
+    "custodian.metadata": PUBLIC,
+    "research.metadata": PUBLIC,
+    # The custodian API, /fhir.
+    "custodian.search_type": _custodian("s"),  # GET and POST …/_search alike
+    "custodian.read": _custodian("r"),
+    "custodian.vread": _custodian("r"),
+    "custodian.history": _custodian("r"),
+    "custodian.create": _custodian("c"),
+    "custodian.update": _custodian("u"),  # update-as-create included
+    "custodian.delete": _custodian("d"),
+    "custodian.bundle": _custodian(""),  # each entry as its own interaction: require_bundle_entries
+    "custodian_operations.budget_status": _custodian("r", "ResearchStudy"),
+    "custodian_operations.budget_raise": _custodian("u", "ResearchStudy"),
+    "custodian_operations.consent_explain": _custodian("r", "Consent"),
+    # The research API, /research/fhir.
+    "research.search_type": _research("s"),  # GET and POST …/_search alike
+    "research.read": _research("r"),
+    "research.vread": _research("r"),
+    "research.read_only": _research(""),  # every write: 405, reaching nothing
+    "research.aggregate_operation": _research("s", EVERY_TYPE),
+    "research.export_system": _research("rs", EVERY_TYPE),
+    "research.export_patients": _research("rs", EVERY_TYPE),
+    "research.export_group": _research("rs", EVERY_TYPE),
+    "research.export_status": _research("rs", EVERY_TYPE),
+    "research.export_cancel": _research("rs", EVERY_TYPE),
+    "research.export_file": _research("rs", EVERY_TYPE),
+}
+
+
+class UndeclaredRoute(LookupError):
+    """An endpoint missing from `ROUTES`: a programming error, answered 500 and logged."""
+
+
+def enforce() -> None:
+    """For the app's before_request: authenticate and check scopes as `ROUTES` declares.
+
+    A request no route matched passes untouched: the 404/405 it gets reaches nothing.
+    The caller is kept on `g.principal`.
+    """
+    if request.endpoint is None:
+        return
+    access = ROUTES.get(request.endpoint)
+    if access is None:
+        raise UndeclaredRoute(f"endpoint {request.endpoint!r} has no access declaration in service/api/scopes.py")
+    if access.role is None:
+        return
+    g.principal = auth.authenticate(access.role)
+    if access.permission:
+        require(access.resource_type(request.view_args or {}), access.permission)
+    _require_included(_request_params())
+
+
+def require(resource_type: str, permission: str) -> None:
+    """Refuse (403) unless the caller's scopes grant every letter of `permission` on `resource_type`."""
+    principal: auth.Principal = g.principal
+    for letter in permission:
+        if not principal.permits(resource_type, letter):
+            what = "every resource type" if resource_type == EVERY_TYPE else resource_type
+            raise Forbidden(f"The token's scope ({' '.join(principal.scopes)}) does not allow "
+                            f"'{letter}' on {what}")
+
+
+def require_bundle_entries(body: Any) -> None:
+    """Every entry of a Bundle needs the scope its own interaction would need."""
+    entries = body.get("entry") if isinstance(body, dict) else None
+    for entry in entries if isinstance(entries, list) else ():
+        req = entry.get("request") if isinstance(entry, dict) else None
+        if not isinstance(req, dict) or not isinstance(req.get("url"), str):
+            continue  # the Bundle parser reports malformed entries
+        path, _, query = req["url"].partition("?")
+        parts = path.strip("/").split("/")
+        if parts[0]:
+            require(parts[0], _entry_letter(str(req.get("method")), len(parts) > 1))
+        _require_included(parse_qsl(query, keep_blank_values=True))
+
+
+_LETTER_OF_METHOD = {"GET": "r", "HEAD": "r", "POST": "c", "PUT": "u", "DELETE": "d"}
+
+
+def _entry_letter(method: str, has_id: bool) -> str:
+    """The SMART permission a Bundle entry's interaction needs: search is `s`, read `r`, and so on."""
+    if method in ("GET", "HEAD") and not has_id:
+        return "s"
+    return _LETTER_OF_METHOD.get(method, "u")
+
+
+def _request_params() -> list[tuple[str, str]]:
+    """The query string and, for a form POST (`…/_search`), the form body: whatever a view may search with."""
+    params = list(request.args.items(multi=True))
+    if request.method == "POST" and request.mimetype == _FORM:
+        # get_data caches the body, so the view can still read it (as data or as request.form).
+        params += parse_qsl(request.get_data(as_text=True), keep_blank_values=True)
+    return params
+
+
+def _require_included(params: Iterable[tuple[str, str]]) -> None:
+    for name, value in params:
+        kind = name.partition(":")[0]
+        if kind in ("_include", "_revinclude"):
+            require(_included_type(kind, value), "r")
+
+
+def _included_type(kind: str, value: str) -> str:
+    """The type an `_include`/`_revinclude` value can bring in; `*` when it can be several or is unclear.
+
+    `_include=Observation:subject:Patient` brings Patients; `Observation:patient` the declared target
+    of `patient` (Patient); `Observation:subject` whatever a subject may be (`*`).
+    `_revinclude=Observation:subject` brings Observations.
+    """
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        return EVERY_TYPE
+    if kind == "_revinclude":
+        return parts[0]
+    if len(parts) == 3:
+        return parts[2]
+    param = params_for(parts[0]).get(parts[1])
+    return param.target if param is not None and param.kind == "reference" and param.target else EVERY_TYPE
