@@ -2,7 +2,7 @@
 
 `python -m benchmarks.export_worker` with the PASSERELLE_* environment of an instance:
 the app comes from `service.app.create_app()` and the jobs run through
-`service.export.work(app)`, exactly what an export worker does. Memory is read two ways:
+`service.export.Worker(app).work()`, exactly what an export worker does. Memory is read two ways:
 the process's maximum resident set size (getrusage, which includes the imports), and
 the resident set sampled every 20 ms during the work, whose growth over its value when
 the work started is what the export itself holds.
@@ -41,7 +41,7 @@ def main() -> int:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     wall, cpu = time.perf_counter(), time.process_time()
-    ran = export.work(app)
+    ran = export.Worker(app).work()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     done.set()
     sampler.join()

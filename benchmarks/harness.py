@@ -428,8 +428,9 @@ class Instance:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.master_key_file = self.dir / "master.key"
         ensure_master_key(self.master_key_file)
+        # No export worker thread in the measuring process: section 5 runs jobs in a process of its own.
         self.config = {"DATABASE_URL": database.url, "INSTANCE_DIR": str(self.dir),
-                       "MASTER_KEY_FILE": str(self.master_key_file), **config}
+                       "MASTER_KEY_FILE": str(self.master_key_file), "EXPORT_WORKER": "off", **config}
         self.app = create_app(dict(self.config))
         db.migrate(self.engine)
 

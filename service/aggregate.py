@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl
 from flask import current_app
 
 from consent.projects import PATIENT_DATA_TYPES, ProjectRecord
-from policies import budget, dp
+from policies import budget, dp, terminology
 from service.errors import InvalidRequest
 from service.release import Release
 from service.store import search
@@ -40,13 +40,6 @@ from service.store.searchparams import params_for
 MEASURES = ("count", "histogram", "sum", "mean", "quantile")
 #: Measures of one value per patient (the `value` parameter).
 VALUE_MEASURES = ("sum", "mean", "quantile")
-#: Code systems an aggregate may name; an unknown system is more likely a typo than a new terminology.
-KNOWN_SYSTEMS = frozenset({
-    "http://loinc.org", "http://snomed.info/sct", "http://www.nlm.nih.gov/research/umls/rxnorm",
-    "http://hl7.org/fhir/sid/icd-10", "http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/cvx",
-    "http://unitsofmeasure.org", "urn:oid:2.16.840.1.113883.6.238",
-})
-_KNOWN_PREFIXES = ("http://terminology.hl7.org/CodeSystem/", "http://hl7.org/fhir/")
 #: Share of ε spent on the noisy count that decides suppression for sums and quantiles.
 SUPPRESSION_SHARE = 0.25
 #: Declared bounds beyond this are refused: sums of them could overflow, and no clinical value needs them.
@@ -169,7 +162,8 @@ def _check_systems(args: list[tuple[str, str]], name: str) -> None:
         for item in value.split(","):
             if "|" in item and key.partition(":")[0] not in ("value-quantity", "component-value-quantity"):
                 system = item.split("|", 1)[0]
-                if system and system not in KNOWN_SYSTEMS and not system.startswith(_KNOWN_PREFIXES):
+                # An unknown system is more likely a typo than a new terminology.
+                if system and not terminology.is_known(system):
                     raise InvalidRequest(f"{name}: unknown code system {system!r}", expression=name)
 
 

@@ -25,7 +25,7 @@ from service.export import Worker
 from service.store.schema import metadata
 from tests.research_world import World, bearer, build, token
 
-# Every app a test builds runs export jobs only when the test calls `export.work` (or asks for a thread).
+# Every app a test builds runs export jobs only when the test runs a `Worker` (see the `export_worker` fixture).
 os.environ["PASSERELLE_EXPORT_WORKER"] = "off"
 PG_URL = os.environ.get("PASSERELLE_TEST_DATABASE_URL", "")
 IN_CI = os.environ.get("CI", "").lower() == "true"
