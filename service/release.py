@@ -35,7 +35,7 @@ from service.api.searchset import run_search
 from service.errors import Forbidden, NotFound
 from service.store import cohort, jobs, project_groups, repository, search
 from service.store.indexer import parse_reference
-from service.store.schema import decision_classes, decisions, history, resources
+from service.store.schema import decision_classes, decisions, history, idx_reference, resources
 from service.store.searchparams import COMPARTMENT, SearchParam, params_for
 from service.validation import VERSION_NUMBER
 
@@ -49,6 +49,9 @@ RESEARCH_RESULT_PARAMS = ("_count", "_total", "_summary", "_include")
 #: Stands for a pseudonym that resolves to nothing: no stored id can contain "~".
 _NOTHING = "~"
 _COMPARTMENT_TYPES = frozenset({"Patient", *COMPARTMENT})
+#: Directory types released only through a released row that names them, by the reference
+#: parameter that does: a Medication alone says nothing, but which one a patient takes is theirs.
+_THROUGH_REFERRERS = {"Medication": "medication"}
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,11 @@ class Judged:
 
     `current(table)` judges the current version (the resources table or an alias of it);
     `version()` judges a row of `history` on that version's own patient, sensitivity and
-    clinical dates (only the type, which never changes, comes from `resources`).
+    clinical dates (only the type and id, which never change, come from `resources`).
     """
 
     type: Any
+    id: Any
     patient_id: Any
     sensitive_mask: Any
     clinical_low: Any
@@ -70,13 +74,13 @@ class Judged:
     @classmethod
     def current(cls, table: Any = resources) -> Judged:
         c = table.c
-        return cls(c.type, c.patient_id, c.sensitive_mask, c.clinical_low, c.clinical_high, (table,))
+        return cls(c.type, c.id, c.patient_id, c.sensitive_mask, c.clinical_low, c.clinical_high, (table,))
 
     @classmethod
     def version(cls) -> Judged:
         h = history.c
-        return cls(resources.c.type, h.patient_id, h.sensitive_mask, h.clinical_low, h.clinical_high,
-                   (resources, history))
+        return cls(resources.c.type, resources.c.id, h.patient_id, h.sensitive_mask, h.clinical_low,
+                   h.clinical_high, (resources, history))
 
 
 def restrict(project_id: str, minimum_tier: int, now: int | None = None, table: Any = resources, *,
@@ -88,14 +92,39 @@ def restrict(project_id: str, minimum_tier: int, now: int | None = None, table: 
     sensitivity mask, whose excluded classes do not include its type, and whose data
     period contains its clinical date (a row without one is withheld when a period
     applies; the Patient resource itself carries no clinical date and is exempt). A
-    directory row (Practitioner, Organization, …) passes only if its type is in `types`.
+    directory row (Practitioner, Organization, …) passes only if its type is in `types`;
+    a Medication, which tells what a patient takes, only if a row of `types` that passes
+    this filter names it as its medication (`_THROUGH_REFERRERS`).
     `table` is the resources table, an alias of it, or a `Judged` (e.g. `Judged.version()`).
     """
     instant = now if now is not None else db.now_us()
     judged = table if isinstance(table, Judged) else Judged.current(table)
     wanted = set(types)
     in_compartment = sorted(wanted & _COMPARTMENT_TYPES)
-    directory = sorted(wanted - _COMPARTMENT_TYPES)
+    directory = wanted - _COMPARTMENT_TYPES
+    if not in_compartment:
+        return lambda statement: statement.where(judged.type.in_(sorted(directory - set(_THROUGH_REFERRERS))))
+    allowed = or_(and_(judged.type.in_(in_compartment), _consented(judged, project_id, minimum_tier, instant)),
+                  judged.type.in_(sorted(directory - set(_THROUGH_REFERRERS))))
+    for target, param in _THROUGH_REFERRERS.items():
+        if target in directory:
+            referrer = resources.alias(f"referrer_{target.lower()}")
+            named = exists(select(literal(1))
+                           .select_from(idx_reference.join(referrer, referrer.c.pk == idx_reference.c.resource_pk))
+                           .where(idx_reference.c.param == param, idx_reference.c.target_id == judged.id,
+                                  idx_reference.c.target_type == target, referrer.c.deleted == false(),
+                                  referrer.c.type.in_(in_compartment),
+                                  _consented(Judged.current(referrer), project_id, minimum_tier, instant))
+                           .correlate(*judged.tables))
+            allowed = or_(allowed, and_(judged.type == target, named))
+
+    def apply(statement: Select[Any]) -> Select[Any]:
+        return statement.where(allowed)
+    return apply
+
+
+def _consented(judged: Judged, project_id: str, minimum_tier: int, instant: int) -> Any:
+    """EXISTS a decision of the project that releases this patient-compartment row at `instant`."""
     in_period = or_(
         judged.type == "Patient",
         and_(decisions.c.period_start.is_(None), decisions.c.period_end.is_(None)),
@@ -103,7 +132,7 @@ def restrict(project_id: str, minimum_tier: int, now: int | None = None, table: 
              or_(decisions.c.period_start.is_(None), judged.clinical_low >= decisions.c.period_start),
              or_(decisions.c.period_end.is_(None), judged.clinical_high <= decisions.c.period_end)),
     )
-    consented = exists(select(literal(1)).where(
+    return exists(select(literal(1)).where(
         decisions.c.patient_id == judged.patient_id,
         decisions.c.project_id == project_id,
         decisions.c.tier >= minimum_tier,
@@ -117,13 +146,6 @@ def restrict(project_id: str, minimum_tier: int, now: int | None = None, table: 
             decision_classes.c.project_id == project_id,
             decision_classes.c.resource_type == judged.type).correlate(*judged.tables))),
     ).correlate(*judged.tables))
-    allowed = and_(judged.type.in_(in_compartment), consented) if in_compartment else false()
-    if directory:
-        allowed = or_(allowed, judged.type.in_(directory))
-
-    def apply(statement: Select[Any]) -> Select[Any]:
-        return statement.where(allowed)
-    return apply
 
 
 @dataclass
