@@ -17,13 +17,28 @@ What every released resource is guaranteed, whatever the profile says:
   mapping) is removed whole, its `type` included; a versioned reference, when a mapping
   is given, only if the mapping names that version. `Reference.display` and
   `Reference.identifier` are always removed (they embed names and identifier values).
-* The narrative `text` is removed; `meta` keeps only `versionId` and `security`, to
-  which the `PSEUDED` label (and `ABSTRED` when a value was generalised) is added.
-* An extension stays only if a rule keeps its URL; an element carrying a
-  `modifierExtension` that no rule keeps is removed, because its meaning depends on it.
+* The narrative `text` is removed; `meta` keeps only a numeric `versionId` and the
+  `security` codings of released code systems, to which the `PSEUDED` label (and
+  `ABSTRED` when a value was generalised) is added.
+* **Free text never leaves by a container**: inside a released element, an element of a
+  text type (string, markdown, URIs, ids, base64Binary) is removed unless a rule names
+  it, and a code unless it belongs to its required value set. Data types follow their
+  own rules wherever they sit: a Coding is released only for a code system the profile
+  releases (`Profile.released_system`), as its canonical system, code and version, with
+  no display but the one `policies.terminology.display_of` gives; a Quantity keeps its
+  value and comparator, its UCUM code also as unit, never its written unit; Money an
+  ISO currency; SampledData its data only if it is a list of numbers.
+* An extension stays only if a rule keeps its URL, with only the sub-extensions (by
+  `url`) and value types its rule lists; on a primitive (`_x`) only if its rule says
+  `primitives`. An element carrying a `modifierExtension` that no rule keeps is
+  removed, because its meaning depends on it.
 * A date, dateTime or instant is released unshifted only if a rule names it directly
   with `keep`; inside any other released element it is shifted by the patient's offset
-  (and removed from a resource of no patient).
+  (and removed from a resource of no patient), its time written in UTC and rounded as
+  the profile's `round_times` says; a `time` of day is rounded the same way.
+* Ages over the profile's `max_age` are top-coded wherever they are released (`Age`,
+  a Range of ages, the value of an Observation or component with an age code), the
+  resource marked `ABSTRED` and age-top-coded; an unreadable age is removed.
 * Element ids (`id` inside data types) are removed; contained resources keep their
   local ids and are de-identified by the rules of their own type.
 * A required element that was removed is replaced by a data-absent-reason extension
@@ -40,15 +55,28 @@ import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, timedelta
-from functools import cache, partial
+from functools import cache, lru_cache, partial
 from pathlib import Path
 from typing import Any
 
 import orjson
 import yaml
 
+from policies.generalize import (
+    MAX_AGE,
+    ROUNDINGS,
+    PostalRule,
+    generalized_postal_code,
+    is_age_code,
+    is_time_quantity,
+    postal_rules,
+    released_age,
+    released_age_range,
+    round_time,
+    shift_date,
+)
 from policies.pseudonym import PseudonymError, PseudonymKey
+from policies.terminology import canonical_system, display_of, is_known
 
 METHODS = ("keep", "redact", "pseudonymise", "dateshift", "generalize", "encrypt")
 SECURITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
@@ -56,24 +84,38 @@ PSEUDED = {"system": SECURITY_SYSTEM, "code": "PSEUDED", "display": "pseudonymiz
 ABSTRED = {"system": SECURITY_SYSTEM, "code": "ABSTRED", "display": "abstracted"}
 REDACTED = {"system": SECURITY_SYSTEM, "code": "REDACTED", "display": "redacted"}
 DATA_ABSENT_REASON = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
-#: Marks a resource in which a birth year was top-coded (ages over `max_age` aggregated).
+#: Marks a resource in which a birth year or an age was top-coded (ages over `max_age` aggregated).
 TOP_CODED_AGE = "https://passerelle.example/fhir/StructureDefinition/age-top-coded"
 
 _DATE_TYPES = frozenset({"date", "dateTime", "instant"})
 _STRING_TYPES = frozenset({"string", "markdown"})
+#: Primitive types that can carry any text: released only where a rule names the element.
+_FREE_TEXT = frozenset({"string", "markdown", "uri", "url", "canonical", "oid", "uuid", "id", "base64Binary", "xhtml"})
+UCUM = "http://unitsofmeasure.org"
+_QUANTITIES = frozenset({"Quantity", "Age", "Count", "Distance", "Duration", "MoneyQuantity", "SimpleQuantity"})
+_COMPARATORS = frozenset({"<", "<=", ">=", ">"})
+_UCUM_CODE = re.compile(r"[!-~]{1,40}")  # printable ASCII without spaces, as UCUM's grammar
+_CURRENCY = re.compile(r"[A-Z]{3}")
+#: Released versions of a code system: dotted numbers, a date, or a SNOMED CT edition URI.
+_VERSION = re.compile(r"\d{1,4}(?:\.\d{1,4}){0,3}|\d{8}|http://snomed\.info/sct/\d{1,18}(?:/version/\d{8})?")
+_DECIMAL = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?"
+_SAMPLED_DATA = re.compile(rf"(?:{_DECIMAL}|[ELU])(?: (?:{_DECIMAL}|[ELU]))*")
 #: The types each method can transform; keep and redact apply to every element.
 _APPLIES: dict[str, frozenset[str]] = {
     "dateshift": _DATE_TYPES | {"Period", "Timing"},
     "pseudonymise": _STRING_TYPES | {"code", "id", "uri", "Identifier", "ContactPoint"},
     "encrypt": _STRING_TYPES,
     "generalize:to": frozenset({"date", "dateTime"}),
-    "generalize:digits": frozenset({"string"}),
+    "generalize:countries": frozenset({"string"}),
 }
 #: Root elements the engine manages itself: no rule may name them.
 _ENGINE_ROOT = frozenset({"id", "meta", "text"})
 _EXTENSIONS = frozenset({"extension", "modifierExtension"})
-_RULE_KEYS = frozenset({"path", "method", "url", "to", "max_age", "digits", "suppress", "why"})
-_PARAMS: dict[str, frozenset[str]] = {"generalize": frozenset({"to", "max_age", "digits", "suppress"})}
+_RULE_KEYS = frozenset({"path", "method", "url", "to", "top_code", "countries", "why", "extensions", "values",
+                        "primitives"})
+_EXTENSION_PARAMS = frozenset({"extensions", "values", "primitives"})
+_PARAMS: dict[str, frozenset[str]] = {"generalize": frozenset({"to", "top_code", "countries"}),
+                                      "keep": _EXTENSION_PARAMS}
 _PATH = re.compile(r"(\*|[A-Z][A-Za-z]*)(\.[a-z][A-Za-z0-9]*(\[x\])?)+")
 _SCALARS = frozenset({str, int, float, bool})
 _DAR = orjson.dumps({"extension": [{"url": DATA_ABSENT_REASON, "valueCode": "masked"}]})
@@ -110,6 +152,7 @@ class _Element:
     type: str       # FHIR type code: "dateTime", "CodeableConcept", "ObservationComponent", "Resource"
     many: bool
     required: bool  # min >= 1; for a choice, the choice as a whole
+    codes: frozenset[str] = frozenset()  # a code's required value set, when the R4B models list it
 
     @property
     def primitive(self) -> bool:
@@ -122,7 +165,7 @@ def _model(type_name: str) -> Any:
     return get_fhir_model_class(type_name)
 
 
-@cache
+@lru_cache(maxsize=4096)  # bounded: released Reference.type values reach it too
 def _is_resource_type(name: str) -> bool:
     from fhir.resources.R4B.resource import Resource
     try:
@@ -143,7 +186,8 @@ def _elements(type_name: str) -> dict[str, _Element]:
         key = info.alias or field_name
         choice = extra.get("one_of_many")
         required = info.is_required() or bool(extra.get("element_required") or extra.get("one_of_many_required"))
-        out[key] = _Element(key, f"{choice}[x]" if choice else key, kind[0], kind[1], required)
+        out[key] = _Element(key, f"{choice}[x]" if choice else key, kind[0], kind[1], required,
+                            frozenset(extra.get("enum_values") or ()))
     return out
 
 
@@ -193,7 +237,7 @@ class Rule:
     def transforms(self) -> frozenset[str]:
         """The FHIR types a transforming method (not keep or redact) works on."""
         if self.method == "generalize":
-            return _APPLIES["generalize:to" if "to" in self.params else "generalize:digits"]
+            return _APPLIES["generalize:to" if "to" in self.params else "generalize:countries"]
         return _APPLIES[self.method]
 
     @property
@@ -205,11 +249,35 @@ class Rule:
 class Profile:
     """A checked profile. Compiles, and caches, one plan per resource type on first use."""
 
-    def __init__(self, name: str, rules: Iterable[Rule], source: str = "<memory>") -> None:
+    def __init__(self, name: str, rules: Iterable[Rule], source: str = "<memory>",
+                 code_systems: Iterable[str] = (), *, max_age: int = MAX_AGE,
+                 round_times: str | None = None) -> None:
         self.name = name
         self.source = source
         self.rules = tuple(rules)
+        self.max_age = max_age  # ages over it are top-coded wherever they appear
+        self.round_times = round_times  # released times are truncated to the hour or the day, or kept
+        self.code_systems = frozenset(canonical_system(s) for s in code_systems)
         self._plans: dict[str, _Plan] = {}
+        self._systems: dict[Any, str | None] = {}
+
+    def released_system(self, system: Any) -> str | None:
+        """The canonical URI of a code system whose codings are released, None for any other.
+
+        Released are the systems `policies.terminology.is_known` accepts and those the
+        profile lists in `code_systems`; OID spellings become the canonical URI.
+        """
+        try:
+            return self._systems[system]
+        except KeyError:
+            pass
+        except TypeError:  # not hashable: not a system
+            return None
+        canonical = canonical_system(system)
+        released = canonical if canonical and (canonical in self.code_systems or is_known(canonical)) else None
+        if len(self._systems) < 4096:
+            self._systems[system] = released
+        return released
 
     def __repr__(self) -> str:
         return f"Profile({self.name!r}, {len(self.rules)} rules, from {self.source})"
@@ -243,9 +311,18 @@ def parse_profile(data: Any, *, source: str = "<memory>", default_name: str = "p
     """Check a profile given as parsed JSON; ProfileError names the first problem found."""
     if not isinstance(data, dict):
         raise ProfileError(f"{source}: a profile is an object with a 'rules' list")
-    unknown = sorted(set(data) - {"name", "description", "rules"})
+    unknown = sorted(set(data) - {"name", "description", "rules", "code_systems", "max_age", "round_times"})
     if unknown:
-        raise ProfileError(f"{source}: unknown profile keys {unknown} (expected name, description, rules)")
+        raise ProfileError(f"{source}: unknown profile keys {unknown} "
+                           "(expected name, description, rules, code_systems, max_age, round_times)")
+    systems = data.get("code_systems", [])
+    if not isinstance(systems, list) or not all(isinstance(s, str) and ":" in s for s in systems):
+        raise ProfileError(f"{source}: 'code_systems' must be a list of code system URIs (or urn:oid:…)")
+    max_age, round_times = data.get("max_age", MAX_AGE), data.get("round_times")
+    if not _is_int(max_age) or not 0 < max_age < 150:
+        raise ProfileError(f"{source}: 'max_age' must be an age in years (ages over it are top-coded)")
+    if round_times is not None and round_times not in ROUNDINGS:
+        raise ProfileError(f"{source}: 'round_times' must be one of {', '.join(ROUNDINGS)} (or absent)")
     rules_data = data.get("rules")
     if not isinstance(rules_data, list) or not rules_data:
         raise ProfileError(f"{source}: 'rules' must be a non-empty list")
@@ -254,7 +331,7 @@ def parse_profile(data: Any, *, source: str = "<memory>", default_name: str = "p
         raise ProfileError(f"{source}: 'name' must be a non-empty string")
     rules = [_parse_rule(index, item, source) for index, item in enumerate(rules_data)]
     _check_reachable(rules, source)
-    return Profile(name, rules, source)
+    return Profile(name, rules, source, systems, max_age=max_age, round_times=round_times)
 
 
 def _parse_rule(index: int, item: Any, source: str) -> Rule:
@@ -279,7 +356,7 @@ def _parse_rule(index: int, item: Any, source: str) -> Rule:
     if stray:
         raise ProfileError(f"{where}: method {method} takes no {stray}")
     if method == "generalize":
-        _check_generalize(params, where)
+        _check_generalize(params, segments, where)
     rule = Rule(index, path, scope, tuple(segments), method, item.get("url"), params)
     if scope != "*" and not _is_resource_type(scope):
         raise ProfileError(f"{where}: unknown resource type {scope!r}")
@@ -287,26 +364,21 @@ def _parse_rule(index: int, item: Any, source: str) -> Rule:
     return rule
 
 
-def _check_generalize(params: dict[str, Any], where: str) -> None:
-    if ("to" in params) == ("digits" in params):
-        raise ProfileError(f"{where}: generalize needs either 'to' (year or month) or 'digits'")
+def _check_generalize(params: dict[str, Any], segments: list[str], where: str) -> None:
+    if ("to" in params) == ("countries" in params):
+        raise ProfileError(f"{where}: generalize needs either 'to' (year or month) or 'countries' (postal codes)")
     if "to" in params:
         if params["to"] not in ("year", "month"):
             raise ProfileError(f"{where}: 'to' must be 'year' or 'month'")
-        if "suppress" in params:
-            raise ProfileError(f"{where}: 'suppress' goes with 'digits'")
-        age = params.get("max_age")
-        if age is not None and (params["to"] != "year" or not _is_int(age) or not 0 < age < 150):
-            raise ProfileError(f"{where}: 'max_age' is an age in years, with 'to': 'year'")
+        if params.get("top_code", False) not in (True, False) or (params.get("top_code") and params["to"] != "year"):
+            raise ProfileError(f"{where}: 'top_code' is true or false, with 'to': 'year' (a birth date)")
         return
-    digits = params["digits"]
-    if not _is_int(digits) or not 0 < digits < 10:
-        raise ProfileError(f"{where}: 'digits' must be an integer from 1 to 9")
-    if "max_age" in params:
-        raise ProfileError(f"{where}: 'max_age' goes with 'to': 'year'")
-    suppress = params.get("suppress", [])
-    if not isinstance(suppress, list) or not all(isinstance(s, str) and len(s) == digits for s in suppress):
-        raise ProfileError(f"{where}: 'suppress' must be a list of {digits}-character prefixes")
+    if segments[-1] != "postalCode" or "top_code" in params:
+        raise ProfileError(f"{where}: 'countries' generalises an Address.postalCode, alone")
+    try:
+        postal_rules(params["countries"])
+    except ValueError as exc:
+        raise ProfileError(f"{where}: {exc}") from exc
 
 
 def _is_int(value: Any) -> bool:
@@ -321,6 +393,9 @@ def _check_rule_path(rule: Rule, where: str) -> None:
     if rule.url is not None or last in _EXTENSIONS:
         _check_extension_rule(rule, where)
         return
+    if rule.params and rule.method == "keep":
+        raise ProfileError(f"{where}: {', '.join(sorted(rule.params))} choose what of an extension is kept: "
+                           "only a rule with a 'url' takes them")
     if any(s in _EXTENSIONS for s in rule.segments):
         raise ProfileError(f"{where}: extensions are selected by URL: use a rule on "
                            f"'{rule.scope}.extension' with a 'url'")
@@ -340,7 +415,21 @@ def _check_extension_rule(rule: Rule, where: str) -> None:
     if not isinstance(rule.url, str) or not rule.url:
         raise ProfileError(f"{where}: an extension rule needs the extension's 'url'")
     if rule.method not in ("keep", "redact"):
-        raise ProfileError(f"{where}: an extension is kept or redacted as a whole (dates in it are shifted)")
+        raise ProfileError(f"{where}: an extension is kept or redacted (dates in it are shifted)")
+    subs = rule.params.get("extensions", [])
+    if not isinstance(subs, list) or not all(isinstance(u, str) and u for u in subs):
+        raise ProfileError(f"{where}: 'extensions' lists the 'url's of the sub-extensions to keep")
+    values = rule.params.get("values", [])
+    allowed = sorted(e.type for e in _elements("Extension").values() if e.name == "value[x]")
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ProfileError(f"{where}: 'values' lists the FHIR types of the values to keep, e.g. ['Coding']")
+    for value in values:
+        if value not in allowed:
+            hint = difflib.get_close_matches(value, allowed, n=1)
+            raise ProfileError(f"{where}: {value!r} is not a type an extension value can have"
+                               + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    if not isinstance(rule.params.get("primitives", False), bool):
+        raise ProfileError(f"{where}: 'primitives' is true or false")
 
 
 def _resolve(scope: str, segments: tuple[str, ...], where: str) -> list[_Element]:
@@ -398,6 +487,8 @@ def _covers(segment: str, other: str) -> bool:
 # -- compiled plans -----------------------------------------------------------------------------
 
 Action = Callable[[Any, "_Context"], Any]
+#: Completes a released object from its source: (source, released, context), changing `released`.
+WholeRule = Callable[[dict[str, Any], dict[str, Any], "_Context"], None]
 
 
 @dataclass(slots=True)
@@ -406,6 +497,7 @@ class _Plan:
 
     fields: dict[str, Action] = field(default_factory=dict)
     required: tuple[tuple[tuple[str, ...], str, bytes], ...] = ()  # (any of these keys, else set key, to)
+    whole: tuple[WholeRule, ...] = ()  # rules that read the whole object: see `_whole_rules`
 
 
 class _Trie:
@@ -446,12 +538,15 @@ class _Compiler:
                 self.urls.setdefault(rule.url, rule)
         self.memo: dict[tuple[Any, ...], _Plan] = {}
         self.extensions: dict[str, Action] = {}  # by URL, for extension and modifierExtension alike
+        self.primitive_extensions: dict[str, Action] = {}  # by URL, on a primitive's `_x`
+        self.on_primitives = any(r.method == "keep" and r.params.get("primitives") for r in self.urls.values())
 
     def root(self) -> _Plan:
-        keep = Rule(-1, "(engine)", "*", ("extension",), "keep")
-        for url, rule in [(DATA_ABSENT_REASON, keep), *self.urls.items()]:
-            if rule.method != "redact":
-                self.extensions[url] = partial(_walk, self.plan("Extension", (), rule))
+        for url, rule in self.urls.items():
+            if rule.method == "keep":
+                self.extensions[url] = action = partial(_extension, self.plan("Extension", (), rule))
+                if rule.params.get("primitives"):
+                    self.primitive_extensions[url] = action
         return self.plan(self.resource_type, (self.trie,), None, root=True)
 
     def plan(self, type_name: str, nodes: tuple[_Trie, ...], inherited: Rule | None, root: bool = False) -> _Plan:
@@ -469,16 +564,19 @@ class _Compiler:
             action = self.field(type_name, element, nodes, inherited)
             if action is not None:
                 plan.fields[element.key] = action
-                if element.primitive:
+                if element.primitive and self.on_primitives:
                     plan.fields["_" + element.key] = partial(_each_optional if element.many else _primitive_extension,
-                                                             self.extensions)
+                                                             self.primitive_extensions)
         plan.required = _required(type_name)
+        plan.whole = (*self.datatype_rules(type_name), *_whole_rules(type_name, plan.fields, self.profile.max_age))
         return plan
 
     def field(self, owner: str, element: _Element, nodes: tuple[_Trie, ...], inherited: Rule | None) -> Action | None:
         """The action for one element, or None to drop it."""
         if element.key in _EXTENSIONS:
             return self.extension_field(owner, element, inherited)
+        if owner == "Extension" and element.key == "url":
+            return _keep  # the URL the extension was chosen by
         matching = [c for n in nodes for c in {n.children.get(element.key), n.children.get(element.name)} if c]
         here = [r for c in matching for r in c.rules if r.applies_to(element.type)]
         decided = min([*here, *([inherited] if inherited else [])], key=lambda r: r.index, default=None)
@@ -486,8 +584,13 @@ class _Compiler:
         deeper = tuple(c for c in matching if c.deep_min < limit)
         if decided is not None and decided.method == "redact":
             decided = None
+        direct = decided in here
+        if owner == "Extension" and element.name == "value[x]" and decided is not None and "values" in decided.params:
+            if element.type not in decided.params["values"]:
+                return None
+            direct = True  # the extension's rule names this type of value
         if element.primitive:
-            return _primitive_action(element, decided, decided in here) if decided else None
+            return _primitive_action(element, decided, direct, self.profile) if decided else None
         if element.type == "Resource":
             return partial(_each, partial(_contained, self.profile)) if decided else None
         if element.type == "Reference":
@@ -498,10 +601,21 @@ class _Compiler:
         inner = self.plan(element.type, deeper, decided)
         return partial(_each, partial(_walk, inner)) if element.many else partial(_walk, inner)
 
-    def extension_field(self, owner: str, element: _Element, inherited: Rule | None) -> Action:
+    def datatype_rules(self, type_name: str) -> tuple[WholeRule, ...]:
+        """The rules of a data type that complete (or refuse) what its plan released of it."""
+        if type_name == "Coding":
+            return (partial(_finish_coding, self.profile.released_system),)
+        if type_name in _QUANTITIES:
+            return (_finish_quantity,)
+        finish = {"Money": _finish_money, "SampledData": _finish_sampled_data}.get(type_name)
+        return () if finish is None else (finish,)
+
+    def extension_field(self, owner: str, element: _Element, inherited: Rule | None) -> Action | None:
         if owner == "Extension" and inherited is not None:
-            # Inside a kept extension, its sub-extensions are part of it (their URLs are local names).
-            return partial(_each, partial(_walk, self.plan("Extension", (), inherited)))
+            # Inside a kept extension: the sub-extensions its rule lists by `url` (local names).
+            urls = inherited.params.get("extensions", ())
+            sub = partial(_extension, self.plan("Extension", (), inherited))
+            return partial(_extensions, dict.fromkeys(urls, sub)) if urls else None
         if element.key == "modifierExtension":
             return partial(_modifier_extensions, self.extensions)
         return partial(_extensions, self.extensions)
@@ -567,6 +681,8 @@ def _walk(plan: _Plan, node: Any, ctx: _Context) -> Any:
         out = _release(plan, node, ctx)
     except _Withheld:
         return _DROP
+    for rule in plan.whole:
+        rule(node, out, ctx)
     if not out:
         return _DROP
     if plan.required:
@@ -628,11 +744,16 @@ def _keep(value: Any, ctx: _Context) -> Any:
     return value if type(value) in _SCALARS else _DROP
 
 
-def _shift(value: Any, ctx: _Context) -> Any:
+def _shift(rounding: str | None, instant: bool, value: Any, ctx: _Context) -> Any:
     if ctx.offset is None or type(value) is not str:
         return _DROP  # a date of no patient cannot be shifted consistently: it is not released
-    shifted = shift_date(value, ctx.offset)
+    shifted = shift_date(value, ctx.offset, rounding, instant=instant)
     return _DROP if shifted is None else shifted
+
+
+def _round_time(rounding: str | None, value: Any, ctx: _Context) -> Any:
+    rounded = round_time(value, rounding) if type(value) is str else None
+    return _DROP if rounded is None else rounded
 
 
 def _pseudonymise(value: Any, ctx: _Context) -> Any:
@@ -664,26 +785,111 @@ def _to_month(value: Any, ctx: _Context) -> Any:
     return value[:7] if len(value) >= 7 else value[:4]
 
 
-def _to_prefix(digits: int, suppress: frozenset[str], value: Any, ctx: _Context) -> Any:
-    if type(value) is not str:
+class _ByCountry:
+    """`generalize` with `countries`: a postal code by the rule of its Address's country.
+
+    The country is a sibling, so the Address's plan applies it (`release`, a whole-object
+    rule); as a field action it releases nothing.
+    """
+
+    __slots__ = ("rules",)
+
+    def __init__(self, rules: Mapping[str, PostalRule]) -> None:
+        self.rules = rules
+
+    def __call__(self, value: Any, ctx: _Context) -> Any:
         return _DROP
-    compact = value.replace(" ", "").replace("-", "")
-    if len(compact) < digits:
-        return _DROP
-    ctx.abstracted = True
-    prefix = compact[:digits]
-    return "0" * digits if prefix in suppress else prefix
+
+    def release(self, source: dict[str, Any], out: dict[str, Any], ctx: _Context) -> None:
+        code = generalized_postal_code(source.get("postalCode"), source.get("country"), self.rules)
+        if code is not None:
+            out["postalCode"] = code
+            ctx.abstracted = True
 
 
-def _primitive_action(element: _Element, rule: Rule, direct: bool) -> Action:
-    """The transformation of a primitive element under the rule that decides it."""
+def _whole_rules(type_name: str, fields: dict[str, Action], max_age: int) -> tuple[WholeRule, ...]:
+    """The rules of an object type that read the whole object, for the elements its plan releases.
+
+    * an `Age`, and a `Range` of ages (a Range in a choice that allows an Age but not any
+      Quantity, or an element named `age`), is top-coded over `max_age` years, its unit
+      honoured;
+    * the `value[x]` of an object whose `code` is an age code (an age Observation or
+      component) likewise, and its `valueQuantity` in a unit of time whatever its code
+      (a duration over `max_age` years is an age);
+    * a postal code generalised by country reads the Address's `country`.
+    """
+    elements = _elements(type_name)
+    rules: list[WholeRule] = []
+    for key, element in elements.items():
+        if key not in fields or element.many:
+            continue
+        if element.type == "Age":
+            rules.append(partial(_age_element, released_age, key, max_age))
+        elif element.type == "Range" and (element.key == "age" or _choice_of_ages(elements, element.name)):
+            rules.append(partial(_age_element, released_age_range, key, max_age))
+    if "code" in elements and any(k in fields for k in ("valueQuantity", "valueRange", "valueInteger")):
+        rules.append(partial(_coded_age, max_age))
+    postal = fields.get("postalCode")
+    if isinstance(postal, _ByCountry):
+        rules.append(postal.release)
+    return tuple(rules)
+
+
+def _choice_of_ages(elements: dict[str, _Element], name: str) -> bool:
+    """Whether a choice holds ages: it allows an Age but not any Quantity (as Extension.value[x] does)."""
+    kinds = {e.type for e in elements.values() if e.name == name}
+    return "Age" in kinds and "Quantity" not in kinds
+
+
+AgeJudge = Callable[[dict[str, Any], Any, int], tuple[dict[str, Any] | None, bool]]
+
+
+def _age_element(judge: AgeJudge, key: str, max_age: int, source: dict[str, Any], out: dict[str, Any],
+                 ctx: _Context) -> None:
+    released = out.get(key)
+    if type(released) is not dict:
+        return
+    kept, top_coded = judge(released, source.get(key), max_age)
+    if kept is None:
+        del out[key]
+    else:
+        out[key] = kept
+    if top_coded:
+        ctx.abstracted = ctx.top_coded = True
+
+
+def _coded_age(max_age: int, source: dict[str, Any], out: dict[str, Any], ctx: _Context) -> None:
+    """The value of an Observation or component: with an age code, top-coded like an Age (an
+    integer read in years); with any other code, a valueQuantity in a unit of time likewise."""
+    if not is_age_code(source.get("code")):
+        if is_time_quantity(source.get("valueQuantity")):
+            _age_element(released_age, "valueQuantity", max_age, source, out, ctx)
+        return
+    _age_element(released_age, "valueQuantity", max_age, source, out, ctx)
+    _age_element(released_age_range, "valueRange", max_age, source, out, ctx)
+    if "valueInteger" in out:
+        years = out["valueInteger"]
+        if type(years) is not int or years > max_age:
+            ctx.abstracted = ctx.top_coded = True
+            out["valueInteger"] = max_age + 1
+
+
+def _primitive_action(element: _Element, rule: Rule, direct: bool, profile: Profile) -> Action | None:
+    """The transformation of a primitive element under the rule that decides it (None: drop it).
+
+    Inside a released element, text (string, markdown, URIs, ids, binary data) is dropped
+    and a code is released only if it is one of its required value set's codes: only a
+    rule naming the element itself releases them.
+    """
     method = rule.method
     if method == "generalize":
         params = rule.params
-        if "digits" in params:
-            action: Action = partial(_to_prefix, params["digits"], frozenset(params.get("suppress", ())))
+        if "countries" in params:
+            return _ByCountry(postal_rules(params["countries"]))
+        if params["to"] == "year":
+            action: Action = partial(_to_year, profile.max_age if params.get("top_code") else None)
         else:
-            action = partial(_to_year, params.get("max_age")) if params["to"] == "year" else _to_month
+            action = _to_month
     elif method == "encrypt":
         action = _encrypt
     elif method == "pseudonymise" and (direct or element.key == "value"):
@@ -691,10 +897,22 @@ def _primitive_action(element: _Element, rule: Rule, direct: bool) -> Action:
     elif element.type in _DATE_TYPES and not (method == "keep" and direct):
         # A date inside a released element is shifted: only a rule naming the date itself
         # with keep releases it unshifted, so no keep on a container leaks exact dates.
-        action = _shift
+        action = partial(_shift, profile.round_times, element.type == "instant")
+    elif element.type == "time":
+        action = partial(_round_time, profile.round_times)  # a time of day links releases like a date's time
+    elif not direct and element.type in _FREE_TEXT:
+        return None
+    elif not direct and element.type == "code":
+        if not element.codes:
+            return None
+        action = partial(_member, element.codes)
     else:
         action = _keep
     return partial(_each_value, action) if element.many else action
+
+
+def _member(codes: frozenset[str], value: Any, ctx: _Context) -> Any:
+    return value if type(value) is str and value in codes else _DROP
 
 
 def _primitive_extension(extensions: dict[str, Action], value: Any, ctx: _Context) -> Any:
@@ -717,6 +935,57 @@ def _extensions(extensions: dict[str, Action], values: Any, ctx: _Context) -> An
     return out or _DROP
 
 
+def _extension(plan: _Plan, value: Any, ctx: _Context) -> Any:
+    """A kept extension, released only if a value or a sub-extension survives beside its url."""
+    out = _walk(plan, value, ctx)
+    return out if out is not _DROP and len(out) > 1 else _DROP
+
+
+def _finish_coding(released_system: Callable[[Any], str | None], value: dict[str, Any], out: dict[str, Any],
+                   ctx: _Context | None = None) -> None:
+    """A Coding of a released code system: its canonical system, code and version (when it is
+    a version number, a date or a SNOMED CT edition); a display only from the shipped table
+    (or where a rule names it). Any other Coding is emptied, so that it is not released."""
+    system, code = released_system(value.get("system")), value.get("code")
+    if system is None or type(code) is not str:
+        out.clear()
+        return
+    out["system"], out["code"] = system, code
+    if type(version := value.get("version")) is str and _VERSION.fullmatch(version):
+        out["version"] = version
+    if "display" not in out and (display := display_of(system, code)) is not None:
+        out["display"] = display
+
+
+def _finish_quantity(value: dict[str, Any], out: dict[str, Any], ctx: _Context) -> None:
+    """A Quantity keeps its value and comparator; a UCUM code is kept and is also its unit.
+
+    The written unit is never released, nor a code of another system.
+    """
+    for key in ("unit", "system", "code"):
+        out.pop(key, None)
+    comparator = value.get("comparator")
+    if type(comparator) is str and comparator in _COMPARATORS:
+        out["comparator"] = comparator
+    code, system = value.get("code"), value.get("system")
+    if type(code) is str and _UCUM_CODE.fullmatch(code) and (system == UCUM or canonical_system(system) == UCUM):
+        out["system"], out["code"], out["unit"] = UCUM, code, code
+
+
+def _finish_money(value: dict[str, Any], out: dict[str, Any], ctx: _Context) -> None:
+    """Money keeps its value and an ISO 4217 currency code."""
+    currency = value.get("currency")
+    if type(currency) is str and _CURRENCY.fullmatch(currency):
+        out["currency"] = currency
+
+
+def _finish_sampled_data(value: dict[str, Any], out: dict[str, Any], ctx: _Context) -> None:
+    """SampledData keeps `data` only if it is a list of decimals or E, L, U, separated by spaces."""
+    data = value.get("data")
+    if "data" not in out and type(data) is str and _SAMPLED_DATA.fullmatch(data):
+        out["data"] = data
+
+
 def _modifier_extensions(extensions: dict[str, Action], values: Any, ctx: _Context) -> Any:
     kept = _extensions(extensions, values, ctx)
     if type(values) is list and (kept is _DROP or len(kept) != len(values)):
@@ -736,7 +1005,7 @@ def _reference(extensions: dict[str, Action], value: Any, ctx: _Context) -> Any:
             return _DROP  # even its type would say that something withheld exists
         out["reference"] = rewritten
     kind = value.get("type")
-    if type(kind) is str:
+    if type(kind) is str and _is_resource_type(kind):
         out["type"] = kind
     if "extension" in value and (kept := _extensions(extensions, value["extension"], ctx)) is not _DROP:
         out["extension"] = kept
@@ -753,25 +1022,6 @@ def _contained(profile: Profile, value: Any, ctx: _Context) -> Any:
     except DeidentificationError:
         return _DROP
     return {"resourceType": kind, "id": value["id"], **_release_resource(plan, value, ctx)[0]}
-
-
-def shift_date(value: str, days: int) -> str | None:
-    """Shift a FHIR date, dateTime or instant by whole days, keeping its precision and zone.
-
-    A year alone is returned unchanged (shifting it would only add noise of a year); a
-    year-month moves with its 15th day. None if the value is not a FHIR date.
-    """
-    try:
-        if len(value) == 4:
-            return value if value.isascii() and value.isdigit() else None
-        if len(value) == 7 and value[4] == "-":
-            moved = date(int(value[:4]), int(value[5:7]), 15) + timedelta(days=days)
-            return f"{moved.year:04d}-{moved.month:02d}"
-        if len(value) >= 10 and value[4] == "-" and (len(value) == 10 or value[10] == "T"):
-            return (date.fromisoformat(value[:10]) + timedelta(days=days)).isoformat() + value[10:]
-    except (ValueError, OverflowError):
-        return None
-    return None
 
 
 # -- the engine ---------------------------------------------------------------------------------
@@ -820,7 +1070,7 @@ class Deidentifier:
         out: dict[str, Any] = {"resourceType": kind, "id": own}
         body, withheld = _release_resource(plan, resource, ctx)
         labels = [PSEUDED, *([REDACTED] if withheld else []), *([ABSTRED] if ctx.abstracted else [])]
-        out["meta"] = _meta(resource.get("meta"), labels)
+        out["meta"] = _meta(resource.get("meta"), labels, self.profile.released_system)
         out.update(body)
         if ctx.top_coded:
             out["extension"] = [*out.get("extension", ()), {"url": TOP_CODED_AGE, "valueBoolean": True}]
@@ -879,6 +1129,8 @@ def _release_resource(plan: _Plan, resource: dict[str, Any], ctx: _Context) -> t
     """The body of a resource, and whether it was withheld whole for a modifier extension."""
     try:
         body, withheld = _release(plan, resource, ctx), False
+        for rule in plan.whole:
+            rule(resource, body, ctx)
     except _Withheld:
         body, withheld = {}, True
     _fill_required(plan, body)
@@ -894,21 +1146,26 @@ def _local_ids(resource: dict[str, Any], plan: _Plan) -> frozenset[str]:
                      and type(c.get("resourceType")) is str and _is_resource_type(c["resourceType"]))
 
 
-def _meta(source: Any, labels: list[dict[str, str]]) -> dict[str, Any]:
-    """versionId and security labels survive; lastUpdated, source, profile and tags do not.
+def _meta(source: Any, labels: list[dict[str, str]], released_system: Callable[[Any], str | None]) -> dict[str, Any]:
+    """A numeric versionId and the security labels of released code systems (as any Coding)
+    survive; lastUpdated, source, profile and tags do not.
 
     lastUpdated is an exact ingest time; a de-identified resource no longer conforms to the
-    profiles it claimed (they often require names and identifiers).
+    profiles it claimed (they often require names and identifiers); tags are local workflow
+    markers.
     """
     meta: dict[str, Any] = {}
     security: list[dict[str, str]] = []
     if type(source) is dict:
-        if type(source.get("versionId")) is str:
-            meta["versionId"] = source["versionId"]
+        version = source.get("versionId")
+        if type(version) is str and version.isascii() and version.isdigit():
+            meta["versionId"] = version
         for coding in source.get("security") or ():
-            if type(coding) is dict and type(coding.get("code")) is str:
-                security.append({k: coding[k] for k in ("system", "version", "code", "display")
-                                 if type(coding.get(k)) is str})
+            label: dict[str, str] = {}
+            if type(coding) is dict:
+                _finish_coding(released_system, coding, label)
+            if label:
+                security.append(label)
     present = {(c.get("system"), c["code"]) for c in security}
     security.extend(dict(label) for label in labels if (label["system"], label["code"]) not in present)
     meta["security"] = security

@@ -5,6 +5,7 @@ component that reads codes: the sensitivity classifier matches codes only after
 `canonical_system` has turned `urn:oid:2.16.840.1.113883.6.96` (or the bare OID, or a
 trailing slash) into `http://snomed.info/sct`; de-identification keeps codings only of
 systems `is_known` accepts; `$aggregate` refuses searches naming an unknown system.
+`display_of` gives the display text released for a code (`policies/data/displays.json`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import orjson
 
 DATA = Path(__file__).resolve().parent / "data" / "code-systems.json"
+DISPLAYS = Path(__file__).resolve().parent / "data" / "displays.json"
 
 
 @cache
@@ -50,3 +52,14 @@ def is_known(system: Any) -> bool:
         return False
     _, known, prefixes = _table()
     return canonical in known or canonical.startswith(prefixes)
+
+
+@cache
+def _displays() -> dict[tuple[str, str], str]:
+    table: dict[str, dict[str, str]] = orjson.loads(DISPLAYS.read_bytes())["systems"]
+    return {(system, code): text for system, codes in table.items() for code, text in codes.items()}
+
+
+def display_of(system: str, code: str) -> str | None:
+    """The display `policies/data/displays.json` gives a code of a canonical system, if any."""
+    return _displays().get((system, code))

@@ -140,20 +140,26 @@ def build(app: Flask, client: FlaskClient, headers: dict[str, str]) -> World:
                                                                                 "code": CHECK_UP}]}})
     w.add("b_procedure", {"resourceType": "Procedure", "status": "completed", "subject": world.ref("b")})
     w.add("b_specimen", {"resourceType": "Specimen", "subject": world.ref("b")})
+    w.add("b_hiv", condition(b, HIV))
 
     # a's withheld data (sensitive by code only) and a's ordinary data that points at it.
     w.add("hiv", condition(a, HIV))
-    w.add("sensitive_visit", encounter(a, SEXUAL_HEALTH_VISIT, "2021-03-01",
+    # b's sexual-health visit, which a's Observations point at (across patients nothing is inherited).
+    w.add("sensitive_visit", encounter(b, SEXUAL_HEALTH_VISIT, "2021-03-01",
                                        reasonCode=[{"coding": [{"system": SNOMED, "code": SEXUAL_HEALTH_VISIT}]}]))
     w.add("routine_visit", encounter(
         a, CHECK_UP, "2021-03-02", participant=[{"individual": world.ref("practitioner")}],
-        serviceProvider=world.ref("organization"), reasonReference=[world.ref("hiv")],
-        diagnosis=[{"condition": world.ref("hiv")}]))
+        serviceProvider=world.ref("organization"), reasonReference=[world.ref("b_hiv")],
+        diagnosis=[{"condition": world.ref("b_hiv")}]))
+    # A visit whose diagnosis is a's HIV condition is HIV data too, and so is what was measured during it.
+    w.add("hiv_visit", encounter(a, CHECK_UP, "2021-03-04", reasonReference=[world.ref("hiv")],
+                                 diagnosis=[{"condition": world.ref("hiv")}]))
     w.observe("in_sensitive_visit", "a", 201.0, encounter=world.ref("sensitive_visit"))
     w.observe("typed_sensitive_visit", "a", 202.0, encounter={
         "reference": world.refs["sensitive_visit"], "type": "Encounter", "display": "Sexual health clinic"})
     w.observe("in_routine_visit", "a", 203.0, encounter=world.ref("routine_visit"),
               performer=[world.ref("practitioner"), world.ref("organization")])
+    w.observe("in_hiv_visit", "a", 208.0, encounter=world.ref("hiv_visit"))
     w.observe("crossing", "a", 204.0, performer=[world.ref("b")], focus=[world.ref("b")],
               hasMember=[world.ref("b_obs")], derivedFrom=[world.ref("b_obs")],
               basedOn=[world.ref("b_service_request")], partOf=[world.ref("b_procedure")],

@@ -26,6 +26,7 @@ from policies.deid import (
 )
 from policies.pseudonym import PseudonymKey
 
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 DEFAULT = Path(__file__).resolve().parent.parent / "policies" / "profiles" / "default.json"
 MASTER = bytes(range(32))
 REFERENCE_YEAR = 2025
@@ -295,13 +296,15 @@ def test_default_deny_drops_every_element_no_rule_keeps(key: PseudonymKey) -> No
 def test_keys_that_are_not_fhir_elements_are_dropped_inside_kept_elements(key: PseudonymKey) -> None:
     source = {**condition(), "code": {**condition()["code"], "secretNote": FAMILY}, "flavour": "x"}
     released = engine([{"path": "Condition.code", "method": "keep"}], key).apply(source, 501, "p1")
-    assert released["code"] == condition()["code"]
+    assert released["code"] == {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]}
     assert "flavour" not in released
 
 
-def test_keep_releases_the_element_unchanged(key: PseudonymKey) -> None:
+def test_keep_releases_the_codes_and_values_of_the_element(key: PseudonymKey) -> None:
     released = engine([{"path": "Observation.component", "method": "keep"}], key).apply(observation(), 701, "p1")
-    assert released["component"] == observation()["component"]
+    assert released["component"][0] == {
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+        "valueQuantity": {"value": 127, "unit": "mm[Hg]", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}}
 
 
 def test_redact_removes_the_element(key: PseudonymKey) -> None:
@@ -353,10 +356,10 @@ def test_pseudonymise_gives_a_keyed_stable_value(key: PseudonymKey) -> None:
     assert [i["value"] for i in first] != [i["value"] for i in other]
 
 
-def test_pseudonymise_on_an_identifier_replaces_its_value_and_keeps_its_system(key: PseudonymKey) -> None:
+def test_pseudonymise_on_an_identifier_replaces_its_value_and_drops_its_other_text(key: PseudonymKey) -> None:
     released = engine([{"path": "Patient.identifier", "method": "pseudonymise"}], key).apply(patient(), 101, "p1")
     mrn = released["identifier"][1]
-    assert mrn["value"] == key.pseudonymise_value(MRN) and mrn["system"] == "http://hospital.example/mrn"
+    assert mrn["value"] == key.pseudonymise_value(MRN) and "system" not in mrn
     assert "assigner" not in mrn  # a reference with a display only: nothing to release
     assert MRN not in dumped(released) and SSN not in dumped(released)
 
@@ -405,7 +408,7 @@ def test_postal_code_of_a_sparse_three_digit_area_becomes_000(deid: Deidentifier
     ("2020-03-04", 10, "2020-03-14"),
     ("2020-12-25", 10, "2021-01-04"),
     ("2020-02-20", 9, "2020-02-29"),
-    ("2020-03-04T10:11:12-05:00", -4, "2020-02-29T10:11:12-05:00"),
+    ("2020-03-04T10:11:12-05:00", -4, "2020-02-29T15:11:12Z"),
     ("2020-03-04T10:11:12.345Z", 1, "2020-03-05T10:11:12.345Z"),
     ("2020-03", 30, "2020-04"),
     ("2020-03", -20, "2020-02"),
@@ -414,21 +417,21 @@ def test_postal_code_of_a_sparse_three_digit_area_becomes_000(deid: Deidentifier
     ("2020-13-01", 1, None),
     ("2020-03-04X", 1, None),
 ])
-def test_shift_date_keeps_precision_and_timezone(value: str, days: int, expected: str | None) -> None:
+def test_shift_date_keeps_precision_and_writes_times_in_utc(value: str, days: int, expected: str | None) -> None:
     assert shift_date(value, days) == expected
 
 
 def test_dates_are_shifted_by_the_patient_offset(deid: Deidentifier, key: PseudonymKey) -> None:
-    offset = key.date_offset_days("p1")
+    offset, rounding = key.date_offset_days("p1"), deid.profile.round_times
     released = release(deid, "Observation")
-    assert released["effectiveDateTime"] == shift_date("2020-03-04T10:11:12-05:00", offset)
-    assert released["issued"] == shift_date("2020-03-04T10:11:12.345-05:00", offset)
+    assert released["effectiveDateTime"] == shift_date("2020-03-04T10:11:12-05:00", offset, rounding)
+    assert released["issued"] == shift_date("2020-03-04T10:11:12.345-05:00", offset, rounding)
 
 
 def test_period_start_and_end_are_both_shifted(deid: Deidentifier, key: PseudonymKey) -> None:
-    offset = key.date_offset_days("p1")
-    assert release(deid, "Encounter")["period"] == {"start": shift_date("2020-03-04T10:00:00-05:00", offset),
-                                                    "end": shift_date("2020-03-04T10:45:00-05:00", offset)}
+    offset, rounding = key.date_offset_days("p1"), deid.profile.round_times
+    assert release(deid, "Encounter")["period"] == {"start": shift_date("2020-03-04T10:00:00-05:00", offset, rounding),
+                                                    "end": shift_date("2020-03-04T10:45:00-05:00", offset, rounding)}
 
 
 def test_intervals_between_dates_of_one_patient_are_preserved(deid: Deidentifier) -> None:
@@ -444,7 +447,8 @@ def test_different_patients_get_different_shifts(deid: Deidentifier) -> None:
 
 def test_dates_inside_a_kept_element_are_shifted_too(deid: Deidentifier, key: PseudonymKey) -> None:
     period = release(deid, "Encounter")["participant"][0]["period"]
-    assert period["start"] == shift_date("2020-03-04T10:00:00-05:00", key.date_offset_days("p1"))
+    assert period["start"] == shift_date("2020-03-04T10:00:00-05:00", key.date_offset_days("p1"),
+                                         deid.profile.round_times)
 
 
 def test_a_date_named_by_a_keep_rule_is_released_unshifted(key: PseudonymKey) -> None:
@@ -503,13 +507,13 @@ def test_contained_references_stay_local_and_the_contained_resource_is_deidentif
              {"path": "MedicationRequest.medication[x]", "method": "keep"},
              {"path": "Medication.code", "method": "keep"}]
     source = {**medication_request(), "medicationReference": {"reference": "#med"},
-              "contained": [{"resourceType": "Medication", "id": "med", "code": coding("http://rxnorm", "1", "x"),
+              "contained": [{"resourceType": "Medication", "id": "med", "code": coding(RXNORM, "1", "x"),
                              "batch": {"lotNumber": "LOT-1"}, "text": {"status": "generated", "div": FAMILY}}]}
     del source["medicationCodeableConcept"]
     released = engine(rules, key).apply(source, 901, "p1")
     assert released["medicationReference"] == {"reference": "#med"}
     assert released["contained"] == [{"resourceType": "Medication", "id": "med",
-                                      "code": coding("http://rxnorm", "1", "x")}]
+                                      "code": {"coding": [{"system": RXNORM, "code": "1"}]}}]
     validate(released)
 
 
@@ -594,12 +598,15 @@ def test_extensions_are_dropped_unless_a_rule_keeps_their_url(deid: Deidentifier
                     "http://synthetichealth.github.io/synthea/disability-adjusted-life-years"]
 
 
-def test_a_kept_extension_keeps_its_sub_extensions(deid: Deidentifier) -> None:
-    assert release(deid, "Patient")["extension"][0] == patient()["extension"][0]
+def test_a_kept_extension_keeps_only_the_sub_extensions_its_rule_lists(deid: Deidentifier) -> None:
+    assert release(deid, "Patient")["extension"][0] == {
+        "url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
+        "extension": [{"url": "ombCategory", "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238",
+                                                             "code": "2106-3"}}]}
 
 
 def test_inside_a_kept_extension_dates_are_shifted_and_references_rewritten(key: PseudonymKey) -> None:
-    rules = [{"path": "*.extension", "url": "http://x/seen-by", "method": "keep"},
+    rules = [{"path": "*.extension", "url": "http://x/seen-by", "method": "keep", "extensions": ["who", "when"]},
              {"path": "Observation.code", "method": "keep"}]
     source = {**observation(), "extension": [{"url": "http://x/seen-by", "extension": [
         {"url": "who", "valueReference": {"reference": "Practitioner/dr1", "display": DOCTOR}},
@@ -610,8 +617,10 @@ def test_inside_a_kept_extension_dates_are_shifted_and_references_rewritten(key:
         {"url": "when", "valueDateTime": shift_date("2020-03-04", key.date_offset_days("p1"))}]}]
 
 
-def test_extensions_of_primitive_values_follow_the_url_rules(key: PseudonymKey) -> None:
-    rules = [{"path": "*.extension", "url": DATA_ABSENT_REASON, "method": "keep"},
+def test_extensions_of_primitive_values_are_kept_only_where_their_rule_says_primitives(key: PseudonymKey) -> None:
+    rules = [{"path": "*.extension", "url": DATA_ABSENT_REASON, "method": "keep", "values": ["code"],
+              "primitives": True},
+             {"path": "*.extension", "url": "http://x/who", "method": "keep", "values": ["string"]},
              {"path": "Observation.status", "method": "keep"}, {"path": "Observation.code", "method": "keep"}]
     source = {**observation(), "_status": {"id": "s", "extension": [
         {"url": DATA_ABSENT_REASON, "valueCode": "unknown"}, {"url": "http://x/who", "valueString": FAMILY}]}}
@@ -638,7 +647,8 @@ def test_meta_keeps_version_and_security_and_is_labelled_pseudonymised(deid: Dei
     source = {**observation(), "meta": {**observation()["meta"], "security": [
         {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY"}], "source": "#feed"}}
     assert deid.apply(source, 701, "p1")["meta"] == {"versionId": "1", "security": [
-        {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY"},
+        {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY",
+         "display": "psychiatry disorder information sensitivity"},
         {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "PSEUDED",
          "display": "pseudonymized"}]}
 
@@ -696,14 +706,25 @@ def test_a_yaml_profile_loads_like_json(tmp_path: Path, key: PseudonymKey) -> No
     ([{"path": "Observation.subject.display", "method": "keep"}], "references are rewritten by the engine"),
     ([{"path": "Patient.birthDate", "method": "generalize"}], "generalize needs either 'to'"),
     ([{"path": "Patient.birthDate", "method": "generalize", "to": "decade"}], "'to' must be 'year' or 'month'"),
-    ([{"path": "Patient.address.postalCode", "method": "generalize", "digits": 0}], "'digits' must be"),
+    ([{"path": "Patient.address.postalCode", "method": "generalize", "countries": {"FR": {"digits": 0}}}],
+     "'digits' is a length from 1 to 9"),
     ([{"path": "Patient.gender", "method": "dateshift"}], "cannot apply to code"),
-    ([{"path": "Patient.gender", "method": "keep", "digits": 3}], "takes no ['digits']"),
+    ([{"path": "Patient.gender", "method": "keep", "to": "year"}], "takes no ['to']"),
     ([{"path": "Patient.gender", "methd": "keep"}], "unknown keys ['methd']"),
     ([{"path": "Patient.id", "method": "keep"}], "managed by the engine"),
     ([{"path": "*.meta", "method": "keep"}], "managed by the engine"),
     ([{"path": "*.extension", "method": "keep"}], "needs the extension's 'url'"),
-    ([{"path": "*.extension", "url": "http://x", "method": "dateshift"}], "kept or redacted as a whole"),
+    ([{"path": "*.extension", "url": "http://x", "method": "dateshift"}], "an extension is kept or redacted"),
+    ([{"path": "*.extension", "url": "http://x", "method": "keep", "extensions": "text"}],
+     "'extensions' lists the 'url's of the sub-extensions"),
+    ([{"path": "*.extension", "url": "http://x", "method": "keep", "values": ["Codeing"]}],
+     "'Codeing' is not a type an extension value can have (did you mean 'Coding'?)"),
+    ([{"path": "*.extension", "url": "http://x", "method": "keep", "values": "Coding"}],
+     "'values' lists the FHIR types"),
+    ([{"path": "*.extension", "url": "http://x", "method": "keep", "primitives": "yes"}],
+     "'primitives' is true or false"),
+    ([{"path": "Patient.gender", "method": "keep", "values": ["code"]}], "only a rule with a 'url' takes them"),
+    ([{"path": "*.extension", "url": "http://x", "method": "redact", "values": ["code"]}], "takes no ['values']"),
     ([{"path": "Patient.gender", "url": "http://x", "method": "keep"}], "a rule with a 'url'"),
     ([{"path": "Patient.extension.valueString", "method": "keep"}], "extensions are selected by URL"),
     ([{"path": "Patient.name", "method": "keep"}, {"path": "Patient.name.family", "method": "redact"}],

@@ -25,7 +25,8 @@ from tests.research_world import bearer, token
 #: What project `open` must never carry, by world name: the refusing patient and their data,
 #: a's sensitive data, data outside a data period or of an excluded class, deleted data, the
 #: patients whose consent is not in force, and the directory it does not declare.
-WITHHELD_FROM_OPEN = ("b", "b_obs", "b_service_request", "b_procedure", "b_specimen", "hiv", "sensitive_visit",
+WITHHELD_FROM_OPEN = ("b", "b_obs", "b_service_request", "b_procedure", "b_specimen", "b_hiv", "hiv", "sensitive_visit",
+                      "hiv_visit", "in_hiv_visit",
                       "recent_old", "excluded_class_visit", "deleted_target", "ended", "ended_obs", "future",
                       "future_obs", "practitioner", "organization")
 
@@ -350,14 +351,21 @@ def test_references_to_a_refusing_patient_inside_backbone_elements_are_removed(w
         assert open_project.pseudonym(world.refs[name]).encode() not in response.data
 
 
-def test_a_reference_to_an_excluded_category_is_removed_and_the_resource_stays_valid(world, open_project):
+def test_a_reference_to_another_patients_withheld_condition_is_removed_and_the_resource_stays_valid(
+        world, open_project):
     response = open_project.read(world.refs["routine_visit"])
     assert response.status_code == 200
     released = response.get_json()
     assert "reasonReference" not in released
     assert all("reference" not in d["condition"] for d in released.get("diagnosis", []))
-    assert open_project.pseudonym(world.refs["hiv"]).encode() not in response.data
+    assert open_project.pseudonym(world.refs["b_hiv"]).encode() not in response.data
     validate(released, "Encounter")
+
+
+def test_a_visit_for_an_excluded_category_is_withheld_with_what_was_measured_during_it(world, open_project):
+    assert open_project.read(world.refs["hiv_visit"]).status_code == 404
+    assert world.marker["in_hiv_visit"] not in [o["valueQuantity"]["value"] for o in
+                                                _resources(open_project.search("Observation?_count=100"))]
 
 
 def test_a_reference_to_a_resource_of_an_excluded_class_is_removed(world, open_project):
@@ -390,7 +398,7 @@ def test_withheld_references_are_removed_in_included_resources(world, open_proje
     included = _resources(response.get_json(), "include")
     assert [e["resourceType"] for e in included] == ["Encounter"]
     assert "reasonReference" not in included[0]
-    assert open_project.pseudonym(world.refs["hiv"]).encode() not in response.data
+    assert open_project.pseudonym(world.refs["b_hiv"]).encode() not in response.data
 
 
 def test_withheld_references_are_removed_in_an_export(world, open_project, export_worker):

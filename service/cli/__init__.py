@@ -5,7 +5,7 @@ from flask import Flask
 
 
 def register(app: Flask) -> None:
-    from service.cli import clients, consents, data, database, exports, keys, projects
+    from service.cli import clients, consents, data, database, exports, keys, projects, sensitivity
 
     app.cli.add_command(database.init_db_command)
     app.cli.add_command(clients.client_group)
@@ -17,3 +17,4 @@ def register(app: Flask) -> None:
     app.cli.add_command(keys.reidentify_command)
     app.cli.add_command(keys.audit_group)
     app.cli.add_command(exports.export_worker_command)
+    app.cli.add_command(sensitivity.sensitivity_group)

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from policies.fhirdates import MAX_US, MIN_US, DateFormatError, date_range
+from policies.sensitivity import NOT_INHERITED, SHARED_TYPES
 from service.store.searchparams import CLINICAL_DATE, COMPARTMENT, SearchParam, indexed_params
 
 Rows = dict[str, list[dict[str, Any]]]
@@ -136,8 +137,29 @@ def _rows_for(param: SearchParam, resource: dict[str, Any]) -> Iterator[tuple[st
                     yield "idx_reference", {"param": name, "target_type": target_type, "target_id": target_id}
 
 
-def extract(resource_type: str, resource: dict[str, Any]) -> Rows:
-    """Index rows for every indexed parameter of the resource, grouped by index table."""
+#: The `idx_reference` rows under this name list what a resource may inherit sensitive
+#: categories from, so that the resources referring to one that changes are found
+#: (`service/store/masks.py`).
+INHERITS = "_inherits"
+#: Types a resource may inherit categories from: patient-compartment types (the Patient
+#: itself excepted) and shared types; other types (Practitioner, Organization, …) have no
+#: patient and so never pass categories (`policies.sensitivity.inherits`).
+_INHERITABLE = frozenset((set(COMPARTMENT) - NOT_INHERITED) | SHARED_TYPES)
+
+
+def inherited_targets(references: Iterable[str]) -> list[tuple[str, str]]:
+    """The (type, id) of each reference a resource's categories may come from, once each, in order."""
+    targets: dict[tuple[str, str], None] = {}
+    for reference in references:
+        parsed = parse_reference(reference)
+        if parsed and parsed[0] in _INHERITABLE and len(parsed[1]) <= 64:
+            targets[(parsed[0], parsed[1])] = None
+    return list(targets)
+
+
+def extract(resource_type: str, resource: dict[str, Any], references: Iterable[str] = ()) -> Rows:
+    """Index rows for every indexed parameter of the resource, grouped by index table,
+    plus an `INHERITS` row for each of `references` (as written) a category may come from."""
     rows: Rows = {}
     seen: set[tuple[Any, ...]] = set()
     for param in indexed_params(resource_type):
@@ -146,6 +168,10 @@ def extract(resource_type: str, resource: dict[str, Any]) -> Rows:
             if key not in seen:
                 seen.add(key)
                 rows.setdefault(table, []).append(row)
+    inherited = [{"param": INHERITS, "target_type": target_type, "target_id": target_id}
+                 for target_type, target_id in inherited_targets(references)]
+    if inherited:
+        rows.setdefault("idx_reference", []).extend(inherited)
     return rows
 
 

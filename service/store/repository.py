@@ -1,8 +1,10 @@
 """Versioned resource storage: create, read, update, delete, history.
 
 Every write goes through `write()`, which stores the new current version, appends it
-to `history` (old versions are never overwritten) and replaces the search-index rows,
-all on the caller's connection so a request's writes share one transaction.
+to `history` (old versions are never overwritten), replaces the search-index rows and
+gives the version its sensitivity mask, recomputing those of the stored resources that
+inherit from it (`service/store/masks.py`), all on the caller's connection so a
+request's writes share one transaction.
 """
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 
 from policies.fhirdates import instant
-from policies.sensitivity import mask_of
+from policies.sensitivity import Key, Node
 from service.db import now_us
 from service.errors import Conflict, Gone, InvalidRequest, NotFound, PreconditionFailed
-from service.store import indexer
+from service.store import indexer, masks
 from service.store.schema import INDEX_TABLES, history, resources
 
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -117,12 +119,23 @@ def write(conn: Connection, changes: Sequence[Change]) -> list[Stored]:
     fresh: list[tuple[int, dict[str, Any]]] = []
     touched_pks: list[int] = []
     judged: dict[int, dict[str, Any]] = {}  # updated rows by position (fresh ones are in `fresh`)
-    for position, change in enumerate(changes):
-        version = change.current.version + 1 if change.current else 1
-        method = "DELETE" if change.resource is None else ("PUT" if change.current else "POST")
-        row = _row(change, version, now)
-        index.append(None if change.resource is None else indexer.extract(change.type, change.resource))
+    new_rows: list[dict[str, Any]] = []
+    nodes: dict[Key, Node] = {}
+    for change in changes:
+        row = _row(change, change.current.version + 1 if change.current else 1, now)
+        if change.resource is None:
+            index.append(None)
+        else:
+            nodes[(change.type, change.id)], references = masks.node(row["patient_id"], change.resource)
+            index.append(indexer.extract(change.type, change.resource, references))
         row["clinical_low"], row["clinical_high"] = indexer.clinical_range(change.type, index[-1])
+        new_rows.append(row)
+    resolved, recomputed = masks.resolve(conn, nodes, [(c.type, c.id) for c in changes if c.resource is None])
+    for position, (change, row) in enumerate(zip(changes, new_rows, strict=True)):
+        version = row["version"]
+        method = "DELETE" if change.resource is None else ("PUT" if change.current else "POST")
+        if change.resource is not None:
+            row["sensitive_mask"] = resolved[(change.type, change.id)]
         if change.current is None:
             fresh.append((position, row))
         else:
@@ -150,20 +163,20 @@ def write(conn: Connection, changes: Sequence[Change]) -> list[Stored]:
         for table in INDEX_TABLES:
             conn.execute(delete(table).where(table.c.resource_pk.in_(touched_pks)))
     _insert_index(conn, [(s.pk, s.patient_id, rows) for s, rows in zip(done, index, strict=True) if rows])
+    masks.apply(conn, recomputed)
     for hook in AFTER_WRITE:
         hook(conn, done, changes)
     return done
 
 
 def _row(change: Change, version: int, now: int) -> dict[str, Any]:
-    """The `resources` row of a new version (a deletion keeps no content)."""
+    """The `resources` row of a new version (a deletion keeps no content); `write` sets its mask."""
     if change.resource is None:
         return {"type": change.type, "id": change.id, "patient_id": None, "version": version, "last_updated": now,
                 "deleted": True, "sensitive_mask": 0, "json": None}
     payload = _stamp(change, version, now)  # sets the id, which a Patient's compartment is
     return {"type": change.type, "id": change.id, "patient_id": indexer.patient_of(change.type, change.resource),
-            "version": version, "last_updated": now, "deleted": False,
-            "sensitive_mask": mask_of(change.resource), "json": payload}
+            "version": version, "last_updated": now, "deleted": False, "sensitive_mask": 0, "json": payload}
 
 
 def _stamp(change: Change, version: int, now: int) -> bytes:

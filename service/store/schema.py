@@ -386,6 +386,14 @@ project_groups = Table(
     PrimaryKeyConstraint("project_id", "group_id", name="pk_project_groups"),
 )
 
+#: Small facts about the database itself, by name (e.g. the classifier version its masks are from).
+settings = Table(
+    "settings",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
 schema_migrations = Table(
     "schema_migrations",
     metadata,
