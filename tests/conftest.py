@@ -18,11 +18,14 @@ from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from policies.deid import Profile, load_profile
 from policies.keys import ensure_master_key
+from policies.pseudonym import PseudonymKey
 from service import db
 from service.app import create_app
 from service.export import Worker
 from service.store.schema import metadata
+from tests.deid_helpers import DEFAULT_PROFILE, MASTER
 from tests.research_world import World, bearer, build, token
 
 # Every app a test builds runs export jobs only when the test runs a `Worker` (see the `export_worker` fixture).
@@ -160,3 +163,15 @@ def world(app: Flask, client: FlaskClient, custodian_headers: dict[str, str]) ->
 def research(app: Flask, client: FlaskClient, world: World) -> dict[str, str]:
     """Headers of a research client of the world's record-level project."""
     return bearer(token(client, app, "research", world.project))
+
+
+@pytest.fixture(scope="session")
+def profile() -> Profile:
+    """The shipped default de-identification profile."""
+    return load_profile(DEFAULT_PROFILE)
+
+
+@pytest.fixture(scope="session")
+def key() -> PseudonymKey:
+    """A pseudonym key of project `project-a`, version 1, under the tests' fixed master key."""
+    return PseudonymKey(MASTER, "project-a", 1)

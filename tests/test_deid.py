@@ -25,10 +25,9 @@ from policies.deid import (
     shift_date,
 )
 from policies.pseudonym import PseudonymKey
+from tests.deid_helpers import DEFAULT_PROFILE, MASTER
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
-DEFAULT = Path(__file__).resolve().parent.parent / "policies" / "profiles" / "default.json"
-MASTER = bytes(range(32))
 REFERENCE_YEAR = 2025
 #: The stored rows the references in these tests point at: (type, id) → pk.
 STORE: dict[tuple[str, str], int] = {
@@ -54,16 +53,6 @@ STREET, CITY, ZIP = "42 Quillfeather Lane", "Xanthorpe", "02134"
 MRN, SSN = "MRN-8675309", "999-12-3456"
 BIRTH = "1987-06-15"
 DOCTOR = "Dr. Ignatius Brackenbury"
-
-
-@pytest.fixture(scope="module")
-def profile() -> Profile:
-    return load_profile(DEFAULT)
-
-
-@pytest.fixture(scope="module")
-def key() -> PseudonymKey:
-    return PseudonymKey(MASTER, "project-a", 1)
 
 
 @pytest.fixture
@@ -683,7 +672,7 @@ def test_no_planted_identifier_is_released(deid: Deidentifier, kind: str) -> Non
 # -- profiles ------------------------------------------------------------------------------------
 
 def test_the_default_profile_loads() -> None:
-    assert load_profile(DEFAULT).name == "passerelle-default"
+    assert load_profile(DEFAULT_PROFILE).name == "passerelle-default"
 
 
 def test_a_yaml_profile_loads_like_json(tmp_path: Path, key: PseudonymKey) -> None:
@@ -759,7 +748,7 @@ def test_a_missing_profile_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_every_wildcard_rule_of_the_default_profile_names_a_real_element() -> None:
-    data = json.loads(DEFAULT.read_text())
+    data = json.loads(DEFAULT_PROFILE.read_text())
     for rule in data["rules"]:
         if not rule["path"].startswith("*.") or "url" in rule:
             continue

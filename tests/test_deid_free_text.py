@@ -6,32 +6,20 @@ them (and that the output still validates against R4B).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
-from policies.deid import Deidentifier, Profile, ProfileError, load_profile, parse_profile
+from policies.deid import Deidentifier, Profile, ProfileError, parse_profile
 from policies.pseudonym import PseudonymKey
 
-DEFAULT = Path(__file__).resolve().parent.parent / "policies" / "profiles" / "default.json"
 FAMILY, PHONE, MRN, STREET, BIRTH = "Zoltowska", "+1-555-867-5309", "MRN-8675309", "42 Quillfeather Lane", "1987-06-15"
 PLANTED = f"{FAMILY} {PHONE} {MRN} {STREET} born {BIRTH}"
 SNOMED, LOINC, UCUM = "http://snomed.info/sct", "http://loinc.org", "http://unitsofmeasure.org"
 RACE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
 STORE = {("Patient", "p1"): 101, ("Encounter", "e1"): 201}
-
-
-@pytest.fixture(scope="module")
-def profile() -> Profile:
-    return load_profile(DEFAULT)
-
-
-@pytest.fixture(scope="module")
-def key() -> PseudonymKey:
-    return PseudonymKey(bytes(range(32)), "project-a", 1)
 
 
 def release(profile: Profile, key: PseudonymKey, resource: dict[str, Any],

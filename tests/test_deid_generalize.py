@@ -3,30 +3,18 @@ from __future__ import annotations
 
 import json
 from datetime import date
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
-from policies.deid import TOP_CODED_AGE, Deidentifier, Profile, ProfileError, load_profile, parse_profile
+from policies.deid import TOP_CODED_AGE, Deidentifier, Profile, ProfileError, parse_profile
 from policies.generalize import UCUM
 from policies.pseudonym import PseudonymKey
+from tests.deid_helpers import DEFAULT_PROFILE, MASTER
 
-DEFAULT = Path(__file__).resolve().parent.parent / "policies" / "profiles" / "default.json"
-MASTER = bytes(range(32))
 LOINC = "http://loinc.org"
 STORE = {("Patient", "p1"): 101}
-
-
-@pytest.fixture(scope="module")
-def profile() -> Profile:
-    return load_profile(DEFAULT)
-
-
-@pytest.fixture(scope="module")
-def key() -> PseudonymKey:
-    return PseudonymKey(MASTER, "project-a", 1)
 
 
 @pytest.fixture
@@ -40,7 +28,7 @@ def engine(profile: Profile, key: PseudonymKey) -> Deidentifier:
 
 def with_settings(**settings: Any) -> Profile:
     """The default profile with other profile-level settings (None: the setting removed)."""
-    data = {**json.loads(DEFAULT.read_text()), **settings}
+    data = {**json.loads(DEFAULT_PROFILE.read_text()), **settings}
     return parse_profile({k: v for k, v in data.items() if v is not None})
 
 

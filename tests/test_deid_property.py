@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,9 +20,9 @@ from hypothesis import strategies as st
 
 from policies.deid import Deidentifier, _elements, load_profile
 from policies.pseudonym import PseudonymKey
+from tests.deid_helpers import DEFAULT_PROFILE
 
-DEFAULT = Path(__file__).resolve().parent.parent / "policies" / "profiles" / "default.json"
-PROFILE = load_profile(DEFAULT)
+PROFILE = load_profile(DEFAULT_PROFILE)
 TEXT_TYPES = frozenset({"string", "markdown", "uri", "url", "canonical", "oid", "uuid", "id", "base64Binary", "xhtml"})
 TYPES = ["AllergyIntolerance", "CarePlan", "CareTeam", "Claim", "Condition", "Device", "DiagnosticReport",
          "DocumentReference", "Encounter", "ExplanationOfBenefit", "Goal", "ImagingStudy", "Immunization",
@@ -35,7 +34,8 @@ EXTENSIONS = [str(r.url) for r in PROFILE.rules if r.url] + ["ombCategory", "det
 REFERENCES = ["Patient/p1", "Encounter/e1", "#c1"]
 #: Paths a rule of the default profile names (its own purpose is to release them).
 NAMED = {rule["path"].split(".", 1)[1] if rule["path"].startswith("*.") else rule["path"]
-         for rule in json.loads(DEFAULT.read_text())["rules"] if rule["method"] != "redact" and "url" not in rule}
+         for rule in json.loads(DEFAULT_PROFILE.read_text())["rules"]
+         if rule["method"] != "redact" and "url" not in rule}
 VALUES = {"boolean": True, "integer": 3, "positiveInt": 2, "unsignedInt": 1, "decimal": 1.5, "integer64": 7,
           "date": "2020-01-02", "dateTime": "2020-01-02T03:04:05+01:00", "instant": "2020-01-02T03:04:05Z",
           "time": "10:11:12", "code": "abc"}

@@ -9,16 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policies.pseudonym import MAX_SHIFT_DAYS, PSEUDONYM_LENGTH, PseudonymError, PseudonymKey
+from tests.deid_helpers import MASTER
 
-MASTER = bytes(range(32))
 OTHER_MASTER = bytes(range(1, 33))
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 PKS = st.integers(min_value=0, max_value=2**64 - 1)
-
-
-@pytest.fixture(scope="module")
-def key() -> PseudonymKey:
-    return PseudonymKey(MASTER, "project-a", 1)
 
 
 # -- resource pseudonyms -------------------------------------------------------------------------
