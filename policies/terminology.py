@@ -20,8 +20,8 @@ DISPLAYS = Path(__file__).resolve().parent / "data" / "displays.json"
 
 
 @cache
-def _table() -> tuple[dict[str, str], frozenset[str], tuple[str, ...]]:
-    """(alias → canonical URI, canonical URIs, known URI prefixes), read once."""
+def _table() -> tuple[dict[str, str], frozenset[str], tuple[str, ...], tuple[str, ...]]:
+    """(alias → canonical URI, canonical URIs, known URI prefixes, identifier namespaces), read once."""
     data: dict[str, Any] = orjson.loads(DATA.read_bytes())
     aliases: dict[str, str] = {}
     for system in data["systems"]:
@@ -30,7 +30,7 @@ def _table() -> tuple[dict[str, str], frozenset[str], tuple[str, ...]]:
         for oid in system["oids"]:
             aliases[oid] = url
             aliases[f"urn:oid:{oid}"] = url
-    return aliases, frozenset(aliases.values()), tuple(data["prefixes"])
+    return aliases, frozenset(aliases.values()), tuple(data["prefixes"]), tuple(data["identifier_namespaces"])
 
 
 def canonical_system(system: Any) -> str | None:
@@ -50,8 +50,11 @@ def is_known(system: Any) -> bool:
     canonical = canonical_system(system)
     if canonical is None:
         return False
-    _, known, prefixes = _table()
-    return canonical in known or canonical.startswith(prefixes)
+    _, known, prefixes, identifiers = _table()
+    if canonical in known:
+        return True
+    # Under a known family, but a namespace of identifiers (…/sid/us-ssn): its "codes" are people's numbers.
+    return canonical.startswith(prefixes) and not canonical.startswith(identifiers)
 
 
 @cache

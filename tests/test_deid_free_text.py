@@ -72,6 +72,15 @@ def test_a_coding_of_a_custom_code_system_is_dropped(profile: Profile, key: Pseu
     assert released["code"] == {"coding": [{"system": LOINC, "code": "8867-4"}]}
 
 
+@pytest.mark.parametrize("system", ["http://hl7.org/fhir/sid/us-ssn", "http://hl7.org/fhir/sid/us-npi",
+                                    "http://hl7.org/fhir/sid/us-mbi"])
+def test_a_coding_in_an_identifier_namespace_of_a_known_family_is_dropped(profile: Profile, key: PseudonymKey,
+                                                                          system: str) -> None:
+    code = {"coding": [{"system": system, "code": "123-45-6789"}, {"system": LOINC, "code": "8867-4"}]}
+    released = release(profile, key, observation(code=code))
+    assert released["code"] == {"coding": [{"system": LOINC, "code": "8867-4"}]}
+
+
 def test_a_concept_left_without_any_coding_is_data_absent(profile: Profile, key: PseudonymKey) -> None:
     released = release(profile, key, observation(code={"coding": [{"system": "http://ehr.example/x", "code": "1"}],
                                                        "text": PLANTED}))
