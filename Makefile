@@ -3,9 +3,13 @@
 #   make run     virtualenv + dependencies, init-db, 200 demo patients (once), a demo
 #                custodian client (once, instance/demo-client.json), then gunicorn on
 #                http://127.0.0.1:8000 in the foreground
-#   make test    ruff, then the whole pytest suite (PostgreSQL variants run when
-#                PASSERELLE_TEST_DATABASE_URL names a server)
-#   make bench   the benchmarks
+#   make test    ruff, then the whole pytest suite; its PostgreSQL variants run on
+#                PASSERELLE_TEST_DATABASE_URL, else on postgresql://postgres@127.0.0.1:5432/test
+#                when that answers (one summary line says why they were skipped)
+#   make bench   the benchmarks at full scale on SQLite, then PostgreSQL, written to
+#                benchmarks/RESULTS.md (SQLite alone 35–40 min; BENCH_SCALE=small: minutes)
+#   make bench-quick  the guarded ratios at a small scale; fails when one is more than
+#                3× worse than its target (BENCH_FAIL_FACTOR to change)
 #   make lint    ruff only
 #   make clean   removes the virtualenv and caches; instance/ (database, master key,
 #                demo credentials) is data and is never removed by make
@@ -19,7 +23,7 @@ STAMP := $(VENV)/.installed
 # pytest-xdist workers; PYTEST_WORKERS=0 runs the suite in one process.
 PYTEST_WORKERS ?= 2
 
-.PHONY: all .venv venv run test lint bench clean
+.PHONY: all .venv venv run test lint bench bench-quick clean
 
 all: test
 
@@ -28,9 +32,10 @@ all: test
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Re-installs whenever requirements.txt changes.
+# Re-installs whenever requirements.txt changes; pip shows each package as it goes.
 $(STAMP): requirements.txt | $(BIN)/python
-	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt
+	@echo "==> Installing dependencies into $(VENV) (a few minutes on a first run)"
+	$(BIN)/python -m pip install --disable-pip-version-check -r requirements.txt
 	touch $@
 
 run: $(STAMP)
@@ -43,8 +48,14 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+BENCH_SCALE ?= full
+BENCH_FAIL_FACTOR ?= 3
+
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks --scale $(BENCH_SCALE) --db sqlite --db postgresql --results benchmarks/RESULTS.md
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks --quick --fail-factor $(BENCH_FAIL_FACTOR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

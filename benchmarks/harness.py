@@ -47,6 +47,7 @@ class Scale:
     name: str
     ingest_bundles: int          # resources POSTed as transaction Bundles (section 1)
     ingest_ndjson: int           # resources loaded by the CLI `ingest` (section 1)
+    ingest_http: bool            # also POST the Bundles through gunicorn (section 1; a server start)
     search_sizes: tuple[int, int]  # stored resources of the small and the large database (section 2)
     http_requests: int           # requests per throughput run (sections 2 and 4)...
     http_seconds: float          # ...or fewer if this many seconds have passed
@@ -63,13 +64,21 @@ class Scale:
 
 
 SCALES = {
+    # `make bench-quick`: the guarded ratios only, sized to finish within 90 s on 2 idle cores, datasets
+    # built from scratch included.
+    # The search databases differ 10× in size, so a search that grows linearly fails the 3× guard.
+    "quick": Scale(
+        "quick", ingest_bundles=1_000, ingest_ndjson=1_000, ingest_http=False, search_sizes=(2_000, 20_000),
+        http_requests=100, http_seconds=2, latency_requests=20, latency_seconds=1,
+        deid_resources=2_000, research_size=2_000, export_size=2_000,
+        agg_patients=1_000, agg_observations=10, agg_repeats=3, agg_timeout=10, accuracy_draws=200),
     "small": Scale(
-        "small", ingest_bundles=10_000, ingest_ndjson=10_000, search_sizes=(10_000, 100_000),
+        "small", ingest_bundles=10_000, ingest_ndjson=10_000, ingest_http=True, search_sizes=(10_000, 100_000),
         http_requests=1_500, http_seconds=5, latency_requests=150, latency_seconds=3,
         deid_resources=10_000, research_size=10_000, export_size=10_000,
         agg_patients=10_000, agg_observations=10, agg_repeats=5, agg_timeout=60, accuracy_draws=2_000),
     "full": Scale(
-        "full", ingest_bundles=20_000, ingest_ndjson=100_000, search_sizes=(10_000, 1_000_000),
+        "full", ingest_bundles=20_000, ingest_ndjson=100_000, ingest_http=True, search_sizes=(10_000, 1_000_000),
         http_requests=5_000, http_seconds=30, latency_requests=300, latency_seconds=15,
         deid_resources=100_000, research_size=100_000, export_size=100_000,
         agg_patients=100_000, agg_observations=10, agg_repeats=3, agg_timeout=180, accuracy_draws=10_000),
@@ -113,6 +122,7 @@ def fmt(value: Any, digits: int = 0) -> str:
 def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], note: str = "") -> None:
     """Print one aligned table: text columns left-aligned, figures right-aligned."""
     cells = [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
+    TABLES.append(Table(title, list(headers), cells, note))
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     numeric = [all(not isinstance(row[i], str) or row[i] in ("—", "") or row[i][:1].isdigit()
                    or row[i][:1] in "-+<>≤≥~" for row in rows) and i > 0 for i in range(len(headers))]
@@ -131,6 +141,21 @@ def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], not
     sys.stdout.flush()
 
 
+@dataclass(frozen=True)
+class Guard:
+    """A figure with a numeric target that `--fail-factor` checks: `value` ≤ `target` (or ≥ with `at_least`)."""
+
+    value: float  # infinity (or 0 with `at_least`) when the measured call was interrupted
+    target: float
+    at_least: bool = False
+
+    def worse(self) -> float:
+        """How many times worse than its target the value is (≤ 1 when the target is met)."""
+        if self.at_least:
+            return self.target / self.value if self.value > 0 else float("inf")
+        return self.value / self.target
+
+
 @dataclass
 class Verdict:
     section: str
@@ -138,13 +163,28 @@ class Verdict:
     measured: str
     target: str
     ok: bool | None
+    guard: Guard | None = None
+    db: str = ""  # stamped by the runner
 
 
 VERDICTS: list[Verdict] = []
 
 
-def verdict(section: str, metric: str, measured: str, target: str, ok: bool | None) -> None:
-    VERDICTS.append(Verdict(section, metric, measured, target, ok))
+def verdict(section: str, metric: str, measured: str, target: str, ok: bool | None,
+            guard: Guard | None = None) -> None:
+    VERDICTS.append(Verdict(section, metric, measured, target, ok, guard))
+
+
+@dataclass
+class Table:
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    note: str
+    db: str = ""  # stamped by the runner
+
+
+TABLES: list[Table] = []  # every table printed, in order (benchmarks.results writes them to RESULTS.md)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -314,6 +354,21 @@ class Backend:
         finally:
             admin.dispose()
         self.schemas.clear()
+
+
+def postgresql_answers(seconds: int = 3) -> bool:
+    """Whether the PostgreSQL server of `--db postgresql` accepts a connection within `seconds`."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": seconds})
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+    except Exception:
+        return False
+    finally:
+        engine.dispose()
 
 
 def with_statement_timeout(database: Database, seconds: float) -> Database:
@@ -530,7 +585,7 @@ class Gunicorn:
         process = self.process
         if process is None or process.poll() is not None:
             return
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGQUIT)  # quick shutdown: the measurements are over
         try:
             process.wait(timeout=40)
         except subprocess.TimeoutExpired:

@@ -16,6 +16,7 @@ import orjson
 from benchmarks.datasets import patients_for
 from benchmarks.harness import (
     SEED,
+    Guard,
     Gunicorn,
     Instance,
     Request,
@@ -160,13 +161,14 @@ def run(ctx: Context) -> None:
                  created / cpu])
     http_rate = None
     try:
-        progress("POSTing the same Bundles to gunicorn (2 workers) from 2 concurrent clients")
-        http_created, http_seconds, server_cpu, problem = _api_http(ctx, organisations, bundles, clients=2)
-        http_rate = http_created / http_seconds
-        rows.append(["transaction Bundles, POST /fhir, gunicorn 2 workers, 2 clients", http_created, http_seconds,
-                     http_rate, http_created / server_cpu if server_cpu else None])
-        if problem:
-            rows.append([f"  ! {problem[:150]}", "", "", "", ""])
+        if scale.ingest_http:
+            progress("POSTing the same Bundles to gunicorn (2 workers) from 2 concurrent clients")
+            http_created, http_seconds, server_cpu, problem = _api_http(ctx, organisations, bundles, clients=2)
+            http_rate = http_created / http_seconds
+            rows.append(["transaction Bundles, POST /fhir, gunicorn 2 workers, 2 clients", http_created,
+                         http_seconds, http_rate, http_created / server_cpu if server_cpu else None])
+            if problem:
+                rows.append([f"  ! {problem[:150]}", "", "", "", ""])
     except Exception as exc:  # the in-process figure stands on its own
         rows.append([f"transaction Bundles over HTTP: failed ({exc})"[:160], "", "", "", ""])
 
@@ -213,10 +215,11 @@ def run(ctx: Context) -> None:
             fmt(1e6 / rest) if rest > 0 else "—"],
            ["total (CLI ingest, CPU time)", fmt(per_resource, 1), "100%", fmt(stored / cli_cpu)]],
           note="Steps are timed on the CPU clock (time.process_time), so other load on the machine does not skew them.")
+    # The guarded figures are per CPU-second: other load on the machine does not lower them.
     verdict(SECTION, "transaction Bundles via API (1 client)", f"{api_rate:,.0f}/s ({created / cpu:,.0f}/CPU-s)",
-            f"≥ {TARGET:,}/s", api_rate >= TARGET)
+            f"≥ {TARGET:,}/s", api_rate >= TARGET, Guard(created / cpu, TARGET, at_least=True))
     if http_rate is not None:
         verdict(SECTION, "transaction Bundles via gunicorn (2 clients)", f"{http_rate:,.0f}/s", f"≥ {TARGET:,}/s",
                 http_rate >= TARGET)
     verdict(SECTION, "NDJSON via CLI ingest", f"{cli_rate:,.0f}/s ({stored / cli_cpu:,.0f}/CPU-s)",
-            f"≥ {TARGET:,}/s", cli_rate >= TARGET)
+            f"≥ {TARGET:,}/s", cli_rate >= TARGET, Guard(stored / cli_cpu, TARGET, at_least=True))

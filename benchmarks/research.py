@@ -15,6 +15,7 @@ from sqlalchemy import false, select
 from benchmarks.datasets import chunks, sample_rows
 from benchmarks.harness import (
     Database,
+    Guard,
     Gunicorn,
     Instance,
     LoadResult,
@@ -110,8 +111,16 @@ def run(ctx: Context) -> None:
                      f"{entries_of(c_lat.bodies):.1f} / {entries_of(r_lat.bodies):.1f}",
                      f"{errors}: {(r_load.sample_error or r_lat.sample_error or c_load.sample_error)[:70]}"
                      if errors else "0", f"≥ {TARGET}"])
+        # Capacity (server CPU per request) is the guarded figure: unlike req/s, the load client sharing
+        # the cores does not skew it. req/s is guarded only when the CPU could not be read.
+        capacity = c_load.server_ms / r_load.server_ms if c_load.server_ms and r_load.server_ms else None
         verdict(SECTION, f"research/custodian req/s: {kind}", f"{ratio:.2f}× ({r_load.rps:,.0f} vs "
-                f"{c_load.rps:,.0f}/s)", f"≥ {TARGET}×", ratio >= TARGET)
+                f"{c_load.rps:,.0f}/s)", f"≥ {TARGET}×", ratio >= TARGET,
+                None if capacity else Guard(ratio, TARGET, at_least=True))
+        if capacity:
+            verdict(SECTION, f"research/custodian capacity (server CPU/req): {kind}", f"{capacity:.2f}× "
+                    f"({r_load.server_ms:.2f} vs {c_load.server_ms:.2f} ms)", f"≥ {TARGET}×", capacity >= TARGET,
+                    Guard(capacity, TARGET, at_least=True))
     print_table(f"4. Research vs custodian through gunicorn (2 workers), {meta['resources']:,} resources, "
                 f"{consents:,} consented patients ({ctx.options.db})",
                 ["request", "/fhir req/s", "/research req/s", "ratio", "/fhir CPU ms/req", "/research CPU ms/req",

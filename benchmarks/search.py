@@ -19,6 +19,7 @@ from sqlalchemy import event, false, func, select
 from benchmarks.datasets import sample_rows
 from benchmarks.harness import (
     Database,
+    Guard,
     Gunicorn,
     Instance,
     LoadResult,
@@ -104,7 +105,7 @@ def plan(instance: Instance, path: str, token: str) -> list[str]:
         instance.app.test_client().get(path, headers={"Authorization": f"Bearer {token}"})
     finally:
         event.remove(engine, "before_cursor_execute", capture)
-    searches = [c for c in captured if "FROM resources" in c[0] and "LIMIT" in c[0].upper()]
+    searches = [c for c in captured if "resources" in c[0].split(" FROM ", 1)[-1] and "LIMIT" in c[0].upper()]
     if not searches:
         return ["(no search statement captured)"]
     statement, parameters = searches[-1]
@@ -190,8 +191,13 @@ def run(ctx: Context) -> None:
         rows.append([kind, fmt(small[1].p(0.5), 2), fmt(large[1].p(0.5), 2), fmt(ratio, 2),
                      fmt(cpu_ratio, 2), fmt(small[0].rps, 0), fmt(large[0].rps, 0), f"≤ {RATIO_TARGET}"])
         if "?" in kind:
+            # The server CPU ratio is the guarded figure: other load on the machine, which can differ between
+            # the two databases' runs, does not skew it. The latency ratio is guarded only without it.
             verdict(SECTION, f"latency ratio {large_n:,}/{small_n:,}: {kind}", f"{ratio:.2f}×", f"≤ {RATIO_TARGET}×",
-                    ratio <= RATIO_TARGET)
+                    ratio <= RATIO_TARGET, None if cpu_ratio else Guard(ratio, RATIO_TARGET))
+            if cpu_ratio:
+                verdict(SECTION, f"server CPU ratio {large_n:,}/{small_n:,}: {kind}", f"{cpu_ratio:.2f}×",
+                        f"≤ {RATIO_TARGET}×", cpu_ratio <= RATIO_TARGET, Guard(cpu_ratio, RATIO_TARGET))
     table(f"2b. Latency ratio, large ({large_n:,}) / small ({small_n:,})",
           ["request", "small p50 ms", "large p50 ms", "ratio", "server CPU ratio", "small req/s", "large req/s",
            "target"], rows, note="ratio = sequential median latency large/small; server CPU ratio = CPU ms per "

@@ -68,7 +68,8 @@ if os.path.isdir("/dev/shm"):
 
 
 def post_worker_init(worker: Any) -> None:
-    """Warm each worker process up: load every R4B model and start its export worker thread now.
+    """Warm each worker process up: load every R4B model and diffprivlib (which the CLI never
+    loads) and start its export worker thread now.
 
     The app would start that thread on its first request anyway (so `gunicorn wsgi:app`
     without this file runs exports too); starting it here runs queued jobs before any
@@ -77,6 +78,8 @@ def post_worker_init(worker: Any) -> None:
     in the database, so any worker of any node may take a job; a worker that dies
     mid-job loses its lease and another one starts it again.
     """
+    import diffprivlib  # noqa: F401 - policies.dp imports it lazily; load it now, not on the first $aggregate
+
     from service.api.capability import resource_types
     from service.export import start_worker
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make run`: prepare a local Passerelle (schema, master key, demo patients, a demo
 # custodian client) and serve it with gunicorn in the foreground. Safe to re-run:
-# every step is idempotent, and the demo client is created only once.
+# every step is idempotent, and the demo client is created only once. Each step
+# prints a line as it starts; the URLs and credentials are printed once the server
+# answers GET /healthz with 200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,10 +22,16 @@ if [[ -z "${PASSERELLE_BASE_URL:-}" && ! "${BIND%:*}" =~ ^(127\.[0-9.]+|localhos
          "set PASSERELLE_BASE_URL to the URL clients use to reach $BIND." >&2
 fi
 
+step() {  # step TEXT: say what starts now
+    echo "==> $*" >&2
+}
+
 mkdir -p "$INSTANCE"
 chmod 700 "$INSTANCE"
 
+step "Database schema and master key in $INSTANCE"
 "${FLASK[@]}" init-db
+step "Demo data: $DEMO_PATIENTS synthetic patients (first run only)"
 "${FLASK[@]}" demo-data --patients "$DEMO_PATIENTS" --if-empty
 
 field() {  # field NAME FILE: one value of the credentials JSON
@@ -37,6 +45,7 @@ active = {c["client_id"] for c in map(json.loads, filter(str.strip, sys.stdin)) 
 sys.exit(0 if sys.argv[1] in active else 1)' "$1"
 }
 
+step "Demo clients"
 if [[ -s "$CREDENTIALS" ]] && ! known_client "$(field client_id "$CREDENTIALS")"; then
     # The database was replaced (or the client disabled) since the credentials were saved.
     echo "$CREDENTIALS names a client this database does not know; creating a new demo client." >&2
@@ -78,9 +87,51 @@ RESEARCH_ID="$(field client_id "$RESEARCH")"
 RESEARCH_SECRET="$(field client_secret "$RESEARCH")"
 PROJECT_ID="$(field project_id "$RESEARCH")"
 
+answers() {  # answers: does the server answer GET /healthz with 200 on the address it binds?
+    "$PY" - "$BIND" "${PASSERELLE_BASE_URL:-}" <<'PY'
+import sys
+import urllib.parse
+import urllib.request
+
+bind, base = sys.argv[1].split(",")[0].strip(), sys.argv[2]
+host, _, port = bind.rpartition(":")
+host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+# The Host the server accepts: its base URL's when it has one, else this loopback address.
+headers = {"Host": urllib.parse.urlsplit(base).netloc} if base else {}
+# Once gunicorn listens, the request waits in its backlog until a worker has warmed up.
+try:
+    with urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/healthz", headers=headers),
+                                timeout=30) as response:
+        ok = response.status == 200
+except (Exception, KeyboardInterrupt):  # not answering (yet), or 503; Ctrl-C is handled by the trap
+    ok = False
+sys.exit(0 if ok else 1)
+PY
+}
+
+step "Starting gunicorn on $BIND; the URLs follow once $BASE/healthz answers"
+"$VENV/bin/gunicorn" -c deploy/gunicorn.conf.py wsgi:app &
+server=$!
+trap 'kill -TERM "$server" 2>/dev/null || true' INT TERM
+started=$SECONDS
+told=0
+until answers; do
+    if ! kill -0 "$server" 2>/dev/null; then
+        status=0
+        wait "$server" || status=$?
+        echo "gunicorn stopped (status $status) before answering; its log is above." >&2
+        exit $((status == 0 ? 1 : status))
+    fi
+    sleep 0.5
+    if ((SECONDS - started >= told + 30)); then
+        told=$((SECONDS - started))
+        echo "    still waiting for $BASE/healthz to answer 200 ($told s)" >&2
+    fi
+done
+
 cat <<EOF
 
-Passerelle is starting on $BASE
+Passerelle is answering on $BASE
 
   CapabilityStatement  $BASE/fhir/metadata
   research FHIR API    $BASE/research/fhir
@@ -111,4 +162,7 @@ Press Ctrl-C to stop.
 
 EOF
 
-exec "$VENV/bin/gunicorn" -c deploy/gunicorn.conf.py wsgi:app
+until wait "$server"; do  # wait returns early when Ctrl-C or TERM ran the trap
+    status=$?
+    kill -0 "$server" 2>/dev/null || exit "$status"
+done

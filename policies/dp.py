@@ -29,14 +29,15 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any
-
-import numpy as np
-from diffprivlib.accountant import BudgetAccountant
-from diffprivlib.mechanisms import Geometric, Laplace
-from diffprivlib.tools import quantile as dp_quantile
+from typing import TYPE_CHECKING, Any
 
 from service.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    import numpy as np
+    from diffprivlib.mechanisms import Geometric, Laplace
+
+    RandomState = np.random.RandomState | None
 
 #: Every interval is a 95 % interval: P(true value outside) ≤ ALPHA.
 ALPHA = 0.05
@@ -47,8 +48,6 @@ SUPPRESSION_THRESHOLD = 11
 #: No mechanism takes a smaller ε: its noise would dwarf any count a database holds, and
 #: interval arithmetic at that scale loses float precision (deployments set a higher minimum).
 EPSILON_FLOOR = 1e-9
-
-RandomState = np.random.RandomState | None
 
 
 class MechanismError(InvalidRequest, ValueError):
@@ -170,13 +169,21 @@ def laplace_half_width(epsilon: float, sensitivity: float, alpha: float = ALPHA)
     return sensitivity / epsilon * math.log(1 / alpha)
 
 
+# diffprivlib (with scikit-learn, SciPy and NumPy) takes a second to import: the mechanisms
+# import it, and NumPy, when they draw noise, so processes that never release an aggregate
+# (every CLI command) never load them.
+
 def _geometric(epsilon: float, sensitivity: int, random_state: RandomState) -> Geometric:
+    from diffprivlib.mechanisms import Geometric
+
     return Geometric(epsilon=epsilon, sensitivity=sensitivity, random_state=random_state)
 
 
 def _laplace(epsilon: float, sensitivity: float, random_state: RandomState) -> Laplace:
     # diffprivlib's sampler (Holohan & Braghin 2021) combines four uniforms rather than
     # inverting one, which resists the floating-point attack on naive Laplace sampling.
+    from diffprivlib.mechanisms import Laplace
+
     return Laplace(epsilon=epsilon, delta=0.0, sensitivity=sensitivity, random_state=random_state)
 
 
@@ -327,6 +334,8 @@ class BoundedMean(_Bounded):
 
     def _interval(self, mean: float, n_hat: int, rng: np.random.RandomState | np.random.Generator
                   ) -> tuple[float, float]:
+        import numpy as np
+
         half = self.epsilon / 2
         success = -math.expm1(-half)  # 1 - exp(-ε/2) without cancellation at small ε
         # Two-sided geometric = difference of two one-sided geometrics on {0, 1, …}.
@@ -369,6 +378,10 @@ class Quantile:
 
     def release(self, values: Sequence[float] | np.ndarray, *, random_state: RandomState = None) -> Released:
         """`values`: one value per patient (diffprivlib clips them to [lower, upper])."""
+        import numpy as np
+        from diffprivlib.accountant import BudgetAccountant
+        from diffprivlib.tools import quantile as dp_quantile
+
         array = np.asarray(values, dtype=float).ravel()
         if not np.isfinite(array).all():
             raise MechanismError("quantile values must be finite numbers")
@@ -382,6 +395,8 @@ class Quantile:
 def _simulation_rng(random_state: RandomState) -> np.random.RandomState | np.random.Generator:
     # The interval simulation is post-processing and needs no secrecy; an injected test
     # state makes it reproducible, production gets fresh OS entropy.
+    import numpy as np
+
     return random_state if isinstance(random_state, np.random.RandomState) else np.random.default_rng()
 
 

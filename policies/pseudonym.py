@@ -38,6 +38,8 @@ PSEUDONYM_LENGTH = 26
 MAX_SHIFT_DAYS = 182
 _MAX_PK = 2**64
 _MASK64 = _MAX_PK - 1
+#: How many pseudonyms one key remembers (about 10 MB at most).
+_MEMO_LIMIT = 65_536
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 # base64.b32encode/b32decode are pure Python and cost more than the whole permutation:
 # encode 10 bits per table look-up, decode with int(…, 32) after mapping to 0-9a-v.
@@ -68,7 +70,7 @@ class PseudonymKey:
     (project, version, patient); `encrypt` is randomised and authenticated.
     """
 
-    __slots__ = ("_aead", "_dateshift", "_rounds", "_tags", "_value", "project_id", "version")
+    __slots__ = ("_aead", "_dateshift", "_memo", "_rounds", "_tags", "_value", "project_id", "version")
 
     def __init__(self, master: bytes, project_id: str, version: int = 1) -> None:
         if not isinstance(master, bytes) or len(master) != MASTER_KEY_BYTES:
@@ -88,6 +90,7 @@ class PseudonymKey:
         self._value = hmac.new(derive_key(master, f"{base}:value"), digestmod="sha256")
         self._aead = AESGCM(derive_key(master, f"{base}:encrypt"))
         self._tags: dict[str, int] = {}
+        self._memo: dict[tuple[str, int], str] = {}
 
     def __repr__(self) -> str:
         return f"PseudonymKey(project_id={self.project_id!r}, version={self.version})"
@@ -98,10 +101,17 @@ class PseudonymKey:
         """The project's id for stored row `pk` of `resource_type`: 26 chars of [a-z2-7]."""
         if isinstance(pk, bool) or not isinstance(pk, int) or not 0 <= pk < _MAX_PK:
             raise PseudonymError("a row number must be an integer in [0, 2**64)")
+        # A pure function of the key and (type, pk): remembered, up to _MEMO_LIMIT at a time.
+        known = self._memo.get((resource_type, pk))
+        if known is not None:
+            return known
         left, right = pk, self._tag(resource_type) << 32
         for round_state in self._rounds:
             left, right = right, left ^ _f(round_state, right)
-        return _base32((left << 64) | right)
+        if len(self._memo) >= _MEMO_LIMIT:
+            self._memo.clear()
+        known = self._memo[(resource_type, pk)] = _base32((left << 64) | right)
+        return known
 
     def resolve(self, resource_type: str, pseudonym: str) -> int | None:
         """The row number behind a pseudonym of `resource_type`, or None. Never raises."""

@@ -13,12 +13,18 @@ from collections.abc import Iterable
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from service.db import now_us
 from service.store.schema import audit, audit_head, audit_patients
 
 GENESIS = "0" * 64
+# Built once: an entry is written with parameters only, the statements' compiled forms are reused.
+_HEAD = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1).with_for_update()
+_MOVE_HEAD = update(audit_head).where(audit_head.c.id == 1).values(seq=bindparam("new_seq"),
+                                                                    hash=bindparam("new_hash"))
+_APPEND = insert(audit)
+_NAME_PATIENTS = insert(audit_patients)
 
 
 def _digest(prev_hash: str, entry: dict[str, Any]) -> str:
@@ -28,8 +34,7 @@ def _digest(prev_hash: str, entry: dict[str, Any]) -> str:
 def record(conn: Connection, *, actor: str, action: str, project_id: str | None, detail: dict[str, Any],
            patients: Iterable[str] = ()) -> int:
     """Append one entry in the caller's write transaction; returns its sequence number."""
-    head = conn.execute(select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
-                        .with_for_update()).first()
+    head = conn.execute(_HEAD).first()
     if head is None:
         conn.execute(insert(audit_head).values(id=1, seq=0, hash=GENESIS))
         seq, prev = 1, GENESIS
@@ -38,11 +43,11 @@ def record(conn: Connection, *, actor: str, action: str, project_id: str | None,
     entry = {"seq": seq, "ts": now_us(), "actor": actor, "action": action, "project_id": project_id,
              "detail": orjson.dumps(detail, option=orjson.OPT_SORT_KEYS).decode()}
     digest = _digest(prev, entry)
-    conn.execute(insert(audit).values(**entry, prev_hash=prev, hash=digest))
-    conn.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=seq, hash=digest))
+    conn.execute(_APPEND, {**entry, "prev_hash": prev, "hash": digest})
+    conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": digest})
     rows = [{"seq": seq, "patient_id": p} for p in sorted(set(patients))]
     if rows:
-        conn.execute(insert(audit_patients), rows)
+        conn.execute(_NAME_PATIENTS, rows)
     return seq
 
 

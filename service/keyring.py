@@ -1,10 +1,14 @@
 """Keys and profiles of research projects, loaded once per process and never logged.
 
 The master key file is read once; each project's pseudonym key is derived from it for
-the project's current key version (`project_keys`), which `keys rotate` advances.
+the project's current key version (`project_keys`), which `keys rotate` advances. A
+node keeps the current version it read for `VERSION_TTL` seconds, so a rotation takes
+effect on every node within `VERSION_TTL` seconds of its commit (the node that rotates
+forgets its copy at once).
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +31,8 @@ class KeyMissing(Forbidden):
 
 
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "policies" / "profiles" / "default.json"
+#: Seconds a node keeps using the current key version it read (see the module docstring).
+VERSION_TTL = 1.0
 
 
 def master() -> bytes:
@@ -54,6 +60,7 @@ def rotate(conn: Connection, project_id: str) -> int:
     """Start a new key version: new pseudonyms and date shifts from now on."""
     version = current_version(conn, project_id) + 1
     conn.execute(insert(project_keys).values(project_id=project_id, version=version, created=now_us()))
+    _known_versions().pop(project_id, None)
     return version
 
 
@@ -62,8 +69,25 @@ def versions(conn: Connection, project_id: str) -> list[int]:
                              .order_by(project_keys.c.version.desc())).scalars())
 
 
+def _known_versions() -> dict[str, tuple[int, float]]:
+    """project id → (current key version, monotonic time it was read), for this app."""
+    return current_app.extensions.setdefault("passerelle.key_versions", {})
+
+
+def recent_version(conn: Connection, project_id: str) -> int:
+    """`current_version` as read at most `VERSION_TTL` seconds ago on this node."""
+    known = _known_versions().get(project_id)
+    if known is not None and time.monotonic() - known[1] < VERSION_TTL:
+        return known[0]
+    read_at = time.monotonic()
+    version = current_version(conn, project_id)
+    _known_versions()[project_id] = (version, read_at)
+    return version
+
+
 def project_key(conn: Connection, project_id: str, version: int | None = None) -> PseudonymKey:
-    version = version or current_version(conn, project_id)
+    """The project's key at `version`, or at its recent current version (`recent_version`)."""
+    version = version or recent_version(conn, project_id)
     cache = current_app.extensions.setdefault("passerelle.keys", {})
     key = cache.get((project_id, version))
     if key is None:

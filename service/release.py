@@ -17,9 +17,11 @@ applies, in this order and nowhere else:
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -52,6 +54,9 @@ _COMPARTMENT_TYPES = frozenset({"Patient", *COMPARTMENT})
 #: Directory types released only through a released row that names them, by the reference
 #: parameter that does: a Medication alone says nothing, but which one a patient takes is theirs.
 _THROUGH_REFERRERS = {"Medication": "medication"}
+#: A "reference" member with a string value in JSON text. It cannot match inside a string
+#: value, where every quote is escaped and the pattern allows no backslash before one.
+_REFERENCE = re.compile(rb'"reference"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
 @dataclass(frozen=True)
@@ -96,35 +101,87 @@ def restrict(project_id: str, minimum_tier: int, now: int | None = None, table: 
     a Medication, which tells what a patient takes, only if a row of `types` that passes
     this filter names it as its medication (`_THROUGH_REFERRERS`).
     `table` is the resources table, an alias of it, or a `Judged` (e.g. `Judged.version()`).
+    Everything but the instant is built once per (project, tier, types, table) and process.
     """
     instant = now if now is not None else db.now_us()
     judged = table if isinstance(table, Judged) else Judged.current(table)
-    wanted = set(types)
-    in_compartment = sorted(wanted & _COMPARTMENT_TYPES)
-    directory = wanted - _COMPARTMENT_TYPES
-    if not in_compartment:
-        return lambda statement: statement.where(judged.type.in_(sorted(directory - set(_THROUGH_REFERRERS))))
-    allowed = or_(and_(judged.type.in_(in_compartment), _consented(judged, project_id, minimum_tier, instant)),
-                  judged.type.in_(sorted(directory - set(_THROUGH_REFERRERS))))
-    for target, param in _THROUGH_REFERRERS.items():
-        if target in directory:
-            referrer = resources.alias(f"referrer_{target.lower()}")
-            named = exists(select(literal(1))
-                           .select_from(idx_reference.join(referrer, referrer.c.pk == idx_reference.c.resource_pk))
-                           .where(idx_reference.c.param == param, idx_reference.c.target_id == judged.id,
-                                  idx_reference.c.target_type == target, referrer.c.deleted == false(),
-                                  referrer.c.type.in_(in_compartment),
-                                  _consented(Judged.current(referrer), project_id, minimum_tier, instant))
-                           .correlate(*judged.tables))
-            allowed = or_(allowed, and_(judged.type == target, named))
+    parts = _filter_parts(judged, project_id, minimum_tier, tuple(sorted(set(types))))
+    if parts.consented is None:
+        directory_only = parts.directory
+        return lambda statement: statement.where(directory_only)
+    allowed = or_(and_(parts.in_compartment, parts.consented.at(instant)), parts.directory,
+                  *(and_(is_target, named.at(instant)) for is_target, named in parts.through))
 
     def apply(statement: Select[Any]) -> Select[Any]:
         return statement.where(allowed)
     return apply
 
 
-def _consented(judged: Judged, project_id: str, minimum_tier: int, instant: int) -> Any:
-    """EXISTS a decision of the project that releases this patient-compartment row at `instant`."""
+@dataclass(frozen=True)
+class _Consented:
+    """`EXISTS` a decision of the project that releases the judged row, but for the instant:
+    the clauses that do not depend on it, built once, and the statement's correlation."""
+
+    clauses: tuple[Any, ...]
+    correlate: tuple[Any, ...]
+
+    def at(self, instant: int) -> Any:
+        """The decision must also be in force at `instant`."""
+        return exists(select(literal(1)).where(
+            *self.clauses,
+            or_(decisions.c.valid_from.is_(None), decisions.c.valid_from <= instant),
+            or_(decisions.c.valid_until.is_(None), decisions.c.valid_until >= instant),
+        ).correlate(*self.correlate))
+
+
+@dataclass(frozen=True)
+class _Named:
+    """`EXISTS` a released referrer row that names the judged directory row (`_THROUGH_REFERRERS`)."""
+
+    clauses: tuple[Any, ...]
+    consented: _Consented
+    join: Any
+    correlate: tuple[Any, ...]
+
+    def at(self, instant: int) -> Any:
+        return exists(select(literal(1)).select_from(self.join)
+                      .where(*self.clauses, self.consented.at(instant)).correlate(*self.correlate))
+
+
+@dataclass(frozen=True)
+class _FilterParts:
+    in_compartment: Any
+    consented: _Consented | None
+    directory: Any
+    through: tuple[tuple[Any, _Named], ...]
+
+
+@lru_cache(maxsize=512)
+def _filter_parts(judged: Judged, project_id: str, minimum_tier: int, types: tuple[str, ...]) -> _FilterParts:
+    """The instant-independent parts of `restrict` (type lists, decision and class clauses)."""
+    wanted = set(types)
+    in_compartment = sorted(wanted & _COMPARTMENT_TYPES)
+    directory = wanted - _COMPARTMENT_TYPES
+    directory_clause = judged.type.in_(sorted(directory - set(_THROUGH_REFERRERS)))
+    if not in_compartment:
+        return _FilterParts(None, None, directory_clause, ())
+    through = []
+    for target, param in _THROUGH_REFERRERS.items():
+        if target in directory:
+            referrer = resources.alias(f"referrer_{target.lower()}")
+            named = _Named((idx_reference.c.param == param, idx_reference.c.target_id == judged.id,
+                            idx_reference.c.target_type == target, referrer.c.deleted == false(),
+                            referrer.c.type.in_(in_compartment)),
+                           _consented(Judged.current(referrer), project_id, minimum_tier),
+                           idx_reference.join(referrer, referrer.c.pk == idx_reference.c.resource_pk),
+                           judged.tables)
+            through.append((judged.type == target, named))
+    return _FilterParts(judged.type.in_(in_compartment), _consented(judged, project_id, minimum_tier),
+                        directory_clause, tuple(through))
+
+
+def _consented(judged: Judged, project_id: str, minimum_tier: int) -> _Consented:
+    """A decision of the project that releases this patient-compartment row (`_Consented.at` an instant)."""
     in_period = or_(
         judged.type == "Patient",
         and_(decisions.c.period_start.is_(None), decisions.c.period_end.is_(None)),
@@ -132,20 +189,18 @@ def _consented(judged: Judged, project_id: str, minimum_tier: int, instant: int)
              or_(decisions.c.period_start.is_(None), judged.clinical_low >= decisions.c.period_start),
              or_(decisions.c.period_end.is_(None), judged.clinical_high <= decisions.c.period_end)),
     )
-    return exists(select(literal(1)).where(
+    return _Consented((
         decisions.c.patient_id == judged.patient_id,
         decisions.c.project_id == project_id,
         decisions.c.tier >= minimum_tier,
         judged.sensitive_mask.op("&")(decisions.c.excluded_mask) == 0,
-        or_(decisions.c.valid_from.is_(None), decisions.c.valid_from <= instant),
-        or_(decisions.c.valid_until.is_(None), decisions.c.valid_until >= instant),
         in_period,
         # Correlate explicitly: two levels down, auto-correlation would not reach the outer row.
         not_(exists(select(literal(1)).where(
             decision_classes.c.patient_id == judged.patient_id,
             decision_classes.c.project_id == project_id,
             decision_classes.c.resource_type == judged.type).correlate(*judged.tables))),
-    ).correlate(*judged.tables))
+    ), judged.tables)
 
 
 @dataclass
@@ -360,19 +415,17 @@ class Release:
         References are rewritten only to targets this project may receive now; any other
         reference element is removed (required ones get a data-absent-reason).
         """
-        loaded = [orjson.loads(row.json) for row in rows]
-        pks = self._released_targets(conn, loaded)
-        return [self.deid.apply(resource, row.pk, row.patient_id, pks)
-                for resource, row in zip(loaded, rows, strict=True)]
+        pks = self._released_targets(conn, [row.json for row in rows])
+        return [self.deid.apply(orjson.loads(row.json), row.pk, row.patient_id, pks) for row in rows]
 
-    def _released_targets(self, conn: Connection, loaded: list[dict[str, Any]]) -> dict[tuple[str, ...], int]:
+    def _released_targets(self, conn: Connection, stored: list[bytes]) -> dict[tuple[str, ...], int]:
         """Row numbers of the referenced resources this project may receive: (type, id) → pk
         judged on the current version, and (type, id, version) → pk for versioned references,
-        judged on that version."""
+        judged on that version (for every reference in the stored JSON, and possibly more)."""
         current: set[tuple[str, str]] = set()
         versioned: set[tuple[str, str, str]] = set()
-        for resource in loaded:
-            for reference in _references(resource):
+        for text in stored:
+            for reference in _references(text):
                 parsed = parse_reference(reference)
                 if parsed and parsed[0] in self.types:
                     current.add((parsed[0], parsed[1]))
@@ -436,16 +489,12 @@ def patients_of(rows: Iterable[Any]) -> set[str]:
     return {row.patient_id for row in rows if row.patient_id}
 
 
-def _references(node: Any) -> Iterable[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                yield value
-            else:
-                yield from _references(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _references(item)
+def _references(stored: bytes) -> Iterator[str]:
+    """The string value of every "reference" member in stored JSON, found without parsing it
+    (and perhaps a few more values, of keys that end in an escaped quote and "reference")."""
+    for match in _REFERENCE.finditer(stored):
+        raw = match.group(1)
+        yield orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
 
 
 def open_release(conn: Connection, client_id: str, project_id: str | None, minimum_tier: int) -> Release:

@@ -9,8 +9,6 @@ import re
 from functools import cache
 from typing import Any
 
-from fhir.resources.R4B import get_fhir_model_class
-from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 
 from service.errors import InvalidRequest, NotFound
@@ -23,6 +21,10 @@ def model_for(resource_type: str) -> type | None:
     """The R4B model class of a resource type, or None if FHIR R4B has no such resource."""
     if not resource_type[:1].isupper() or resource_type in _ABSTRACT:
         return None
+    # Imported here: the models take a noticeable time to import, and many commands never validate.
+    from fhir.resources.R4B import get_fhir_model_class
+    from fhir.resources.R4B.resource import Resource
+
     try:
         model = get_fhir_model_class(resource_type)
     except (ValueError, KeyError, AttributeError):

@@ -1,8 +1,8 @@
 """Shared fixtures: the real app on a real database, SQLite and PostgreSQL.
 
-Every test that uses `app` runs once per backend. PostgreSQL runs when
-PASSERELLE_TEST_DATABASE_URL names a reachable server; without it the PostgreSQL
-variant is skipped on a laptop and fails in CI (CI=true), where it must run.
+Every test that uses `app` runs once per backend. PostgreSQL runs when the server
+`tests/backends.py` chooses answers; otherwise the PostgreSQL variant is skipped on a
+laptop (one summary line says why) and fails in CI, where it must run.
 """
 from __future__ import annotations
 
@@ -25,34 +25,23 @@ from service import db
 from service.app import create_app
 from service.export import Worker
 from service.store.schema import metadata
+from tests.backends import admin_url, in_ci, postgres_problem, postgres_url
 from tests.deid_helpers import DEFAULT_PROFILE, MASTER
 from tests.research_world import World, bearer, build, token
 
 # Every app a test builds runs export jobs only when the test runs a `Worker` (see the `export_worker` fixture).
 os.environ["PASSERELLE_EXPORT_WORKER"] = "off"
-PG_URL = os.environ.get("PASSERELLE_TEST_DATABASE_URL", "")
-IN_CI = os.environ.get("CI", "").lower() == "true"
+PG_URL = postgres_url(os.environ)
+IN_CI = in_ci(os.environ)
+_PG_PROBLEM = postgres_problem(PG_URL)
 
 
-def _admin_url(url: str) -> str:
-    return make_url(url).set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-
-
-def _pg_available() -> str | None:
-    """None when PostgreSQL can be used, else the reason it cannot."""
-    if not PG_URL:
-        return "PASSERELLE_TEST_DATABASE_URL is not set"
-    try:
-        engine = create_engine(_admin_url(PG_URL))
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        engine.dispose()
-    except Exception as exc:  # any failure means "not reachable"
-        return f"PostgreSQL at {PG_URL} is not reachable: {exc}"
-    return None
-
-
-_PG_PROBLEM = _pg_available()
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line instead of a SKIPPED line per PostgreSQL variant."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if _PG_PROBLEM and isinstance(r.longrepr, tuple) and _PG_PROBLEM in r.longrepr[2]]
+    if skipped:
+        terminalreporter.write_line(f"{len(skipped)} PostgreSQL variants skipped: {_PG_PROBLEM}", yellow=True)
 
 
 @pytest.fixture(scope="session")
@@ -73,10 +62,10 @@ def pg_schema() -> Iterator[str]:
             pytest.fail(f"PostgreSQL tests must run in CI: {_PG_PROBLEM}")
         pytest.skip(_PG_PROBLEM)
     schema = f"t_{secrets.token_hex(6)}"
-    admin = create_engine(_admin_url(PG_URL))
+    admin = create_engine(admin_url(PG_URL))
     with admin.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = make_url(_admin_url(PG_URL)).update_query_dict({"options": f"-csearch_path={schema}"})
+    url = make_url(admin_url(PG_URL)).update_query_dict({"options": f"-csearch_path={schema}"})
     rendered = url.render_as_string(hide_password=False)
     engine = db.make_engine(rendered)
     db.migrate(engine)

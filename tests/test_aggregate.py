@@ -11,6 +11,7 @@ import functools
 import json
 import uuid
 from collections import Counter
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -309,6 +310,87 @@ def test_one_patient_adds_exactly_one_bounded_value_to_every_quantile(app, proje
         assert all(question.value.lower <= v <= question.value.upper for v in after.values), name
         if name == "quantile-count":  # the heavy patient's 1,000 Observations become one value, clipped to 5
             assert Counter(after.values) - Counter(before.values) == Counter({5.0: 1})
+
+
+# -- exactness: the SQL against plain Python over the same small world ----------------------------
+
+#: name: (gender, birth date, weights in kg dated 2018, 2019, …, Condition codes, consents?)
+PLAIN_WORLD: dict[str, tuple[str, str, tuple[float, ...], tuple[str, ...], bool]] = {
+    "ann": ("female", "1950-02-03", (70.0, 72.0), (HYPERTENSION,), True),
+    "bob": ("male", "1990-05-05", (85.0,), (DIABETES, HYPERTENSION), True),
+    "cat": ("female", "2010-01-01", (30.0, 31.0, 33.0), (), True),
+    "dan": ("other", "1970-09-09", (), (ASTHMA,), True),
+    "eve": ("female", "2025-06-01", (120.0, 4.0), (HYPERTENSION, ASTHMA), True),  # born after `at`: no age band
+    "fay": ("male", "1960-01-01", (99.0,), (DIABETES,), False),  # refused: in no answer
+}
+PLAIN_EDGES = (0, 18, 40, 65, 90)
+
+
+def plain_answers(bins: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    """Every answer of `test_exact_answers_equal_plain_python_over_the_consented_patients`,
+    computed in Python from PLAIN_WORLD (`bins`: the declared bins of each histogram)."""
+    people = {name: row for name, row in PLAIN_WORLD.items() if row[4]}
+
+    def age(born: str) -> int:
+        year, month, day = map(int, born.split("-"))
+        return 2025 - year - ((month, day) > (1, 1))
+
+    def band(born: str) -> str | None:
+        years = age(born)
+        return next((bins["age"][i] for i, (low, high) in enumerate(pairwise(PLAIN_EDGES)) if low <= years < high),
+                    None)
+
+    def clipped(values: list[float], lower: float, upper: float) -> list[float]:
+        return sorted(min(max(v, lower), upper) for v in values)
+
+    weighed = [row[2] for row in people.values() if row[2]]
+    return {
+        "count": len(people),
+        "count-hypertension": sum(HYPERTENSION in row[3] for row in people.values()),
+        "count-weighed-and-asthma": sum(bool(row[2]) and ASTHMA in row[3] for row in people.values()),
+        "gender": dict(Counter(row[0] for row in people.values())),
+        "age-band": dict(Counter(b for b in (band(row[1]) for row in people.values()) if b)),
+        "code": {label: sum(code in row[3] for row in people.values())
+                 for label, code in zip(bins["code"], CODES, strict=True)},
+        "year": {bins["year"][0]: len(weighed)},
+        "latest": clipped([w[-1] for w in weighed], 10, 100),
+        "mean": clipped([sum(w) / len(w) for w in weighed], 10, 100),
+        "max": clipped([max(w) for w in weighed], 10, 100),
+        "min": clipped([min(w) for w in weighed], 10, 100),
+        "count-values": clipped([len(w) for w in weighed], 0, 2),
+    }
+
+
+def test_exact_answers_equal_plain_python_over_the_consented_patients(app, client, custodian_headers, project):
+    for gender, born, kilograms, codes, consents in PLAIN_WORLD.values():
+        made = person(client, custodian_headers, gender, born, kilograms, codes)
+        consent(app, made, project, "aggregate" if consents else "none")
+    questions = {
+        "count": count(),
+        "count-hypertension": count(f"Condition?code={SNOMED}|{HYPERTENSION}"),
+        "count-weighed-and-asthma": count(f"Observation?code={LOINC}|{WEIGHT}", f"Condition?code={SNOMED}|{ASTHMA}"),
+        "gender": histogram(param("by", "gender")),
+        "age-band": histogram(param("by", "age-band"), param("edges", ",".join(map(str, PLAIN_EDGES))),
+                              param("at", "2025-01-01")),
+        "code": histogram(param("by", "code"), param("codes", ",".join(f"{SNOMED}|{c}" for c in CODES)),
+                          param("expression", "Condition")),
+        "year": histogram(param("by", "year"), param("from", 2018), param("to", 2020),
+                          param("expression", f"Observation?code={LOINC}|{WEIGHT}")),
+        **{name: weights("quantile", reduce, *bounds, param("q", 0.5))
+           for name, reduce, bounds in (("latest", "latest", (10, 100)), ("mean", "mean", (10, 100)),
+                                        ("max", "max", (10, 100)), ("min", "min", (10, 100)),
+                                        ("count-values", "count", (0, 2)))},
+    }
+    answers = {name: exact(app, project, body) for name, body in questions.items()}
+    declared = {name: parse(app, project, questions[key]).question.group.bins
+                for name, key in (("age", "age-band"), ("code", "code"), ("year", "year"))}
+    expected = plain_answers(declared)
+    for name, found in answers.items():
+        got = (found.count if name.startswith("count") and name != "count-values" else
+               found.bins if name in ("gender", "age-band", "code", "year") else sorted(found.values))
+        assert got == expected[name], name
+    sums = {name: exact(app, project, weights("sum", name, 10, 100)).total for name in ("latest", "mean", "max")}
+    assert sums == pytest.approx({name: sum(expected[name]) for name in sums})
 
 
 # -- consent ------------------------------------------------------------------------------------

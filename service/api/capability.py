@@ -9,8 +9,6 @@ from collections.abc import Callable, Iterable
 from functools import cache
 from typing import Any
 
-from fhir.resources.R4B import fhirtypes
-
 from service.store.searchparams import SearchParam, params_for
 from service.validation import model_for
 
@@ -29,6 +27,8 @@ _SMART_OAUTH = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth
 @cache
 def resource_types() -> tuple[str, ...]:
     """Every FHIR R4B resource type: all of them can be stored, read and searched."""
+    from fhir.resources.R4B import fhirtypes  # slow to import: only when the list is first needed
+
     names = (name[:-4] for name in dir(fhirtypes) if name.endswith("Type") and name[:1].isupper())
     return tuple(sorted(n for n in names if model_for(n) is not None))
 

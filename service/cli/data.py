@@ -10,7 +10,7 @@ from flask.cli import with_appcontext
 from sqlalchemy import Connection, false, select
 
 from consent import writer
-from service import db, ingest, synthetic
+from service import db, ingest
 from service.bundles import process
 from service.store.schema import resources
 
@@ -46,6 +46,8 @@ def ingest_command(paths: tuple[Path, ...]) -> None:
 @click.option("--if-empty", is_flag=True, help="Load only if the database holds no Patient yet.")
 def demo_data_command(patients: int, seed: int, ndjson_dir: Path | None, if_empty: bool) -> None:
     """Generate seeded synthetic patients and load them through the transaction path."""
+    from service import synthetic  # the generator's tables are loaded only by the command that uses them
+
     if if_empty and ndjson_dir is None and _has_patients():
         click.echo("The database already holds patients; demo data not loaded.", err=True)
         return

@@ -6,22 +6,26 @@ and applies it to every row it reads: the cohort's Patients and each resource an
 expression, a value or a bin looks at. It has no default: nothing here can be asked for
 unfiltered rows.
 
-The unit of privacy is the patient. SQL reduces each patient to one contribution before
-any aggregate: a count counts patients, a histogram counts patients per declared bin,
-and a value is one number per patient (the latest, mean, max, min or count of their
-matching resources) clipped to the declared [lower, upper]. Bounds and bins come from
-the question, never from the data.
+The unit of privacy is the patient. SQL reduces each patient to one contribution, one
+row per patient: a cohort member, their one bin (gender, age band, year; a code histogram
+counts members per declared code), or their one value (the latest, mean, max, min or
+count of their matching resources) clipped to the declared [lower, upper]; what is left
+is counting or summing those rows. Bounds and bins come from the question, never from
+the data. Cohorts and values are found from the index their expressions filter on, and
+no query depends on the planner's statistics for that.
 """
 from __future__ import annotations
 
 import calendar
+import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date
 from itertools import pairwise
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, and_, case, false, func, literal, select
+from sqlalchemy import ColumnElement, Connection, Select, and_, case, false, func, select
 
 from policies.fhirdates import date_range
 from service.store.schema import decisions, idx_date, idx_quantity, idx_token, resources
@@ -126,28 +130,50 @@ def data_version(conn: Connection, project_id: str, types: Iterable[str]) -> str
 def exact(conn: Connection, question: Question, consented: RowFilter) -> Exact:
     """The bounded aggregate over the rows `consented` keeps, and the patients of its cohort."""
     p, members = _cohort(question, consented)
+    group = question.group
+    if group is not None and group.by != "code":
+        return _binned(conn, group, p, members, consented)
+    if question.value is not None:
+        return _valued(conn, question, members, consented)
     result = Exact(patients=set(conn.execute(members).scalars()))
     if question.measure == "count":
         result.count = len(result.patients)
-    elif question.measure == "histogram":
-        assert question.group is not None
-        result.bins = _histogram(conn, question.group, p, members, consented)
     else:
-        assert question.value is not None
-        values = _per_patient_values(question.value, members, consented).subquery()
-        if question.measure == "quantile":
-            result.values = [float(v) for v in conn.execute(select(values.c.v)).scalars()]
-            result.count = len(result.values)
-        else:
-            count, total = conn.execute(select(func.count(), func.sum(values.c.v))).one()
-            result.count, result.total = count, float(total or 0.0)
+        assert group is not None
+        result.bins = {label: conn.execute(select(func.count()).select_from(
+                           members.where(p.c.id.in_(_having(coded, consented))).subquery())).scalar_one()
+                       for label, coded in zip(group.bins, group.coded, strict=True)}
     return result
 
 
-def _within_patient(expr: Expression, patient_id: Any, consented: RowFilter) -> Select[Any]:
-    """A consented resource of `expr` that belongs to the patient `patient_id` (a correlated column)."""
-    return consented(select(literal(1)).where(resources.c.type == expr.resource_type, resources.c.deleted == false(),
-                                              resources.c.patient_id == patient_id, *expr.where))
+def _valued(conn: Connection, question: Question, members: Select[Any], consented: RowFilter) -> Exact:
+    """A value aggregate over its cohort: the one clipped value of each cohort patient who has
+    a matching resource (the values are read for every patient, found from the expression's
+    index, and kept for the cohort's)."""
+    assert question.value is not None
+    result = Exact(patients=set(conn.execute(members).scalars()))
+    result.values = [float(value) for patient_id, value in conn.execute(_per_patient_values(question.value, consented))
+                     if patient_id in result.patients]
+    result.count = len(result.values)
+    if question.measure != "quantile":
+        result.total, result.values = math.fsum(result.values), []
+    return result
+
+
+def _binned(conn: Connection, group: Grouping, p: Any, members: Select[Any], consented: RowFilter) -> Exact:
+    """A one-bin-per-patient histogram and its cohort, read together: each cohort patient with
+    their bin (NULL, counted in none, when their key falls outside every declared bin)."""
+    keyed = _bin_key(group, p, members, consented).subquery()
+    rows = conn.execute(select(keyed.c.id, _bin_label(group, keyed.c.key))).all()
+    return Exact(bins=dict(Counter(label for _, label in rows if label in group.bins)),
+                 patients={patient_id for patient_id, _ in rows})
+
+
+def _having(expr: Expression, consented: RowFilter, *columns: Any) -> Select[Any]:
+    """SELECT `columns` (by default patient_id) of the consented resources of `expr`:
+    uncorrelated, so the database reads it once, starting from the index `expr` filters on."""
+    return consented(select(*(columns or (resources.c.patient_id,))).where(
+        resources.c.type == expr.resource_type, resources.c.deleted == false(), *expr.where))
 
 
 def _cohort(question: Question, consented: RowFilter) -> tuple[Any, Select[Any]]:
@@ -158,52 +184,44 @@ def _cohort(question: Question, consented: RowFilter) -> tuple[Any, Select[Any]]
     """
     p = consented(select(resources.c.pk, resources.c.id)
                   .where(resources.c.type == "Patient", resources.c.deleted == false())).subquery("p")
-    members = select(p.c.id)
-    for expr in question.cohort:
-        members = members.where(_within_patient(expr, p.c.id, consented).exists())
+    members = select(p.c.id).where(*(p.c.id.in_(_having(expr, consented)) for expr in question.cohort))
     return p, members
-
-
-def _histogram(conn: Connection, group: Grouping, p: Any, members: Select[Any], consented: RowFilter
-               ) -> dict[str, int]:
-    if group.by == "code":
-        return {label: conn.execute(select(func.count()).select_from(
-                    members.where(_within_patient(coded, p.c.id, consented).exists()).subquery())).scalar_one()
-                for label, coded in zip(group.bins, group.coded, strict=True)}
-    labelled = members.add_columns(_bin_label(group, p, consented).label("bin")).subquery()
-    rows = conn.execute(select(labelled.c.bin, func.count()).where(labelled.c.bin.is_not(None))
-                        .group_by(labelled.c.bin))
-    return {label: n for label, n in rows if label in group.bins}
 
 
 def _clip(column: Any, lower: float, upper: float) -> Any:
     return case((column < lower, lower), (column > upper, upper), else_=column)
 
 
-def _per_patient_values(spec: Value, members: Select[Any], consented: RowFilter) -> Select[Any]:
-    """One clipped value per cohort patient: the contribution bound every mechanism relies on."""
-    matching = (resources.c.type == spec.expression.resource_type, resources.c.deleted == false(),
-                resources.c.patient_id.in_(members), *spec.expression.where)
+def _per_patient_values(spec: Value, consented: RowFilter) -> Select[Any]:
+    """SELECT pid, v: one clipped value per patient with a matching resource: the
+    contribution bound every mechanism relies on."""
     if spec.reduce == "count":
-        counted = consented(select(resources.c.patient_id, func.count().label("v")).where(*matching))
-        values = counted.group_by(resources.c.patient_id).subquery()
-        return select(_clip(values.c.v, spec.lower, spec.upper).label("v"))
-    row = consented(
-        select(resources.c.patient_id.label("pid"), idx_quantity.c.value.label("v"),
-               # Undated values last on both databases (PostgreSQL puts NULLs first when descending).
-               func.row_number().over(partition_by=resources.c.patient_id,
-                                      order_by=(resources.c.clinical_low.is_(None), resources.c.clinical_low.desc(),
-                                                resources.c.pk.desc()))
-               .label("rn"))
+        values = _having(spec.expression, consented, resources.c.patient_id.label("pid"), func.count().label("v")) \
+            .group_by(resources.c.patient_id).subquery()
+        return select(values.c.pid, _clip(values.c.v, spec.lower, spec.upper).label("v"))
+    row = (_having(
+        spec.expression, consented, resources.c.patient_id.label("pid"), idx_quantity.c.value.label("v"),
+        # Undated values last on both databases (PostgreSQL puts NULLs first when descending).
+        func.row_number().over(partition_by=resources.c.patient_id,
+                               order_by=(resources.c.clinical_low.is_(None), resources.c.clinical_low.desc(),
+                                         resources.c.pk.desc()))
+        .label("rn"))
         .join(idx_quantity, and_(idx_quantity.c.resource_pk == resources.c.pk,
-                                 idx_quantity.c.param == "value-quantity"))
-        .where(*matching)).subquery()
+                                 _unindexed(idx_quantity.c.param) == "value-quantity"))).subquery()
     if spec.reduce == "latest":
-        per_patient = select(row.c.v.label("v")).where(row.c.rn == 1).subquery()
+        per_patient = select(row.c.pid, row.c.v).where(row.c.rn == 1).subquery()
     else:
         reducer = {"mean": func.avg, "max": func.max, "min": func.min}[spec.reduce]
-        per_patient = select(reducer(row.c.v).label("v")).group_by(row.c.pid).subquery()
-    return select(_clip(per_patient.c.v, spec.lower, spec.upper).label("v"))
+        per_patient = select(row.c.pid, reducer(row.c.v).label("v")).group_by(row.c.pid).subquery()
+    return select(per_patient.c.pid, _clip(per_patient.c.v, spec.lower, spec.upper).label("v"))
+
+
+def _unindexed(column: Any) -> Any:
+    """`column` as an expression no index is keyed on, so the database checks it on rows it
+    found otherwise and never starts from it, whatever its statistics say: an index table
+    joined on `param` and a resource is read by resource, not scanned by `param` across
+    every resource."""
+    return column.concat("")
 
 
 def _years_before(at: date, years: int) -> int:
@@ -213,25 +231,37 @@ def _years_before(at: date, years: int) -> int:
     return date_range(date(year, at.month, day).isoformat())[1]
 
 
-def _bin_label(group: Grouping, p: Any, consented: RowFilter) -> Any:
+def _bin_key(group: Grouping, p: Any, members: Select[Any], consented: RowFilter) -> Select[Any]:
+    """SELECT id, key: each cohort patient once, with what their bin is decided on, computed
+    once (gender code, birth date, earliest `expression` date; NULL if none is known)."""
     if group.by == "gender":
-        gender = (select(idx_token.c.code).where(idx_token.c.resource_pk == p.c.pk, idx_token.c.param == "gender")
-                  .limit(1).scalar_subquery())
-        return case((gender.in_(GENDERS[:3]), gender), else_="unknown")
+        gender = p.outerjoin(idx_token, and_(idx_token.c.resource_pk == p.c.pk,
+                                             _unindexed(idx_token.c.param) == "gender"))
+        return members.add_columns(func.min(idx_token.c.code).label("key")).select_from(gender).group_by(p.c.id)
     if group.by == "age-band":
-        born = (select(func.min(idx_date.c.low)).where(idx_date.c.resource_pk == p.c.pk,
-                                                       idx_date.c.param == "birthdate").scalar_subquery())
+        born = p.outerjoin(idx_date, and_(idx_date.c.resource_pk == p.c.pk,
+                                          _unindexed(idx_date.c.param) == "birthdate"))
+        return members.add_columns(func.min(idx_date.c.low).label("key")).select_from(born).group_by(p.c.id)
+    assert group.expression is not None and group.by == "year"
+    first = (_having(group.expression, consented, resources.c.patient_id,
+                     func.min(resources.c.clinical_low).label("first"))
+             .group_by(resources.c.patient_id).subquery())
+    return members.add_columns(first.c.first.label("key")).select_from(p.outerjoin(first, first.c.patient_id == p.c.id))
+
+
+def _bin_label(group: Grouping, key: Any) -> Any:
+    """The declared bin of a patient's `key` (from `_bin_key`), or NULL if it falls in none."""
+    if group.by == "gender":
+        return case((key.in_(GENDERS[:3]), key), else_="unknown")
+    if group.by == "age-band":
         at = date.fromisoformat(group.at)
         bounds = [_years_before(at, edge) for edge in group.edges]
-        whens = [(born > bounds[0], None)]
-        whens += [(born > bounds[i + 1], label) for i, label in enumerate(group.bins)]
+        whens = [(key > bounds[0], None)]
+        whens += [(key > bounds[i + 1], label) for i, label in enumerate(group.bins)]
         return case(*whens, else_=None)
-    assert group.expression is not None and group.by == "year"
-    first = (_within_patient(group.expression, p.c.id, consented)
-             .with_only_columns(func.min(resources.c.clinical_low)).scalar_subquery())
     first_year, last_year = group.years
     starts = [date_range(f"{y:04d}")[0] for y in range(first_year, last_year + 1)]
     starts.append(date_range(f"{last_year:04d}")[1] + 1)
-    whens = [(first < starts[0], None)]
-    whens += [(first < end, label) for (_, end), label in zip(pairwise(starts), group.bins, strict=True)]
+    whens = [(key < starts[0], None)]
+    whens += [(key < end, label) for (_, end), label in zip(pairwise(starts), group.bins, strict=True)]
     return case(*whens, else_=None)

@@ -1,9 +1,11 @@
 """FHIR search: parse the parameters, build one SQL statement, page by keyset.
 
-Every filter is an `EXISTS` on an index table correlated with the resource row, so
-the database answers from indexes and never scans stored JSON. Pages are cut by a
-keyset cursor (the last row's sort key), never by OFFSET: deep pages cost the same
-as the first, and each matching resource appears exactly once across pages.
+Every filter is a `pk IN (…)` subquery on an index table, so the database answers from
+indexes and never scans stored JSON. A search in row order with a `system|code` token
+filter is driven by that filter's index entries, which are in row order already: a page
+reads about as many rows as it returns, however many match. Pages are cut by a keyset
+cursor (the last row's sort key), never by OFFSET: deep pages cost the same as the
+first, and each matching resource appears exactly once across pages.
 """
 from __future__ import annotations
 
@@ -47,6 +49,19 @@ _MODIFIERS = {
 }
 _TABLE_OF = {"token": idx_token, "string": idx_string, "date": idx_date, "quantity": idx_quantity,
              "reference": idx_reference}
+#: The index entries that drive a search (`Driver`).
+_DRIVER = idx_token.alias("driver")
+
+
+@dataclass(frozen=True)
+class Driver:
+    """A filter whose index entries can drive the search in row order: one `system|code` (or
+    `|code`) token value, which each resource has at most one entry for (the indexer keeps one
+    per distinct value). `filter` is the clause it stands for; `entries` selects its entries
+    in `_DRIVER`, whose (param, code, system, resource_pk) index lists them by row number."""
+
+    filter: ColumnElement[bool]
+    entries: tuple[ColumnElement[bool], ...]
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,8 @@ class Query:
     total: bool = False
     summary_count: bool = False
     includes: list[tuple[SearchParam, str | None]] = field(default_factory=list)
+    #: The filter the statement starts from, when one can (`Driver`).
+    driver: Driver | None = None
     #: The parameters kept, in order, for the self link (unknown ones dropped when lenient).
     echo: list[tuple[str, str]] = field(default_factory=list)
 
@@ -108,9 +125,22 @@ def parse(resource_type: str, args: Sequence[tuple[str, str]], *, default_count:
         if modifier not in _MODIFIERS[param.kind] and not (param.kind == "reference" and modifier[:1].isupper()):
             raise InvalidRequest(f"Modifier :{modifier} is not supported on {param.kind} parameter {name!r}",
                                  expression=raw_name)
-        query.where.append(_filter(param, modifier, value, raw_name))
+        clause = _filter(param, modifier, value, raw_name)
+        query.where.append(clause)
         query.echo.append((raw_name, value))
+        query.driver = query.driver or _driver(param, modifier, value, clause)
     return query
+
+
+def _driver(param: SearchParam, modifier: str, value: str, clause: ColumnElement[bool]) -> Driver | None:
+    """The `Driver` a filter can be: a token parameter (not `_id`) with one value naming its code."""
+    values = _split_values(value)
+    if param.kind != "token" or param.name == "_id" or modifier or len(values) != 1:
+        return None
+    _, bar, code = values[0].partition("|")
+    if not bar or not code:
+        return None
+    return Driver(clause, (_DRIVER.c.param == param.index_name, _token_clause(values[0], _DRIVER)))
 
 
 def _result_param(query: Query, known: Mapping[str, SearchParam], name: str, modifier: str, value: str,
@@ -204,15 +234,15 @@ def _exists(param: SearchParam, condition: ColumnElement[bool]) -> ColumnElement
     return resources.c.pk.in_(select(table.c.resource_pk).where(*clauses))
 
 
-def _token_clause(value: str) -> ColumnElement[bool]:
+def _token_clause(value: str, table: Any = idx_token) -> ColumnElement[bool]:
     if "|" not in value:
-        return idx_token.c.code == value
+        return table.c.code == value
     system, code = value.split("|", 1)
     if not system:
-        return and_(idx_token.c.system.is_(None), idx_token.c.code == code)
+        return and_(table.c.system.is_(None), table.c.code == code)
     if not code:
-        return idx_token.c.system == system
-    return and_(idx_token.c.system == system, idx_token.c.code == code)
+        return table.c.system == system
+    return and_(table.c.system == system, table.c.code == code)
 
 
 def _string_clause(value: str, modifier: str) -> ColumnElement[bool]:
@@ -351,7 +381,7 @@ def _ordered(query: Query, statement: Select[Any], anchor: list[Any] | None, bac
              ) -> tuple[Select[Any], int]:
     """Apply ORDER BY and the keyset condition; returns the statement and its number of key columns."""
     columns = [c for part in _components(query) for c in part if c is not None]
-    columns.append(_Component(resources.c.pk, False))
+    columns.append(_Component(_DRIVER.c.resource_pk if query.driver else resources.c.pk, False))
     if anchor is not None:
         if len(anchor) != len(columns):
             raise InvalidRequest("The paging cursor does not belong to this search", expression="_cursor")
@@ -379,10 +409,16 @@ def custodian_view(statement: Select[Any]) -> Select[Any]:
 
 
 def base_statement(query: Query, restrict: RowFilter) -> Select[Any]:
-    """The matching resources of a query (no ordering), narrowed by `restrict`."""
-    statement = (select(*ROW_COLUMNS)
-                 .where(resources.c.type == query.resource_type, resources.c.deleted == false(), *query.where))
-    return restrict(statement)
+    """The matching resources of a query (no ordering), narrowed by `restrict`; joined to the
+    driver's index entries, which stand for its filter, when the query has one."""
+    where = [resources.c.type == query.resource_type, resources.c.deleted == false()]
+    statement = select(*ROW_COLUMNS)
+    if query.driver is None:
+        where += query.where
+    else:
+        statement = statement.select_from(_DRIVER.join(resources, resources.c.pk == _DRIVER.c.resource_pk))
+        where += [*query.driver.entries, *(c for c in query.where if c is not query.driver.filter)]
+    return restrict(statement.where(*where))
 
 
 def count(conn: Connection, query: Query, restrict: RowFilter) -> int:
