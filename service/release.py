@@ -497,25 +497,21 @@ def _references(stored: bytes) -> Iterator[str]:
         yield orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
 
 
-def open_release(conn: Connection, client_id: str, project_id: str | None, minimum_tier: int) -> Release:
-    """The release view of a research client; refused if its project cannot receive at this tier."""
+def release_for(client_id: str, project_id: str | None, minimum_tier: int) -> Release:
+    """The release view of a research client, read in a transaction of its own; refused if its
+    project is closed or cannot receive at this tier."""
     if project_id is None:
         raise Forbidden("This client is not bound to a research project")
-    project = projects.get(conn, project_id)
-    if project.status != "active":
-        raise Forbidden(f"Project {project_id} is closed and receives nothing more")
-    if project.max_tier < minimum_tier:
-        raise Forbidden(f"Project {project_id} may only receive aggregate results; record-level paths are refused")
-    key = keyring.project_key(conn, project_id)
-    profile = keyring.profile_for(project)
-    return Release(project, client_id, minimum_tier, key,
-                   Deidentifier(profile, key, reference_year=datetime.now(UTC).year))
-
-
-def release_for(client_id: str, project_id: str | None, minimum_tier: int) -> Release:
-    """`open_release` in a read transaction of its own (for a request that holds none)."""
     with db.read() as conn:
-        return open_release(conn, client_id, project_id, minimum_tier)
+        project = projects.get(conn, project_id)
+        if project.status != "active":
+            raise Forbidden(f"Project {project_id} is closed and receives nothing more")
+        if project.max_tier < minimum_tier:
+            raise Forbidden(f"Project {project_id} may only receive aggregate results; "
+                            "record-level paths are refused")
+        key = keyring.project_key(conn, project_id)
+    return Release(project, client_id, minimum_tier, key,
+                   Deidentifier(keyring.profile_for(project), key, reference_year=datetime.now(UTC).year))
 
 
 def research_param_allowed(param: SearchParam) -> bool:
