@@ -74,20 +74,40 @@ def questions(count_code: str, mean_code: str, epsilon: float) -> dict[str, dict
 
 # -- the same aggregates in plain SQL ----------------------------------------------------------
 # What an analyst with direct database access would write: driven from the code index,
-# joined to the consent decisions (tier and sensitive categories), no noise, no ledger.
+# joined to the consent decisions, no noise, no ledger. The decision must release both the
+# Observation and the patient's own Patient row, as the product's does: tier, validity at
+# the instant asked, sensitive categories, excluded resource classes, and (for the
+# Observation) the data period; so both compute the same exact answer under the same rules.
 # `param || ''` keeps SQLite, which has no statistics unless ANALYZEd, from looking rows up
 # by resource through the (param, value, …) index: the baseline is a good query, not a naive one.
 
-_COHORT = """
+
+def _releases(d: str, row: str) -> str:
+    """Decision `d` releases `row` (a Patient row, or one with `_in_period`)."""
+    return f"""{d}.project_id = :project AND {d}.tier >= 1
+      AND ({d}.valid_from IS NULL OR {d}.valid_from <= :now) AND ({d}.valid_until IS NULL OR {d}.valid_until >= :now)
+      AND ({row}.sensitive_mask & {d}.excluded_mask) = 0
+      AND NOT EXISTS (SELECT 1 FROM decision_classes c WHERE c.patient_id = {d}.patient_id
+                      AND c.project_id = :project AND c.resource_type = {row}.type)"""
+
+
+def _in_period(d: str, row: str) -> str:
+    return f"""(({d}.period_start IS NULL AND {d}.period_end IS NULL)
+           OR ({row}.clinical_low IS NOT NULL AND ({d}.period_start IS NULL OR {row}.clinical_low >= {d}.period_start)
+               AND ({d}.period_end IS NULL OR {row}.clinical_high <= {d}.period_end)))"""
+
+
+_COHORT = f"""
     SELECT DISTINCT o.patient_id AS pid
     FROM idx_token t
     JOIN resources o ON o.pk = t.resource_pk
-    JOIN decisions d ON d.patient_id = o.patient_id AND d.project_id = :project AND d.tier >= 1
+    JOIN decisions d ON d.patient_id = o.patient_id AND {_releases("d", "o")} AND {_in_period("d", "o")}
     WHERE t.param = 'code' AND t.system = :system AND t.code = :code
-      AND o.type = 'Observation' AND o.deleted = :f AND (o.sensitive_mask & d.excluded_mask) = 0"""
+      AND o.type = 'Observation' AND o.deleted = :f"""
 _MEMBERS = f"""
     FROM ({_COHORT}) cohort
-    JOIN resources p ON p.type = 'Patient' AND p.id = cohort.pid AND p.deleted = :f"""
+    JOIN resources p ON p.type = 'Patient' AND p.id = cohort.pid AND p.deleted = :f
+    JOIN decisions pd ON pd.patient_id = p.id AND {_releases("pd", "p")}"""
 
 COUNT_SQL = f"SELECT count(*) {_MEMBERS}"
 
@@ -107,22 +127,26 @@ def _histogram_sql() -> tuple[str, dict[str, Any]]:
     return sql, {f"b{i}": bound for i, bound in enumerate(bounds)}
 
 
-MEAN_SQL = """
+MEAN_SQL = f"""
     SELECT count(*), sum(v) FROM (
       SELECT CASE WHEN q.value < :lower THEN :lower WHEN q.value > :upper THEN :upper ELSE q.value END AS v,
              row_number() OVER (PARTITION BY o.patient_id ORDER BY o.clinical_low DESC, o.pk DESC) AS rn
       FROM idx_token t
       JOIN resources o ON o.pk = t.resource_pk
       JOIN idx_quantity q ON q.resource_pk = o.pk AND q.param || '' = 'value-quantity'
-      JOIN decisions d ON d.patient_id = o.patient_id AND d.project_id = :project AND d.tier >= 1
+      JOIN decisions d ON d.patient_id = o.patient_id AND {_releases("d", "o")} AND {_in_period("d", "o")}
+      JOIN resources p ON p.type = 'Patient' AND p.id = o.patient_id AND p.deleted = :f
+        AND (p.sensitive_mask & d.excluded_mask) = 0
+        AND NOT EXISTS (SELECT 1 FROM decision_classes pc WHERE pc.patient_id = d.patient_id
+                        AND pc.project_id = :project AND pc.resource_type = 'Patient')
       WHERE t.param = 'code' AND t.system = :system AND t.code = :code
-        AND o.type = 'Observation' AND o.deleted = :f AND (o.sensitive_mask & d.excluded_mask) = 0) ranked
+        AND o.type = 'Observation' AND o.deleted = :f) ranked
     WHERE rn = 1"""
 
 
 def plain_sql(conn: Any, measure: str, project_id: str, count_code: str, mean_code: str) -> Any:
     system, code = (mean_code if measure.startswith("mean") else count_code).split("|", 1)
-    params = {"project": project_id, "f": False, "system": system, "code": code}
+    params = {"project": project_id, "f": False, "system": system, "code": code, "now": time.time_ns() // 1000}
     if measure.startswith("count"):
         return conn.execute(text(COUNT_SQL), params).scalar_one()
     if measure.startswith("histogram"):
@@ -234,10 +258,10 @@ def latency(ctx: Context) -> None:
         with instance.app.app_context(), db.read(instance.engine) as conn:
             project = projects.get(conn, project_id)
         asked = [0]
-        token = {"value": "", "at": 0.0}
+        token: dict[str, Any] = {"value": "", "at": None}
 
         def bearer() -> str:
-            if time.monotonic() - token["at"] > 200:  # tokens live 5 minutes at most
+            if token["at"] is None or time.monotonic() - token["at"] > 200:  # tokens live 5 minutes at most
                 token["value"], token["at"] = instance.token(credentials), time.monotonic()
             return f"Bearer {token['value']}"
 

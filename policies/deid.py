@@ -94,6 +94,7 @@ _FREE_TEXT = frozenset({"string", "markdown", "uri", "url", "canonical", "oid", 
 UCUM = "http://unitsofmeasure.org"
 _QUANTITIES = frozenset({"Quantity", "Age", "Count", "Distance", "Duration", "MoneyQuantity", "SimpleQuantity"})
 _COMPARATORS = frozenset({"<", "<=", ">=", ">"})
+_QUANTITY_CODING = ("unit", "system", "code")
 _UCUM_CODE = re.compile(r"[!-~]{1,40}")  # printable ASCII without spaces, as UCUM's grammar
 _CURRENCY = re.compile(r"[A-Z]{3}")
 #: Released versions of a code system: dotted numbers, a date, or a SNOMED CT edition URI.
@@ -260,6 +261,7 @@ class Profile:
         self.code_systems = frozenset(canonical_system(s) for s in code_systems)
         self._plans: dict[str, _Plan] = {}
         self._systems: dict[Any, str | None] = {}
+        self._codings: dict[tuple[Any, Any, Any], tuple[str, str, str | None, str | None] | None] = {}
 
     def released_system(self, system: Any) -> str | None:
         """The canonical URI of a code system whose codings are released, None for any other.
@@ -278,6 +280,33 @@ class Profile:
         if len(self._systems) < 4096:
             self._systems[system] = released
         return released
+
+    def released_coding(self, system: Any, code: Any, version: Any) -> tuple[str, str, str | None, str | None] | None:
+        """What a Coding with this system, code and version releases: (canonical system, code,
+        version or None, display or None), or None if its system is not released or its code
+        is not a string.
+
+        The version is released when it is a version number, a date or a SNOMED CT edition;
+        the display is the one `policies.terminology.display_of` gives, if any.
+        """
+        wanted = (system, code, version)
+        try:
+            return self._codings[wanted]
+        except KeyError:
+            pass
+        except TypeError:  # not hashable: no such part is released
+            return self._released_coding(system, code, version)
+        if len(self._codings) >= 4096:
+            self._codings.clear()
+        released = self._codings[wanted] = self._released_coding(system, code, version)
+        return released
+
+    def _released_coding(self, system: Any, code: Any, version: Any) -> tuple[str, str, str | None, str | None] | None:
+        canonical = self.released_system(system)
+        if canonical is None or type(code) is not str:
+            return None
+        kept = version if type(version) is str and _VERSION.fullmatch(version) else None
+        return canonical, code, kept, display_of(canonical, code)
 
     def __repr__(self) -> str:
         return f"Profile({self.name!r}, {len(self.rules)} rules, from {self.source})"
@@ -599,12 +628,12 @@ class _Compiler:
         if decided is None and not deeper:
             return None
         inner = self.plan(element.type, deeper, decided)
-        return partial(_each, partial(_walk, inner)) if element.many else partial(_walk, inner)
+        return partial(_each_walk, inner) if element.many else partial(_walk, inner)
 
     def datatype_rules(self, type_name: str) -> tuple[WholeRule, ...]:
         """The rules of a data type that complete (or refuse) what its plan released of it."""
         if type_name == "Coding":
-            return (partial(_finish_coding, self.profile.released_system),)
+            return (partial(_finish_coding, self.profile.released_coding),)
         if type_name in _QUANTITIES:
             return (_finish_quantity,)
         finish = {"Money": _finish_money, "SampledData": _finish_sampled_data}.get(type_name)
@@ -707,15 +736,32 @@ def _release(plan: _Plan, node: dict[str, Any], ctx: _Context) -> dict[str, Any]
 
 
 def _fill_required(plan: _Plan, out: dict[str, Any]) -> None:
+    present = out.keys()
     for keys, key, encoded in plan.required:
-        if not any(k in out for k in keys):
+        if present.isdisjoint(keys):
             out[key] = orjson.loads(encoded)
 
 
 def _each(action: Action, values: Any, ctx: _Context) -> Any:
     if type(values) is not list:
         return _DROP
-    out = [r for v in values if (r := action(v, ctx)) is not _DROP]
+    out = []
+    for value in values:
+        result = action(value, ctx)
+        if result is not _DROP:
+            out.append(result)
+    return out or _DROP
+
+
+def _each_walk(plan: _Plan, values: Any, ctx: _Context) -> Any:
+    """`_each` of `_walk`, without a call between them: repeating objects are many."""
+    if type(values) is not list:
+        return _DROP
+    out = []
+    for value in values:
+        result = _walk(plan, value, ctx)
+        if result is not _DROP:
+            out.append(result)
     return out or _DROP
 
 
@@ -747,8 +793,7 @@ def _keep(value: Any, ctx: _Context) -> Any:
 def _shift(rounding: str | None, instant: bool, value: Any, ctx: _Context) -> Any:
     if ctx.offset is None or type(value) is not str:
         return _DROP  # a date of no patient cannot be shifted consistently: it is not released
-    shifted = shift_date(value, ctx.offset, rounding, instant=instant)
-    return _DROP if shifted is None else shifted
+    return ctx.deid._shift(value, ctx.offset, rounding, instant)
 
 
 def _round_time(rounding: str | None, value: Any, ctx: _Context) -> Any:
@@ -941,19 +986,20 @@ def _extension(plan: _Plan, value: Any, ctx: _Context) -> Any:
     return out if out is not _DROP and len(out) > 1 else _DROP
 
 
-def _finish_coding(released_system: Callable[[Any], str | None], value: dict[str, Any], out: dict[str, Any],
-                   ctx: _Context | None = None) -> None:
+def _finish_coding(released_coding: Callable[[Any, Any, Any], tuple[str, str, str | None, str | None] | None],
+                   value: dict[str, Any], out: dict[str, Any], ctx: _Context | None = None) -> None:
     """A Coding of a released code system: its canonical system, code and version (when it is
     a version number, a date or a SNOMED CT edition); a display only from the shipped table
     (or where a rule names it). Any other Coding is emptied, so that it is not released."""
-    system, code = released_system(value.get("system")), value.get("code")
-    if system is None or type(code) is not str:
+    released = released_coding(value.get("system"), value.get("code"), value.get("version"))
+    if released is None:
         out.clear()
         return
+    system, code, version, display = released
     out["system"], out["code"] = system, code
-    if type(version := value.get("version")) is str and _VERSION.fullmatch(version):
+    if version is not None:
         out["version"] = version
-    if "display" not in out and (display := display_of(system, code)) is not None:
+    if display is not None and "display" not in out:
         out["display"] = display
 
 
@@ -962,8 +1008,9 @@ def _finish_quantity(value: dict[str, Any], out: dict[str, Any], ctx: _Context) 
 
     The written unit is never released, nor a code of another system.
     """
-    for key in ("unit", "system", "code"):
-        out.pop(key, None)
+    if not out.keys().isdisjoint(_QUANTITY_CODING):
+        for key in _QUANTITY_CODING:
+            out.pop(key, None)
     comparator = value.get("comparator")
     if type(comparator) is str and comparator in _COMPARATORS:
         out["comparator"] = comparator
@@ -1033,7 +1080,8 @@ class Deidentifier:
     if it is not stored; `apply` may also be given a prefetched {(type, id): pk} mapping
     for a batch, which is consulted first; with a mapping, a versioned reference is
     followed only if the mapping also holds its (type, id, version). Found pseudonyms are
-    cached for the life of the Deidentifier (one request), misses for one `apply` call.
+    cached for the life of the Deidentifier (one request), misses for one `apply` call;
+    so are the patients' date offsets, shifted dates and rewritten references.
     """
 
     _CACHE_LIMIT = 65536
@@ -1049,6 +1097,10 @@ class Deidentifier:
         self.reference_year = reference_year
         self._resolve_pk = resolve_pk
         self._targets: dict[tuple[str, str], str] = {}
+        self._offsets: dict[str, int] = {}
+        self._shifted: dict[tuple[str, int, str | None, bool], Any] = {}
+        #: literal reference -> (target, its pseudonym, released form); valid while `_targets` agrees
+        self._references: dict[str, tuple[tuple[str, str] | None, str | None, str]] = {}
 
     def apply(self, resource: dict[str, Any], pk: int, patient_id: str | None,
               pks: Mapping[tuple[str, ...], int] | None = None) -> dict[str, Any]:
@@ -1065,26 +1117,52 @@ class Deidentifier:
         own = self.key.pseudonym(kind, pk)
         if type(resource.get("id")) is str:
             self._remember((kind, resource["id"]), own)
-        ctx = _Context(self, self.key.date_offset_days(patient_id) if patient_id else None, pks,
-                       _local_ids(resource, plan))
+        ctx = _Context(self, self._offset(patient_id) if patient_id else None, pks,
+                       _local_ids(resource, plan) if "contained" in resource else frozenset())
         out: dict[str, Any] = {"resourceType": kind, "id": own}
         body, withheld = _release_resource(plan, resource, ctx)
-        labels = [PSEUDED, *([REDACTED] if withheld else []), *([ABSTRED] if ctx.abstracted else [])]
-        out["meta"] = _meta(resource.get("meta"), labels, self.profile.released_system)
+        labels = _LABELS[withheld, ctx.abstracted]
+        out["meta"] = _meta(resource.get("meta"), labels, self.profile.released_coding)
         out.update(body)
         if ctx.top_coded:
             out["extension"] = [*out.get("extension", ()), {"url": TOP_CODED_AGE, "valueBoolean": True}]
         return out
 
+    def _offset(self, patient_id: str) -> int:
+        if type(patient_id) is not str:
+            return self.key.date_offset_days(patient_id)  # which refuses it
+        offset = self._offsets.get(patient_id)
+        if offset is None:
+            if len(self._offsets) >= self._CACHE_LIMIT:
+                self._offsets.clear()
+            offset = self._offsets[patient_id] = self.key.date_offset_days(patient_id)
+        return offset
+
+    def _shift(self, value: str, offset: int, rounding: str | None, instant: bool) -> Any:
+        """`shift_date` of a value (_DROP for None), remembered: a patient's dates repeat."""
+        wanted = (value, offset, rounding, instant)
+        shifted = self._shifted.get(wanted)
+        if shifted is None:
+            if len(self._shifted) >= self._CACHE_LIMIT:
+                self._shifted.clear()
+            shifted = shift_date(value, offset, rounding, instant=instant)
+            shifted = self._shifted[wanted] = _DROP if shifted is None else shifted
+        return shifted
+
     def _rewrite_reference(self, reference: str, ctx: _Context) -> str | None:
         """The released form of a literal reference, or None if it cannot be followed."""
         if reference.startswith("#"):
             return reference if reference == "#" or reference[1:] in ctx.local_ids else None
+        known = self._references.get(reference)
+        if known is not None and (known[0] is None or self._targets.get(known[0]) is known[1]):
+            return known[2]  # the same target, found the same way: the same answer as below
         if reference.startswith("urn:uuid:"):
             try:
-                return "urn:uuid:" + self.key.pseudonymise_uuid(reference[9:])
+                rewritten = "urn:uuid:" + self.key.pseudonymise_uuid(reference[9:])
             except PseudonymError:
                 return None
+            self._remember_reference(reference, None, None, rewritten)
+            return rewritten
         if "?" in reference or reference.startswith("urn:"):
             return None  # conditional references and other URNs name nothing stored here
         parts = reference.split("/")
@@ -1098,8 +1176,18 @@ class Deidentifier:
         pseudonym = self._target(parts[-2], parts[-1], ctx)
         if pseudonym is None:
             return None
-        suffix = f"/_history/{version}" if version and _HISTORY_VERSION.fullmatch(version) else ""
-        return f"{parts[-2]}/{pseudonym}{suffix}"
+        if version is not None:
+            suffix = f"/_history/{version}" if version and _HISTORY_VERSION.fullmatch(version) else ""
+            return f"{parts[-2]}/{pseudonym}{suffix}"
+        rewritten = f"{parts[-2]}/{pseudonym}"
+        self._remember_reference(reference, (parts[-2], parts[-1]), pseudonym, rewritten)
+        return rewritten
+
+    def _remember_reference(self, reference: str, target: tuple[str, str] | None, pseudonym: str | None,
+                            rewritten: str) -> None:
+        if len(self._references) >= self._CACHE_LIMIT:
+            self._references.clear()
+        self._references[reference] = (target, pseudonym, rewritten)
 
     def _target(self, kind: str, ident: str, ctx: _Context) -> str | None:
         wanted = (kind, ident)
@@ -1146,7 +1234,14 @@ def _local_ids(resource: dict[str, Any], plan: _Plan) -> frozenset[str]:
                      and type(c.get("resourceType")) is str and _is_resource_type(c["resourceType"]))
 
 
-def _meta(source: Any, labels: list[dict[str, str]], released_system: Callable[[Any], str | None]) -> dict[str, Any]:
+#: The engine's security labels of a resource, by (withheld for a modifier extension, abstracted).
+_LABELS = {(withheld, abstracted): (PSEUDED, *([REDACTED] if withheld else []), *([ABSTRED] if abstracted else []))
+           for withheld in (False, True) for abstracted in (False, True)}
+
+
+def _meta(source: Any, labels: tuple[dict[str, str], ...],
+          released_coding: Callable[[Any, Any, Any], tuple[str, str, str | None, str | None] | None]
+          ) -> dict[str, Any]:
     """A numeric versionId and the security labels of released code systems (as any Coding)
     survive; lastUpdated, source, profile and tags do not.
 
@@ -1154,18 +1249,19 @@ def _meta(source: Any, labels: list[dict[str, str]], released_system: Callable[[
     profiles it claimed (they often require names and identifiers); tags are local workflow
     markers.
     """
+    if type(source) is not dict or not (source.get("versionId") or source.get("security")):
+        return {"security": list(map(dict.copy, labels))}  # nothing of it survives: the engine's labels
     meta: dict[str, Any] = {}
     security: list[dict[str, str]] = []
-    if type(source) is dict:
-        version = source.get("versionId")
-        if type(version) is str and version.isascii() and version.isdigit():
-            meta["versionId"] = version
-        for coding in source.get("security") or ():
-            label: dict[str, str] = {}
-            if type(coding) is dict:
-                _finish_coding(released_system, coding, label)
-            if label:
-                security.append(label)
+    version = source.get("versionId")
+    if type(version) is str and version.isascii() and version.isdigit():
+        meta["versionId"] = version
+    for coding in source.get("security") or ():
+        label: dict[str, str] = {}
+        if type(coding) is dict:
+            _finish_coding(released_coding, coding, label)
+        if label:
+            security.append(label)
     present = {(c.get("system"), c["code"]) for c in security}
     security.extend(dict(label) for label in labels if (label["system"], label["code"]) not in present)
     meta["security"] = security

@@ -45,6 +45,12 @@ def _age_codes() -> frozenset[tuple[str, str]]:
     return frozenset((c["system"], c["code"]) for c in data["codes"])
 
 
+@cache
+def _age_code_values() -> frozenset[str]:
+    """The codes of `_age_codes`, whatever their system: most codings are told apart by them alone."""
+    return frozenset(code for _system, code in _age_codes())
+
+
 def is_age_code(concept: Any) -> bool:
     """Whether a CodeableConcept has a coding that says its value is the patient's age.
 
@@ -53,9 +59,14 @@ def is_age_code(concept: Any) -> bool:
     """
     if not isinstance(concept, dict) or not isinstance(concept.get("coding"), list):
         return False
-    codes = _age_codes()
-    return any(isinstance(c, dict) and (canonical_system(c.get("system")), c.get("code")) in codes
-               for c in concept["coding"])
+    codes, values = _age_codes(), _age_code_values()
+    for coding in concept["coding"]:
+        if not isinstance(coding, dict):
+            continue
+        code = coding.get("code")
+        if code in values and (canonical_system(coding.get("system")), code) in codes:
+            return True
+    return False
 
 
 def age_in_years(quantity: Any) -> float | None:
@@ -154,18 +165,19 @@ def shift_date(value: str, days: int, rounding: str | None = None, *, instant: b
         if match is None:
             return None
         day, hour, minute, seconds, zone = match.groups()
-        local = datetime.fromisoformat(f"{day}T{hour}:{minute}")
-        offset = timedelta(0)
+        moved = datetime.fromisoformat(f"{day}T{hour}:{minute}")
         if zone and zone != "Z":
-            offset = (1 if zone[0] == "+" else -1) * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
-        moved = local - offset + timedelta(days=days)
+            seconds_east = int(zone[1:3]) * 3600 + int(zone[4:6]) * 60
+            moved -= timedelta(0, seconds_east if zone[0] == "+" else -seconds_east)
+        moved += timedelta(days)
     except (ValueError, OverflowError):
         return None
     if rounding == "day":
         return f"{moved.date().isoformat()}T00:00:00Z" if instant else moved.date().isoformat()
-    if rounding == "hour":
-        return f"{moved:%Y-%m-%dT%H}:00:00Z"
-    return f"{moved:%Y-%m-%dT%H:%M}{seconds or ''}Z"
+    if moved.year < 1000:  # strftime writes such a year without its leading zeros
+        return f"{moved:%Y-%m-%dT%H}:00:00Z" if rounding == "hour" else f"{moved:%Y-%m-%dT%H:%M}{seconds or ''}Z"
+    text = moved.isoformat()  # YYYY-MM-DDTHH:MM:SS: no microseconds were read
+    return f"{text[:13]}:00:00Z" if rounding == "hour" else f"{text[:16]}{seconds or ''}Z"
 
 
 _TIME = re.compile(r"([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d+)?")

@@ -11,9 +11,10 @@ Order of work for one question:
    (`Release.aggregate_rows`), the exact aggregate over the consented rows, bounded per
    patient in SQL (`service/store/cohort.py`); then noise (`policies/dp.py`) and
    suppression of small noisy counts;
-4. the audit entry (`Release.audit`, with the cohort's patients), then the answer recorded
-   in another short write transaction (`Release.record_aggregate`). A recorded answer
-   given again is audited too, as a replay (nothing spent, no patient newly released).
+4. in another short write transaction (`Release.record_aggregate`), the answer recorded
+   with its audit entry naming the cohort's patients: if either cannot be written, nothing
+   is released. A recorded answer given again is audited too (`Release.audit`), as a
+   replay (nothing spent, no patient newly released).
 
 Once ε is reserved it stays spent, whatever fails after: a failure of the computation may
 depend on the data and must not be free. The answer's `remaining` is the budget left
@@ -386,11 +387,10 @@ def answer(release: Release, body: Any, idempotency_key: str | None, random_stat
     if response is None:
         found, version = release.aggregate_rows(query.question)
         cells = noisy(query, found, release.project.suppression, random_state)
-        release.audit("aggregate", {"query": canonical, "query_hash": query_hash, "epsilon": query.epsilon},
-                      found.patients, 0)
-        response = release.record_aggregate(query_hash, version,
-                                            {"measure": query.question.measure, "epsilon": query.epsilon,
-                                             "cells": cells}, idempotency_key)
+        response = release.record_aggregate(
+            query_hash, version, {"measure": query.question.measure, "epsilon": query.epsilon, "cells": cells},
+            idempotency_key, {"query": canonical, "query_hash": query_hash, "epsilon": query.epsilon},
+            found.patients)
     else:
         release.audit("aggregate", {"query": canonical, "query_hash": query_hash, "epsilon": 0.0,
                                     "replayed": True}, (), 0)

@@ -2,9 +2,9 @@
 
 Each entry's hash covers its content and the previous entry's hash. Writers lock the
 single `audit_head` row, which keeps the chain linear when several nodes append at
-once (SQLite's writer lock does the same). Releases are audited in their own short
-transaction before the response leaves: if the audit cannot be written, nothing is
-released.
+once (SQLite's writer lock does the same). Releases are audited in a short write
+transaction before the response leaves (an `$aggregate` answer in the one that records
+it): if the audit cannot be written, nothing is released.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, text, update
 
 from service.db import now_us
-from service.store.schema import audit, audit_head, audit_patients
+from service.store.schema import audit, audit_head
 
 GENESIS = "0" * 64
 # Built once: an entry is written with parameters only, the statements' compiled forms are reused.
@@ -24,7 +24,13 @@ _HEAD = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1).
 _MOVE_HEAD = update(audit_head).where(audit_head.c.id == 1).values(seq=bindparam("new_seq"),
                                                                     hash=bindparam("new_hash"))
 _APPEND = insert(audit)
-_NAME_PATIENTS = insert(audit_patients)
+# The patients an entry names, in one statement whatever their number: their ids travel as
+# one parameter (a JSON array on SQLite, an array on PostgreSQL), not as one row each.
+_NAME_PATIENTS = {
+    "sqlite": text("INSERT INTO audit_patients (seq, patient_id) SELECT :seq, value FROM json_each(:ids)"),
+    "postgresql": text("INSERT INTO audit_patients (seq, patient_id) "
+                       "SELECT CAST(:seq AS BIGINT), unnest(CAST(:ids AS TEXT[]))"),
+}
 
 
 def _digest(prev_hash: str, entry: dict[str, Any]) -> str:
@@ -45,9 +51,10 @@ def record(conn: Connection, *, actor: str, action: str, project_id: str | None,
     digest = _digest(prev, entry)
     conn.execute(_APPEND, {**entry, "prev_hash": prev, "hash": digest})
     conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": digest})
-    rows = [{"seq": seq, "patient_id": p} for p in sorted(set(patients))]
-    if rows:
-        conn.execute(_NAME_PATIENTS, rows)
+    named = sorted(set(patients))
+    if named:
+        ids = orjson.dumps(named).decode() if conn.dialect.name == "sqlite" else named
+        conn.execute(_NAME_PATIENTS[conn.dialect.name], {"seq": seq, "ids": ids})
     return seq
 
 

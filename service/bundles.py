@@ -174,11 +174,8 @@ def _write(conn: Connection, entries: list[Entry], ids: dict[str, str]) -> None:
     """Resolve references, then store every POST/PUT version with one batched write."""
     changes: list[Change] = []
     writing: list[Entry] = []
-    by_type: dict[str, list[str]] = {}
-    for entry in entries:
-        if entry.existing is None and entry.resource_id:
-            by_type.setdefault(entry.resource_type, []).append(entry.resource_id)
-    current = {rt: repository.current(conn, rt, rids) for rt, rids in by_type.items()}
+    current = repository.current(conn, [(e.resource_type, e.resource_id) for e in entries
+                                        if e.existing is None and e.resource_id and e.method == "PUT"])
     seen: set[tuple[str, str]] = set()
     for entry in entries:
         assert entry.resource is not None and entry.resource_id is not None
@@ -192,7 +189,7 @@ def _write(conn: Connection, entries: list[Entry], ids: dict[str, str]) -> None:
             raise InvalidRequest(f"{where}: {entry.resource_type}/{entry.resource_id} appears twice in the Bundle")
         seen.add(key)
         _rewrite_references(entry.resource, _resolver(conn, ids, where))
-        existing = current[entry.resource_type].get(entry.resource_id) if entry.method == "PUT" else None
+        existing = current.get(key)
         if entry.method == "PUT":
             if entry.resource.get("id") != entry.resource_id:
                 raise InvalidRequest(f"{where}: resource id must equal the id in request.url")
@@ -280,7 +277,8 @@ def _response_bundle(kind: str, entries: list[Entry], results: dict[int, dict[st
 
 def process(conn: Connection, bundle: Any,
             read_search: SearchFn | None = None) -> dict[str, Any]:
-    """Dispatch a Bundle POSTed to the base URL by its type."""
+    """Dispatch a Bundle POSTed to the base URL by its type; one of `repository.LARGE_WRITE` entries
+    or more refreshes the planner's statistics in the same transaction."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise InvalidRequest("POST to the base URL takes a Bundle of type transaction or batch")
     kind = bundle.get("type")
@@ -289,4 +287,7 @@ def process(conn: Connection, bundle: Any,
                              expression="Bundle.type")
     if not isinstance(bundle.get("entry", []), list):
         raise InvalidRequest("Bundle.entry must be a list", expression="Bundle.entry")
-    return (transaction if kind == "transaction" else batch)(conn, bundle, read_search)
+    response = (transaction if kind == "transaction" else batch)(conn, bundle, read_search)
+    if len(response["entry"]) >= repository.LARGE_WRITE:
+        repository.refresh_statistics(conn)
+    return response

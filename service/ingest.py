@@ -3,7 +3,8 @@
 Transaction and batch Bundles go through exactly the code the HTTP API uses. Plain
 resources (NDJSON lines, collection entries, single resources) are validated one by
 one, the invalid ones reported with their file and line and skipped, and the valid
-ones stored in chunks of one transaction each (update-or-create by id).
+ones stored in chunks of one transaction each (update-or-create by id). A load that
+stores anything ends by refreshing the query planner's statistics.
 """
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ def _load_json(path: Path, engine: Engine, loader: _Loader) -> None:
 
 
 def ingest(engine: Engine, paths: Iterable[str | Path], progress: Callable[[int], None] = lambda _: None) -> Report:
-    """Load every file; `progress` receives the number of bytes of each file done."""
+    """Load every file, then refresh the planner's statistics if anything was stored;
+    `progress` receives the number of bytes of each file done."""
     report = Report()
     loader = _Loader(engine, report)
     for path in expand(paths):
@@ -136,4 +138,7 @@ def ingest(engine: Engine, paths: Iterable[str | Path], progress: Callable[[int]
         loader.flush()
         report.files += 1
         progress(path.stat().st_size)
+    if report.stored:
+        with db.write(engine) as conn:
+            repository.refresh_statistics(conn)
     return report

@@ -19,13 +19,27 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Select, and_, exists, false, literal, not_, or_, select, tuple_
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Select,
+    and_,
+    bindparam,
+    exists,
+    false,
+    literal,
+    not_,
+    or_,
+    select,
+    tuple_,
+)
 
 from consent import engine, projects
 from consent.projects import DIRECTORY_TYPES, PATIENT_DATA_TYPES, ProjectRecord
@@ -35,7 +49,7 @@ from policies.pseudonym import PseudonymKey
 from service import audit, db, keyring
 from service.api.searchset import run_search
 from service.errors import Forbidden, NotFound
-from service.store import cohort, jobs, project_groups, repository, search
+from service.store import cohort, jobs, project_groups, search
 from service.store.indexer import parse_reference
 from service.store.schema import decision_classes, decisions, history, idx_reference, resources
 from service.store.searchparams import COMPARTMENT, SearchParam, params_for
@@ -162,7 +176,7 @@ def _filter_parts(judged: Judged, project_id: str, minimum_tier: int, types: tup
     wanted = set(types)
     in_compartment = sorted(wanted & _COMPARTMENT_TYPES)
     directory = wanted - _COMPARTMENT_TYPES
-    directory_clause = judged.type.in_(sorted(directory - set(_THROUGH_REFERRERS)))
+    directory_clause = _one_of(judged.type, directory - set(_THROUGH_REFERRERS))
     if not in_compartment:
         return _FilterParts(None, None, directory_clause, ())
     through = []
@@ -171,13 +185,20 @@ def _filter_parts(judged: Judged, project_id: str, minimum_tier: int, types: tup
             referrer = resources.alias(f"referrer_{target.lower()}")
             named = _Named((idx_reference.c.param == param, idx_reference.c.target_id == judged.id,
                             idx_reference.c.target_type == target, referrer.c.deleted == false(),
-                            referrer.c.type.in_(in_compartment)),
+                            _one_of(referrer.c.type, in_compartment)),
                            _consented(Judged.current(referrer), project_id, minimum_tier),
                            idx_reference.join(referrer, referrer.c.pk == idx_reference.c.resource_pk),
                            judged.tables)
             through.append((judged.type == target, named))
-    return _FilterParts(judged.type.in_(in_compartment), _consented(judged, project_id, minimum_tier),
+    return _FilterParts(_one_of(judged.type, in_compartment), _consented(judged, project_id, minimum_tier),
                         directory_clause, tuple(through))
+
+
+def _one_of(column: Any, names: Iterable[str]) -> Any:
+    """`column IN (names)` with one bound parameter per name, so a statement's compiled form is
+    reused whole (an expanding list is rendered again at every execution); FALSE for no names."""
+    chosen = sorted(names)
+    return column.in_([literal(name) for name in chosen]) if chosen else false()
 
 
 def _consented(judged: Judged, project_id: str, minimum_tier: int) -> _Consented:
@@ -212,6 +233,9 @@ class Release:
     tier: int
     key: PseudonymKey
     deid: Deidentifier
+    #: The read transaction the project was checked in (`record_release`), which search and
+    #: read then use; None: each opens its own.
+    reading: Connection | None = field(default=None, repr=False)
 
     # -- what the project may see ------------------------------------------------------------
 
@@ -225,7 +249,10 @@ class Release:
             raise Forbidden(f"Project {self.project.project_id} may not receive {resource_type} resources")
 
     def rows_filter(self, now: int | None = None, table: Any = resources) -> search.RowFilter:
-        """The consent filter at this release's tier over the project's types."""
+        """The consent filter at this release's tier over the project's types, judged at `now`,
+        or by default at the instant each statement it filters runs (`_standing_filter`)."""
+        if now is None:
+            return _standing_filter(self.project.project_id, self.tier, self.types, table)
         return restrict(self.project.project_id, self.tier, now, table, types=self.types)
 
     # -- pseudonyms in, real ids out ---------------------------------------------------------
@@ -236,9 +263,8 @@ class Release:
         pks = [pk for p in pseudonyms if (pk := self.key.resolve(resource_type, p)) is not None]
         found: dict[int, str] = {}
         if pks:
-            statement = select(resources.c.pk, resources.c.id).where(
-                resources.c.pk.in_(pks), resources.c.type == resource_type, resources.c.deleted == false())
-            found = dict(conn.execute(self.rows_filter()(statement)).all())
+            found = dict(conn.execute(_filtered(_IDS_OF_PKS, self.rows_filter()),
+                                      {"pks": _padded(set(pks)), "resource_type": resource_type}).all())
         return [found[pk] for pk in pks if pk in found] or [_NOTHING]
 
     def translate(self, conn: Connection, resource_type: str, args: Sequence[tuple[str, str]]
@@ -289,13 +315,21 @@ class Release:
 
     # -- search, read, version read -----------------------------------------------------------
 
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        if self.reading is not None:
+            yield self.reading
+        else:
+            with db.read() as conn:
+                yield conn
+
     def search(self, resource_type: str, args: Sequence[tuple[str, str]], base: str) -> dict[str, Any]:
         """A searchset Bundle of what this project may see, `_include`d resources filtered alike."""
         self.require_type(resource_type)
         echo = [(k, v) for k, v in args if k.partition(":")[0] not in ("_cursor", "_pretty") and
                 (k.partition(":")[0] not in search.RESULT_PARAMS or k in RESEARCH_RESULT_PARAMS)]
         released: list[Any] = []
-        with db.read() as conn:
+        with self._read() as conn:
             real = self.translate(conn, resource_type, args)
 
             def render(rows: list[Any], mode: str) -> list[dict[str, Any]]:
@@ -311,7 +345,7 @@ class Release:
     def read(self, resource_type: str, pseudonym: str, version: int | None = None) -> dict[str, Any]:
         """One resource (or one version of it) by pseudonym; NotFound unless this project may see it."""
         self.require_type(resource_type)
-        with db.read() as conn:
+        with self._read() as conn:
             row = self._visible_row(conn, resource_type, pseudonym, version)
             if row is None:
                 raise NotFound(f"{resource_type}/{pseudonym} is not known")
@@ -323,14 +357,11 @@ class Release:
         pk = self.key.resolve(resource_type, pseudonym)
         if pk is None:
             return None
-        live = (resources.c.pk == pk, resources.c.type == resource_type, resources.c.deleted == false())
         if version is None:
-            statement = select(*search.ROW_COLUMNS).where(*live)
-            return conn.execute(self.rows_filter()(statement)).first()
-        statement = (select(resources.c.pk, resources.c.type, resources.c.id, history.c.json, history.c.patient_id)
-                     .join(history, history.c.resource_pk == resources.c.pk)
-                     .where(*live, history.c.version == version, history.c.deleted == false()))
-        return conn.execute(self.rows_filter(table=Judged.version())(statement)).first()
+            return conn.execute(_filtered(_CURRENT_ROW, self.rows_filter()),
+                                {"pk": pk, "resource_type": resource_type}).first()
+        return conn.execute(_filtered(_VERSION_ROW, self.rows_filter(table=Judged.version())),
+                            {"pk": pk, "resource_type": resource_type, "version": version}).first()
 
     def visible_versions(self, conn: Connection, versions: Iterable[tuple[int, int]]) -> set[tuple[int, int]]:
         """Which (row, version) pairs this project may receive now, each judged on its own version."""
@@ -424,25 +455,25 @@ class Release:
         judged on that version (for every reference in the stored JSON, and possibly more)."""
         current: set[tuple[str, str]] = set()
         versioned: set[tuple[str, str, str]] = set()
-        for text in stored:
-            for reference in _references(text):
-                parsed = parse_reference(reference)
-                if parsed and parsed[0] in self.types:
-                    current.add((parsed[0], parsed[1]))
-                    version = reference.rpartition("/_history/")[2] if "/_history/" in reference else ""
-                    if VERSION_NUMBER.fullmatch(version):
-                        versioned.add((parsed[0], parsed[1], version))
+        for reference in {reference for text in stored for reference in _references(text)}:
+            parsed = parse_reference(reference)
+            if parsed and parsed[0] in self.types:
+                current.add((parsed[0], parsed[1]))
+                version = reference.rpartition("/_history/")[2] if "/_history/" in reference else ""
+                if VERSION_NUMBER.fullmatch(version):
+                    versioned.add((parsed[0], parsed[1], version))
         if not current:
             return {}
-        live = (repository.by_type_and_id(current), resources.c.deleted == false())
-        found: dict[tuple[str, ...], int] = {(t, i): pk for t, i, pk in conn.execute(
-            self.rows_filter()(select(resources.c.type, resources.c.id, resources.c.pk).where(*live)))}
+        # One statement form for any set of references: every (type, id) of the lists' product
+        # is looked up, and only the pairs asked for are kept.
+        lists = {"types": _padded({t for t, _ in current}), "ids": _padded({i for _, i in current})}
+        found: dict[tuple[str, ...], int] = {
+            (t, i): pk for t, i, pk in conn.execute(_filtered(_TARGETS, self.rows_filter()), lists)
+            if (t, i) in current}
         if versioned:
-            statement = (select(resources.c.type, resources.c.id, history.c.version, resources.c.pk)
-                         .join(history, history.c.resource_pk == resources.c.pk)
-                         .where(*live, history.c.version.in_({int(v) for _, _, v in versioned}),
-                                history.c.deleted == false()))
-            for t, i, v, pk in conn.execute(self.rows_filter(table=Judged.version())(statement)):
+            rows = conn.execute(_filtered(_VERSIONED_TARGETS, self.rows_filter(table=Judged.version())),
+                                {**lists, "versions": _padded({int(v) for _, _, v in versioned})})
+            for t, i, v, pk in rows:
                 if (t, i, str(v)) in versioned:
                     found[(t, i, str(v))] = pk
         return found
@@ -476,13 +507,60 @@ class Release:
             version = cohort.data_version(conn, self.project.project_id, question.types)
             return cohort.exact(conn, question, self.aggregate_filter(db.now_us())), version
 
-    def record_aggregate(self, query_hash: str, data_version: str, response: Any,
-                         idempotency_key: str | None) -> Any:
-        """In a short write transaction: record a computed answer; returns the answer to release
-        (the first one, if the same request was answered meanwhile)."""
+    def record_aggregate(self, query_hash: str, data_version: str, response: Any, idempotency_key: str | None,
+                         detail: dict[str, Any], patients: Iterable[str]) -> Any:
+        """In one short write transaction: record a computed answer and its audit entry (`detail`,
+        naming the cohort's `patients`); returns the answer to release (the first one, if the same
+        request was answered meanwhile). If either cannot be written, neither is and nothing is
+        released."""
         with db.write() as conn:
-            return budget.record_answer(conn, self.project.project_id, query_hash, data_version, response,
-                                        idempotency_key)
+            # The budget row is locked first, as every writer that audits a budget change does.
+            released = budget.record_answer(conn, self.project.project_id, query_hash, data_version, response,
+                                            idempotency_key)
+            audit.record(conn, actor=self.client_id, action="aggregate", project_id=self.project.project_id,
+                         detail={**detail, "resources": 0}, patients=patients)
+            return released
+
+
+#: The instant a standing filter judges consent at: read each time a statement runs.
+_RUN_INSTANT = bindparam("consent_instant", callable_=db.now_us, type_=BigInteger())
+#: The statements `Release` runs with parameters, built and compiled once per consent filter.
+_LIVE = (resources.c.pk == bindparam("pk"), resources.c.type == bindparam("resource_type"),
+         resources.c.deleted == false())
+_CURRENT_ROW = select(*search.ROW_COLUMNS).where(*_LIVE)
+_VERSION_ROW = (select(resources.c.pk, resources.c.type, resources.c.id, history.c.json, history.c.patient_id)
+                .join(history, history.c.resource_pk == resources.c.pk)
+                .where(*_LIVE, history.c.version == bindparam("version"), history.c.deleted == false()))
+_IDS_OF_PKS = select(resources.c.pk, resources.c.id).where(
+    resources.c.pk.in_(bindparam("pks", expanding=True)), resources.c.type == bindparam("resource_type"),
+    resources.c.deleted == false())
+_LIVE_TARGETS = (resources.c.type.in_(bindparam("types", expanding=True)),
+                 resources.c.id.in_(bindparam("ids", expanding=True)), resources.c.deleted == false())
+_TARGETS = select(resources.c.type, resources.c.id, resources.c.pk).where(*_LIVE_TARGETS)
+_VERSIONED_TARGETS = (select(resources.c.type, resources.c.id, history.c.version, resources.c.pk)
+                      .join(history, history.c.resource_pk == resources.c.pk)
+                      .where(*_LIVE_TARGETS, history.c.version.in_(bindparam("versions", expanding=True)),
+                             history.c.deleted == false()))
+
+
+@lru_cache(maxsize=512)
+def _standing_filter(project_id: str, tier: int, types: tuple[str, ...], table: Any) -> search.RowFilter:
+    """`restrict` built once per (project, tier, types, table), judging consent at the instant each
+    statement it filters runs. It holds no answer: every statement reads the decisions anew."""
+    return restrict(project_id, tier, _RUN_INSTANT, table, types=types)
+
+
+@lru_cache(maxsize=2048)
+def _filtered(statement: Select[Any], row_filter: search.RowFilter) -> Select[Any]:
+    """`statement` under a standing filter, as one object, so its compiled form is found at once."""
+    return row_filter(statement)
+
+
+def _padded(values: set[Any]) -> list[Any]:
+    """The values sorted, the last one repeated up to a power of two: the SQL of an expanded
+    `IN` list then takes few forms, and the database finds each one already prepared."""
+    ordered = sorted(values)
+    return ordered + ordered[-1:] * ((1 << (len(ordered) - 1).bit_length()) - len(ordered))
 
 
 def patients_of(rows: Iterable[Any]) -> set[str]:
@@ -500,18 +578,32 @@ def _references(stored: bytes) -> Iterator[str]:
 def release_for(client_id: str, project_id: str | None, minimum_tier: int) -> Release:
     """The release view of a research client, read in a transaction of its own; refused if its
     project is closed or cannot receive at this tier."""
+    with db.read() as conn:
+        return _release_in(conn, client_id, project_id, minimum_tier)
+
+
+@contextmanager
+def record_release(client_id: str, project_id: str | None) -> Iterator[Release]:
+    """The record-level release of a research client (refused as by `release_for`), whose
+    search and read run in the read transaction its project was checked in."""
+    with db.read() as conn:
+        yield _release_in(conn, client_id, project_id, engine.RECORD, reading=conn)
+
+
+def _release_in(conn: Connection, client_id: str, project_id: str | None, minimum_tier: int,
+                reading: Connection | None = None) -> Release:
     if project_id is None:
         raise Forbidden("This client is not bound to a research project")
-    with db.read() as conn:
-        project = projects.get(conn, project_id)
-        if project.status != "active":
-            raise Forbidden(f"Project {project_id} is closed and receives nothing more")
-        if project.max_tier < minimum_tier:
-            raise Forbidden(f"Project {project_id} may only receive aggregate results; "
-                            "record-level paths are refused")
-        key = keyring.project_key(conn, project_id)
+    project = projects.get(conn, project_id)
+    if project.status != "active":
+        raise Forbidden(f"Project {project_id} is closed and receives nothing more")
+    if project.max_tier < minimum_tier:
+        raise Forbidden(f"Project {project_id} may only receive aggregate results; "
+                        "record-level paths are refused")
+    key = keyring.project_key(conn, project_id)
     return Release(project, client_id, minimum_tier, key,
-                   Deidentifier(keyring.profile_for(project), key, reference_year=datetime.now(UTC).year))
+                   Deidentifier(keyring.profile_for(project), key, reference_year=datetime.now(UTC).year),
+                   reading)
 
 
 def research_param_allowed(param: SearchParam) -> bool:

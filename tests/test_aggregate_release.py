@@ -7,6 +7,8 @@ of the question, so the same question at another ε is a new release.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -100,3 +102,36 @@ def test_the_same_question_at_another_epsilon_is_a_new_release(app, client, proj
     assert (top(first, "epsilon"), top(second, "epsilon")) == (0.5, 0.25)
     assert spent(app, project) == 0.75
     assert top(second, "remaining") == 9.25
+
+
+@contextmanager
+def _refusing_inserts(app: Flask, table: str) -> Iterator[None]:
+    """While open, the database itself refuses every new row of `table` (as a full disk or a lost
+    connection would); PostgreSQL's schema is shared by the process's tests, so it is undone after."""
+    with app.app_context(), db.write() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql(f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} "
+                                 "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        else:
+            conn.exec_driver_sql(f"CREATE FUNCTION refuse_{table}() RETURNS trigger AS "
+                                 "$$ BEGIN RAISE EXCEPTION 'refused'; END $$ LANGUAGE plpgsql")
+            conn.exec_driver_sql(f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} "
+                                 f"FOR EACH ROW EXECUTE FUNCTION refuse_{table}()")
+    try:
+        yield
+    finally:
+        with app.app_context(), db.write() as conn:
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql(f"DROP TRIGGER refuse_{table}")
+            else:
+                conn.exec_driver_sql(f"DROP TRIGGER refuse_{table} ON {table}")
+                conn.exec_driver_sql(f"DROP FUNCTION refuse_{table}()")
+
+
+def test_an_answer_that_cannot_be_recorded_is_neither_released_nor_audited(app, project):
+    with _refusing_inserts(app, "answers"), app.test_request_context():
+        release = release_for("partner", project, engine.AGGREGATE)
+        with pytest.raises(Exception, match="refused"):
+            aggregate.answer(release, count(epsilon=0.5), None)
+    assert spent(app, project) == 0.5
+    assert aggregate_entries(app) == []  # the audit names only what was released

@@ -4,6 +4,7 @@ seconds, and consent is judged at each request's own instant."""
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select
@@ -12,6 +13,7 @@ from consent import engine, writer
 from policies.pseudonym import PseudonymError, PseudonymKey
 from service import db, keyring
 from service.app import create_app
+from service.errors import NotFound
 from service.release import release_for
 from service.store.schema import resources
 from tests.deid_helpers import MASTER
@@ -76,3 +78,42 @@ def test_consent_is_judged_at_each_instant_asked(app, client, custodian_headers)
             seen = [conn.execute(release.rows_filter(now=instant)(rows)).scalars().all()
                     for instant in (in_2031, None, in_2031)]
     assert seen == [[later], [], [later]]
+
+
+def _pseudonym_of(app, project_id: str, patient_id: str) -> str:
+    with app.app_context(), db.read() as conn:
+        pk = conn.execute(select(resources.c.pk).where(resources.c.type == "Patient",
+                                                       resources.c.id == patient_id)).scalar_one()
+        return keyring.project_key(conn, project_id).pseudonym("Patient", pk)
+
+
+def test_the_standing_consent_filter_judges_each_statement_at_the_instant_it_runs(app, client, custodian_headers):
+    world = build(app, client, custodian_headers)
+    brief = create(client, custodian_headers, patient(family="Brief"))["id"]
+    ends = datetime.now(UTC) + timedelta(seconds=2)
+    with app.app_context(), db.write() as conn:
+        consent = writer.build(brief, world.project, "record", [], source="test")
+        consent["provision"]["period"] = {"end": ends.isoformat(timespec="seconds")}
+        writer.record(conn, consent)
+    pseudonym = _pseudonym_of(app, world.project, brief)
+    with app.app_context():
+        release = release_for("a-client", world.project, engine.RECORD)
+        assert release.read("Patient", pseudonym)["id"] == pseudonym
+        time.sleep(max(0.0, (ends - datetime.now(UTC)).total_seconds()) + 1.1)
+        with pytest.raises(NotFound):
+            release.read("Patient", pseudonym)
+
+
+def test_the_standing_consent_filter_sees_a_withdrawal_at_once(app, client, custodian_headers):
+    world = build(app, client, custodian_headers)
+    consented = world.patients["consented"]
+    pseudonym = _pseudonym_of(app, world.project, consented)
+    research = bearer(token(client, app, "research", world.project))
+    found = client.get(f"/research/fhir/Observation?patient=Patient/{pseudonym}", headers=research).get_json()
+    assert client.get(f"/research/fhir/Patient/{pseudonym}", headers=research).status_code == 200
+    assert found["entry"]
+    with app.app_context(), db.write() as conn:
+        writer.record(conn, writer.build(consented, world.project, "none", [], source="test"))
+    assert client.get(f"/research/fhir/Patient/{pseudonym}", headers=research).status_code == 404
+    after = client.get(f"/research/fhir/Observation?patient=Patient/{pseudonym}", headers=research).get_json()
+    assert "entry" not in after

@@ -16,6 +16,7 @@ from service.errors import InvalidRequest, MethodNotAllowed
 from service.release import (
     RESEARCH_RESULT_PARAMS,
     Release,
+    record_release,
     release_for,
     research_capability_types,
     research_param_allowed,
@@ -63,20 +64,23 @@ def _search_args() -> list[tuple[str, str]]:
 @bp.post("/<resource_type>/_search")
 def search_type(resource_type: str) -> Response:
     check_type(resource_type)
-    return fhir_response(_records().search(resource_type, _search_args(), _base()))
+    with record_release(g.principal.client_id, g.principal.project_id) as release:
+        return fhir_response(release.search(resource_type, _search_args(), _base()))
 
 
 @bp.get("/<resource_type>/<pseudonym>")
 def read(resource_type: str, pseudonym: str) -> Response:
     check_type(resource_type)
-    return fhir_response(_records().read(resource_type, pseudonym))
+    with record_release(g.principal.client_id, g.principal.project_id) as release:
+        return fhir_response(release.read(resource_type, pseudonym))
 
 
 @bp.get("/<resource_type>/<pseudonym>/_history/<version>")
 def vread(resource_type: str, pseudonym: str, version: str) -> Response:
     check_type(resource_type)
     number = version_number(version, f"{resource_type}/{pseudonym}")
-    return fhir_response(_records().read(resource_type, pseudonym, number))
+    with record_release(g.principal.client_id, g.principal.project_id) as release:
+        return fhir_response(release.read(resource_type, pseudonym, number))
 
 
 @bp.post("/$aggregate")

@@ -12,6 +12,7 @@ from sqlalchemy import Connection, false, select
 from consent import writer
 from service import db, ingest
 from service.bundles import process
+from service.store import repository
 from service.store.schema import resources
 
 
@@ -45,7 +46,8 @@ def ingest_command(paths: tuple[Path, ...]) -> None:
               help="Write NDJSON files here instead of loading (benchmark scale, no API).")
 @click.option("--if-empty", is_flag=True, help="Load only if the database holds no Patient yet.")
 def demo_data_command(patients: int, seed: int, ndjson_dir: Path | None, if_empty: bool) -> None:
-    """Generate seeded synthetic patients and load them through the transaction path."""
+    """Generate seeded synthetic patients and load them through the transaction path, then refresh
+    the planner's statistics."""
     from service import synthetic  # the generator's tables are loaded only by the command that uses them
 
     if if_empty and ndjson_dir is None and _has_patients():
@@ -67,6 +69,7 @@ def demo_data_command(patients: int, seed: int, ndjson_dir: Path | None, if_empt
                 stored += len(process(conn, bundle)["entry"])
     with db.write(engine) as conn:
         consents = _demo_consents(conn, seed)
+        repository.refresh_statistics(conn)
     click.echo(f"Loaded {patients} synthetic patients ({stored} resources, seed {seed}) and {consents} "
                "research consents.", err=True)
 

@@ -22,10 +22,11 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date
+from functools import lru_cache
 from itertools import pairwise
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, and_, case, false, func, select
+from sqlalchemy import ColumnElement, Connection, Select, and_, bindparam, case, false, func, select
 
 from policies.fhirdates import date_range
 from service.store.schema import decisions, idx_date, idx_quantity, idx_token, resources
@@ -120,11 +121,18 @@ def data_version(conn: Connection, project_id: str, types: Iterable[str]) -> str
     Reads only the newest write instants, one index look-up per type (resources
     (type, last_updated)) and one for the decisions (project_id, updated), never row content.
     """
-    latest = [select(func.max(resources.c.last_updated)).where(resources.c.type == t).scalar_subquery()
-              for t in sorted(set(types))]
-    decided = select(func.max(decisions.c.updated)).where(decisions.c.project_id == project_id).scalar_subquery()
-    *written, decision = conn.execute(select(*latest, decided)).one()
+    *written, decision = conn.execute(_newest_writes(tuple(sorted(set(types)))), {"project": project_id}).one()
     return f"{max((w or 0 for w in written), default=0)}:{decision or 0}"
+
+
+@lru_cache(maxsize=64)
+def _newest_writes(types: tuple[str, ...]) -> Select[Any]:
+    """SELECT the newest write instant of each of `types`, then of the decisions of project `:project`."""
+    latest = [select(func.max(resources.c.last_updated)).where(resources.c.type == t).scalar_subquery()
+              for t in types]
+    decided = (select(func.max(decisions.c.updated)).where(decisions.c.project_id == bindparam("project"))
+               .scalar_subquery())
+    return select(*latest, decided)
 
 
 def exact(conn: Connection, question: Question, consented: RowFilter) -> Exact:
@@ -135,7 +143,7 @@ def exact(conn: Connection, question: Question, consented: RowFilter) -> Exact:
         return _binned(conn, group, p, members, consented)
     if question.value is not None:
         return _valued(conn, question, members, consented)
-    result = Exact(patients=set(conn.execute(members).scalars()))
+    result = Exact(patients=set(conn.execute(members).scalars().all()))
     if question.measure == "count":
         result.count = len(result.patients)
     else:
@@ -151,9 +159,9 @@ def _valued(conn: Connection, question: Question, members: Select[Any], consente
     a matching resource (the values are read for every patient, found from the expression's
     index, and kept for the cohort's)."""
     assert question.value is not None
-    result = Exact(patients=set(conn.execute(members).scalars()))
-    result.values = [float(value) for patient_id, value in conn.execute(_per_patient_values(question.value, consented))
-                     if patient_id in result.patients]
+    result = Exact(patients=set(conn.execute(members).scalars().all()))
+    values = conn.execute(_per_patient_values(question.value, consented)).all()
+    result.values = [float(value) for patient_id, value in values if patient_id in result.patients]
     result.count = len(result.values)
     if question.measure != "quantile":
         result.total, result.values = math.fsum(result.values), []

@@ -12,10 +12,11 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, Connection, and_, delete, false, insert, or_, select
+from sqlalchemy import ColumnElement, Connection, Table, and_, delete, false, insert, or_, select, text
 from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 
@@ -98,14 +99,14 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-def current(conn: Connection, resource_type: str, ids: Sequence[str]) -> dict[str, Current]:
-    """The current version of each of `ids` that exists (deleted ones included)."""
-    found: dict[str, Current] = {}
-    for start in range(0, len(ids), 500):
+def current(conn: Connection, keys: Sequence[Key]) -> dict[Key, Current]:
+    """The current version of each (type, id) of `keys` that exists (deleted ones included)."""
+    found: dict[Key, Current] = {}
+    for start in range(0, len(keys), 500):
         rows = conn.execute(
-            select(resources.c.id, resources.c.pk, resources.c.version, resources.c.deleted)
-            .where(resources.c.type == resource_type, resources.c.id.in_(ids[start:start + 500])))
-        found.update({row.id: Current(row.pk, row.version, row.deleted) for row in rows})
+            select(resources.c.type, resources.c.id, resources.c.pk, resources.c.version, resources.c.deleted)
+            .where(by_type_and_id(keys[start:start + 500])))
+        found.update({(row.type, row.id): Current(row.pk, row.version, row.deleted) for row in rows})
     return found
 
 
@@ -154,11 +155,9 @@ def write(conn: Connection, changes: Sequence[Change]) -> list[Stored]:
             stored[position] = Stored(pk, row["type"], row["id"], 1, now, False, row["json"], row["patient_id"], "POST")
     done = [s for s in stored if s is not None]
     rows = [row for _, row in sorted([*fresh, *((p, r) for p, r in judged.items())])]
-    conn.execute(insert(history), [
-        {"resource_pk": s.pk, "version": s.version, "patient_id": s.patient_id, "last_updated": now,
-         "method": s.method, "deleted": s.deleted, "sensitive_mask": row["sensitive_mask"],
-         "clinical_low": row["clinical_low"], "clinical_high": row["clinical_high"], "json": s.json}
-        for s, row in zip(done, rows, strict=True)])
+    _insert_rows(conn, history, _HISTORY_COLUMNS, [
+        (s.pk, s.version, s.patient_id, now, s.method, s.deleted, row["sensitive_mask"], row["clinical_low"],
+         row["clinical_high"], s.json) for s, row in zip(done, rows, strict=True)])
     if touched_pks:
         for table in INDEX_TABLES:
             conn.execute(delete(table).where(table.c.resource_pk.in_(touched_pks)))
@@ -203,14 +202,38 @@ def _update_row(conn: Connection, existing: Current, row: dict[str, Any]) -> Non
             "read it again and retry")
 
 
+_HISTORY_COLUMNS = ("resource_pk", "version", "patient_id", "last_updated", "method", "deleted", "sensitive_mask",
+                    "clinical_low", "clinical_high", "json")
+
+
 def _insert_index(conn: Connection, items: list[tuple[int, str | None, indexer.Rows]]) -> None:
-    batches: dict[str, list[dict[str, Any]]] = {}
+    batches: dict[tuple[str, tuple[str, ...]], list[tuple[Any, ...]]] = {}
     for pk, patient_id, rows_by_table in items:
         for table_name, rows in rows_by_table.items():
-            batches.setdefault(table_name, []).extend(
-                {**row, "resource_pk": pk, "patient_id": patient_id} for row in rows)
-    for table_name, batch in batches.items():
-        conn.execute(insert(_INDEX_BY_NAME[table_name]), batch)
+            for row in rows:
+                batches.setdefault((table_name, tuple(row)), []).append((pk, patient_id, *row.values()))
+    for (table_name, columns), batch in batches.items():
+        _insert_rows(conn, _INDEX_BY_NAME[table_name], ("resource_pk", "patient_id", *columns), batch)
+
+
+def _insert_rows(conn: Connection, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    """Insert `rows` (values in the order of `columns`) in the caller's transaction, straight
+    through the driver: SQLite's executemany runs in C, and PostgreSQL takes them as one
+    `COPY` stream; SQLAlchemy's per-row parameter processing would cost more than the inserts."""
+    if not rows:
+        return
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql(_sqlite_insert(table.name, columns), rows)
+        return
+    with conn.connection.dbapi_connection.cursor() as cursor, \
+            cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+@cache
+def _sqlite_insert(table_name: str, columns: tuple[str, ...]) -> str:
+    return f"INSERT INTO {table_name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
 # -- single-resource operations used by the API ------------------------------------------------
@@ -272,7 +295,7 @@ def update(conn: Connection, resource_type: str, resource_id: str, resource: dic
     if resource.get("id") != resource_id:
         raise InvalidRequest(f"The resource id {resource.get('id')!r} must equal the id in the URL "
                              f"{resource_id!r}", expression=f"{resource_type}.id")
-    existing = current(conn, resource_type, [resource_id]).get(resource_id)
+    existing = current(conn, [(resource_type, resource_id)]).get((resource_type, resource_id))
     if if_match is not None and (existing is None or existing.version != if_match):
         have = "does not exist" if existing is None else f"is at version {existing.version}"
         raise PreconditionFailed(f"If-Match expected version {if_match} but {resource_type}/{resource_id} {have}")
@@ -282,7 +305,7 @@ def update(conn: Connection, resource_type: str, resource_id: str, resource: dic
 
 def remove(conn: Connection, resource_type: str, resource_id: str, if_match: int | None = None) -> Stored | None:
     """Delete (a new, deleted version); None if it was already deleted."""
-    existing = current(conn, resource_type, [resource_id]).get(resource_id)
+    existing = current(conn, [(resource_type, resource_id)]).get((resource_type, resource_id))
     if existing is None:
         raise NotFound(f"{resource_type}/{resource_id} is not known")
     if if_match is not None and existing.version != if_match:
@@ -295,11 +318,8 @@ def remove(conn: Connection, resource_type: str, resource_id: str, if_match: int
 
 def upsert(conn: Connection, items: Sequence[tuple[str, dict[str, Any]]]) -> list[Stored]:
     """Store many validated resources at once: with an id as update-or-create, without as create."""
-    ids_by_type: dict[str, list[str]] = {}
-    for resource_type, resource in items:
-        if resource.get("id"):
-            ids_by_type.setdefault(resource_type, []).append(check_id(resource["id"]))
-    existing = {rt: current(conn, rt, ids) for rt, ids in ids_by_type.items()}
+    existing = current(conn, [(resource_type, check_id(resource["id"])) for resource_type, resource in items
+                              if resource.get("id")])
     changes = []
     seen: set[tuple[str, str]] = set()
     for resource_type, resource in items:
@@ -307,6 +327,32 @@ def upsert(conn: Connection, items: Sequence[tuple[str, dict[str, Any]]]) -> lis
         if (resource_type, resource_id) in seen:
             raise InvalidRequest(f"{resource_type}/{resource_id} appears twice in one batch")
         seen.add((resource_type, resource_id))
-        changes.append(Change(resource_type, resource_id, resource,
-                              existing.get(resource_type, {}).get(resource_id)))
+        changes.append(Change(resource_type, resource_id, resource, existing.get((resource_type, resource_id))))
     return write(conn, changes)
+
+
+#: A write of at least this many resources refreshes the planner's statistics afterwards.
+LARGE_WRITE = 1_000
+#: What a load writes most: the tables whose statistics steer the search and cohort plans.
+_LOADED = (resources, history, *INDEX_TABLES)
+
+
+def refresh_statistics(conn: Connection) -> None:
+    """Give the query planner statistics on the tables a load writes (run after a large one).
+
+    SQLite `ANALYZE`s (sampled: `analysis_limit`) each of them that has none yet, then runs
+    `PRAGMA optimize`, which refreshes the statistics that grew stale; PostgreSQL `ANALYZE`s them.
+    """
+    if conn.dialect.name != "sqlite":
+        conn.execute(text(f"ANALYZE {', '.join(table.name for table in _LOADED)}"))
+        return
+    has_stats = conn.scalar(text("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'"))
+    analysed = set(conn.scalars(text("SELECT DISTINCT tbl FROM sqlite_stat1"))) if has_stats else set()
+    conn.execute(text("PRAGMA analysis_limit = 1000"))
+    try:
+        for table in _LOADED:
+            if table.name not in analysed:
+                conn.execute(text(f"ANALYZE {table.name}"))
+        conn.execute(text("PRAGMA optimize"))
+    finally:
+        conn.execute(text("PRAGMA analysis_limit = 0"))

@@ -1,0 +1,47 @@
+"""Bulk loads leave the query planner statistics on what they wrote."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flask import Flask
+from sqlalchemy import Connection, text
+
+from service import db
+from service.store.repository import LARGE_WRITE
+from tests.fhir_helpers import patient, post_entry, transaction
+
+
+def analysed_tables(conn: Connection) -> set[str]:
+    """The tables the planner holds statistics for."""
+    if conn.dialect.name == "sqlite":
+        if not conn.scalar(text("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'")):
+            return set()
+        return set(conn.scalars(text("SELECT DISTINCT tbl FROM sqlite_stat1")))
+    return set(conn.scalars(text("SELECT DISTINCT tablename FROM pg_stats WHERE schemaname = current_schema()")))
+
+
+def test_a_cli_ingest_leaves_planner_statistics_on_the_tables_it_wrote(app: Flask, tmp_path: Path):
+    path = tmp_path / "Patient.ndjson"
+    path.write_text("\n".join(json.dumps(patient(id=f"stat-{n}", family=f"F{n}")) for n in range(20)) + "\n")
+    with db.read(app.extensions["passerelle.engine"]) as conn:
+        assert "resources" not in analysed_tables(conn)
+    result = app.test_cli_runner().invoke(args=["ingest", str(path)])
+    assert result.exit_code == 0, result.output
+    with db.read(app.extensions["passerelle.engine"]) as conn:
+        assert {"resources", "history", "idx_string"} <= analysed_tables(conn)
+
+
+def test_a_transaction_bundle_of_many_entries_leaves_planner_statistics(app: Flask, client, custodian_headers):
+    bundle = transaction(*(post_entry(patient(family=f"F{n}")) for n in range(LARGE_WRITE)))
+    response = client.post("/fhir", json=bundle, headers=custodian_headers)
+    assert response.status_code == 200, response.get_json()
+    with db.read(app.extensions["passerelle.engine"]) as conn:
+        assert {"resources", "history", "idx_string"} <= analysed_tables(conn)
+
+
+def test_demo_data_leaves_planner_statistics(app: Flask):
+    result = app.test_cli_runner().invoke(args=["demo-data", "--patients", "2"])
+    assert result.exit_code == 0, result.output
+    with db.read(app.extensions["passerelle.engine"]) as conn:
+        assert {"resources", "history", "idx_string"} <= analysed_tables(conn)
