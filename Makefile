@@ -1,11 +1,14 @@
 # Passerelle — on a fresh machine, `make run` and `make test` do everything.
 #
 #   make run     virtualenv + dependencies, init-db, 200 demo patients (once), a demo
-#                custodian client (once, instance/demo-client.json), then gunicorn on
-#                http://127.0.0.1:8000 in the foreground
+#                custodian client (once, instance/demo-client.json), a demo patient's
+#                invitation link to the consent portal (until they choose a passphrase),
+#                then gunicorn on http://127.0.0.1:8000 in the foreground
 #   make test    ruff, then the whole pytest suite; its PostgreSQL variants run on
 #                PASSERELLE_TEST_DATABASE_URL, else on postgresql://postgres@127.0.0.1:5432/test
-#                when that answers (one summary line says why they were skipped)
+#                when that answers (one summary line says why they were skipped); the
+#                browser tests (tests/browser/) need Debian's chromium at /usr/bin/chromium
+#                (skipped without it, except under CI, where .ci/run installs it)
 #   make bench   the benchmarks at full scale on SQLite, then PostgreSQL, written to
 #                benchmarks/RESULTS.md (SQLite alone 35–40 min; BENCH_SCALE=small: minutes)
 #   make bench-quick  the guarded ratios at a small scale; fails when one is more than

@@ -97,6 +97,55 @@ def on_write(conn: Connection, stored: list[Stored], changes: Sequence[Change]) 
         refresh(conn, consent_default(), patient_ids=sorted(affected))
 
 
+def overruled(consent: dict[str, Any], consents: Iterable[dict[str, Any]],
+              project_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Pure: for each project the active research `consent` applies to (its own project, or
+    every one of `project_ids` when research-wide) where another of the patient's `consents`
+    governs instead (engine.governing: a more recent one), that Consent. Empty when `consent`
+    governs wherever it applies, or is not an active research Consent (then it governs nothing
+    by design: a withdrawal)."""
+    if consent.get("status") != "active" or not engine.is_research(consent):
+        return {}
+    bound = engine.bound_project(consent)
+    consents = list(consents)
+    found: dict[str, dict[str, Any]] = {}
+    for project_id in [bound] if bound else project_ids:
+        winner = engine.governing(consents, project_id)
+        if winner is not None and winner.get("id") != consent.get("id"):
+            found[project_id] = winner
+    return found
+
+
+def overruled_warnings(conn: Connection, written: Sequence[dict[str, Any]]) -> list[str | None]:
+    """For each Consent just written (as stored, with its id), a warning line when it does not
+    govern the decision because a more recent Consent does (`overruled`: for a research-wide
+    Consent, on the active projects), else None. The write itself stands."""
+    def patient_of(consent: dict[str, Any]) -> str | None:
+        reference = (consent.get("patient") or {}).get("reference", "")
+        governs = consent.get("status") == "active" and engine.is_research(consent)
+        return reference.split("/", 1)[1] if governs and reference.startswith("Patient/") else None
+
+    patient_ids = sorted({p for p in map(patient_of, written) if p})
+    held: dict[str, list[dict[str, Any]]] = {}
+    for chunk in _patient_chunks(conn, patient_ids):
+        for patient_id, payload in conn.execute(select(resources.c.patient_id, resources.c.json).where(
+                resources.c.type == "Consent", resources.c.patient_id.in_(chunk), resources.c.deleted == false())):
+            held.setdefault(patient_id, []).append(orjson.loads(payload))
+    active = [p.project_id for p in projects.all_projects(conn) if p.status == "active"] if patient_ids else []
+    warnings: list[str | None] = []
+    for consent in written:
+        patient = patient_of(consent)
+        winners = overruled(consent, held.get(patient, ()), active) if patient else {}
+        if not winners:
+            warnings.append(None)
+            continue
+        by = "; ".join(f"project {project_id}: Consent/{w.get('id')} of {w.get('dateTime', 'no date')}"
+                       for project_id, w in winners.items())
+        warnings.append(f"Consent/{consent.get('id')} is stored but does not change the decision: a more recent "
+                        f"Consent governs ({by})")
+    return warnings
+
+
 def _rows(patient_id: str, project_id: str, decision: engine.Decision, now: int
           ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     row = {

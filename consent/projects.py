@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import Connection, func, select, update
@@ -29,6 +29,10 @@ from service.validation import validate
 PATIENT_DATA_TYPES: tuple[str, ...] = tuple(sorted({"Patient", *COMPARTMENT} - {"Consent", "Provenance"}))
 #: Resources about no patient that a project receives only when it declares them.
 DIRECTORY_TYPES: tuple[str, ...] = ("Location", "Medication", "Organization", "Practitioner", "PractitionerRole")
+#: The languages patients read a project's plain-language text in, and what that text says.
+LANGUAGES: tuple[str, ...] = ("en", "fr")
+PLAIN_KEYS: tuple[str, ...] = ("title", "purpose", "sponsor")
+TRANSLATION = "http://hl7.org/fhir/StructureDefinition/translation"
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,10 @@ class ProjectRecord:
     profile: str | None = None
     epsilon_cap: float = 1.0
     suppression: int = 11
+    #: What patients read, per language: {"en": {"title", "purpose", "sponsor"}, "fr": {…}}, or None.
+    plain_language: dict[str, dict[str, str]] | None = None
+    #: The last day the project runs (ISO date), as patients are told, or None.
+    ends: str | None = None
 
     @property
     def released_types(self) -> tuple[str, ...]:
@@ -59,17 +67,26 @@ class ProjectRecord:
         patient_data = tuple(t for t in self.released_types if t in PATIENT_DATA_TYPES)
         return engine.Project(self.project_id, tier, patient_data, self.organization_id)
 
+    def plain(self, language: str) -> dict[str, str | None]:
+        """Title, purpose and sponsor in `language` (one of LANGUAGES) for patients; a project
+        created without the text shows its name as the title, and no purpose or sponsor."""
+        text = (self.plain_language or {}).get(language, {})
+        return {"title": text.get("title") or self.name, "purpose": text.get("purpose"),
+                "sponsor": text.get("sponsor")}
+
     def as_json(self) -> dict[str, Any]:
         return {"project_id": self.project_id, "name": self.name, "tier": engine.TIERS[self.max_tier],
                 "epsilon": self.epsilon, "delta": self.delta, "epsilon_cap": self.epsilon_cap,
                 "suppression": self.suppression, "types": list(self.types) if self.types else None,
-                "organization": self.organization_id, "status": self.status}
+                "organization": self.organization_id, "status": self.status,
+                "plain_language": self.plain_language, "ends": self.ends}
 
 
 def _record(row: Any) -> ProjectRecord:
     return ProjectRecord(row.project_id, row.name, row.max_tier, row.epsilon, row.delta,
                          tuple(json.loads(row.types)) if row.types else None, row.organization_id, row.status,
-                         row.profile, row.epsilon_cap, row.suppression)
+                         row.profile, row.epsilon_cap, row.suppression,
+                         json.loads(row.plain_language) if row.plain_language else None, row.ends)
 
 
 def parse_types(text: str | None) -> tuple[str, ...] | None:
@@ -87,11 +104,37 @@ def parse_types(text: str | None) -> tuple[str, ...] | None:
     return names
 
 
+def plain_language(texts: dict[str, dict[str, str | None]]) -> dict[str, dict[str, str]] | None:
+    """{"en": {"title": …, "purpose": …, "sponsor": …}, "fr": {…}} with empty texts dropped, checked:
+    each text given is given in every one of LANGUAGES (patients read either). None when none is given."""
+    kept = {lang: {k: v.strip() for k, v in (texts.get(lang) or {}).items() if v and v.strip()} for lang in LANGUAGES}
+    for key in PLAIN_KEYS:
+        given = [lang for lang in LANGUAGES if key in kept[lang]]
+        if given and len(given) < len(LANGUAGES):
+            missing = [lang for lang in LANGUAGES if lang not in given]
+            raise InvalidRequest(f"the project's {key} is given in {', '.join(given)} but not in {', '.join(missing)}: "
+                                 "patients read either language")
+    return kept if any(kept.values()) else None
+
+
+def _translated(translations: dict[str, str]) -> dict[str, Any]:
+    """The `_element` of a string with the FHIR translation extension for each other language."""
+    return {"extension": [{"url": TRANSLATION, "extension": [{"url": "lang", "valueCode": lang},
+                                                              {"url": "content", "valueString": value}]}
+                          for lang, value in translations.items()]}
+
+
 def create(conn: Connection, *, name: str, tier: str, epsilon: float, delta: float = 0.0,
            types: tuple[str, ...] | None = None, description: str | None = None,
            organization_id: str | None = None, profile: str | None = None, epsilon_cap: float = 1.0,
-           suppression: int = 11) -> ProjectRecord:
-    """Store the ResearchStudy, the project settings and its privacy budget in the caller's transaction."""
+           suppression: int = 11, plain: dict[str, dict[str, str | None]] | None = None,
+           ends: str | None = None) -> ProjectRecord:
+    """Store the ResearchStudy, the project settings and its privacy budget in the caller's transaction.
+
+    `plain` (checked by `plain_language`) gives the ResearchStudy its English title, description (the
+    purpose) and sponsor name, with French translations; `ends` (ISO date, not in the past) is its
+    `period.end`.
+    """
     if tier not in ("aggregate", "record"):
         raise InvalidRequest("tier must be aggregate or record")
     if not epsilon > 0 or delta < 0 or delta >= 1:
@@ -100,27 +143,50 @@ def create(conn: Connection, *, name: str, tier: str, epsilon: float, delta: flo
         raise InvalidRequest("the per-query epsilon cap must be > 0")
     if suppression < 0:
         raise InvalidRequest("the suppression threshold cannot be negative")
+    texts = plain_language(plain or {})
+    today = datetime.now(UTC).date().isoformat()
+    if ends is not None:
+        try:
+            ends = date.fromisoformat(ends).isoformat()
+        except ValueError:
+            raise InvalidRequest(f"the end date {ends!r} is not a date (YYYY-MM-DD)") from None
+        if ends < today:
+            raise InvalidRequest(f"the end date {ends} is in the past")
+    english = (texts or {}).get("en", {})
+    others = {lang: text for lang, text in (texts or {}).items() if lang != "en"}
+    if description and english.get("purpose"):
+        raise InvalidRequest("the description is the English purpose: give it once (--purpose-en)")
     if organization_id is not None:
         repository.read(conn, "Organization", organization_id)
     study: dict[str, Any] = {
         "resourceType": "ResearchStudy",
         "status": "active",
-        "title": name,
+        "title": english.get("title") or name,
         "category": [{"coding": [{"system": engine.PURPOSE_SYSTEM, "code": "HRESCH",
                                   "display": "health research"}]}],
-        "period": {"start": datetime.now(UTC).date().isoformat()},
+        "period": {"start": today, **({"end": ends} if ends else {})},
     }
-    if description:
-        study["description"] = description
+    if english.get("title"):
+        study["_title"] = _translated({lang: t["title"] for lang, t in others.items()})
+    if description or english.get("purpose"):
+        study["description"] = description or english["purpose"]
+    if english.get("purpose"):
+        study["_description"] = _translated({lang: t["purpose"] for lang, t in others.items()})
+    sponsor: dict[str, Any] = {}
     if organization_id:
-        study["sponsor"] = {"reference": f"Organization/{organization_id}"}
+        sponsor["reference"] = f"Organization/{organization_id}"
+    if english.get("sponsor"):
+        sponsor["display"] = english["sponsor"]
+        sponsor["_display"] = _translated({lang: t["sponsor"] for lang, t in others.items()})
+    if sponsor:
+        study["sponsor"] = sponsor
     validate(study, "ResearchStudy")
     stored = repository.create(conn, "ResearchStudy", study)
     conn.execute(projects.insert().values(
         project_id=stored.id, name=name, max_tier=engine.TIERS.index(tier), epsilon=epsilon, delta=delta,
         types=json.dumps(list(types)) if types else None, organization_id=organization_id, profile=profile,
         epsilon_cap=min(epsilon_cap, epsilon), suppression=suppression, status="active",
-        created=now_us()))
+        created=now_us(), plain_language=json.dumps(texts) if texts else None, ends=ends))
     budget.ensure_budget(conn, stored.id, epsilon, delta, actor="project create")
     keyring.start(conn, stored.id)
     return get(conn, stored.id)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # `make run`: prepare a local Passerelle (schema, master key, demo patients, a demo
-# custodian client) and serve it with gunicorn in the foreground. Safe to re-run:
-# every step is idempotent, and the demo client is created only once. Each step
-# prints a line as it starts; the URLs and credentials are printed once the server
-# answers GET /healthz with 200.
+# custodian client, a demo patient's invitation to the consent portal) and serve it with
+# gunicorn in the foreground. Safe to re-run: every step is idempotent, and the demo
+# client is created only once. Each step prints a line as it starts; the URLs and
+# credentials are printed once the server answers GET /healthz with 200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,7 +73,11 @@ fi
 if [[ ! -s "$RESEARCH" ]]; then
     # A demo research project (record tier, ε = 10) and its client, so the research API has a caller.
     project="$("${FLASK[@]}" project create --name "Demo diabetes cohort" --tier record --epsilon 10 \
-        --description "Demonstration project on synthetic data")"
+        --title-en "Living with diabetes" --title-fr "Vivre avec le diabète" \
+        --purpose-en "Understand which follow-up helps people with diabetes stay well (demonstration on synthetic data)" \
+        --purpose-fr "Comprendre quel suivi aide les personnes diabétiques à rester en bonne santé (démonstration sur des données fictives)" \
+        --sponsor-en "Demo University Hospital research unit" --sponsor-fr "Unité de recherche du CHU de démonstration" \
+        --until "$(date -d '+2 years' +%F)")"
     project_id="$("$PY" -c 'import json, sys; print(json.loads(sys.argv[1])["project_id"])' "$project")"
     tmp="$(mktemp "$INSTANCE/.demo-research.XXXXXX")"
     trap 'rm -f "$tmp"' EXIT
@@ -86,6 +90,39 @@ fi
 RESEARCH_ID="$(field client_id "$RESEARCH")"
 RESEARCH_SECRET="$(field client_secret "$RESEARCH")"
 PROJECT_ID="$(field project_id "$RESEARCH")"
+
+step "Demo patient of the consent portal"
+# The first patient with a patient number (medical record number) and whether they have chosen a
+# passphrase: "NUMBER<TAB>yes|no", or nothing when no patient has a number. A fresh one-time link is
+# issued only while they have no passphrase: each start then prints a link that works (an invitation
+# expires after 7 days), and once they have one no start leaves a live link (which could replace
+# it) in the terminal.
+portal_patient="$("$PY" - <<'PY'
+import orjson
+from sqlalchemy import false, select
+
+from consent.patients import numbers
+from service import db
+from service.store.schema import patient_accounts, resources
+from wsgi import app
+
+with app.app_context(), db.read() as conn:
+    rows = conn.execute(select(resources.c.id, resources.c.json).where(
+        resources.c.type == "Patient", resources.c.deleted == false()).order_by(resources.c.pk)
+        .execution_options(yield_per=100))  # streamed: the first patient with a number is enough
+    first = next(((row.id, found[0]) for row in rows if (found := numbers(orjson.loads(row.json)))), None)
+    if first is not None:
+        passphrase = conn.execute(select(patient_accounts.c.passphrase).where(
+            patient_accounts.c.patient_id == first[0])).scalar()
+        print(first[1], "yes" if passphrase else "no", sep="\t")
+PY
+)"
+IFS=$'\t' read -r PATIENT_NUMBER HAS_PASSPHRASE <<<"$portal_patient"
+INVITATION=""
+if [[ "$HAS_PASSPHRASE" == no ]]; then
+    INVITATION="$("${FLASK[@]}" patient invite --patient "$PATIENT_NUMBER" --base-url "$BASE" \
+        | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["link"])')"
+fi
 
 answers() {  # answers: does the server answer GET /healthz with 200 on the address it binds?
     "$PY" - "$BIND" "${PASSERELLE_BASE_URL:-}" <<'PY'
@@ -157,6 +194,27 @@ Demo research client for project $PROJECT_ID (saved in $RESEARCH):
   RTOKEN=\$(curl -s -u '$RESEARCH_ID:$RESEARCH_SECRET' -d grant_type=client_credentials \\
       $BASE/auth/token | python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')
   curl -s -H "Authorization: Bearer \$RTOKEN" '$BASE/research/fhir/Observation?_count=5'
+
+Patient consent portal  $BASE/consent/
+EOF
+if [[ -n "$INVITATION" ]]; then
+    cat <<EOF
+  demo patient number  $PATIENT_NUMBER
+  invitation link      $INVITATION
+  (one use, valid 7 days: open it to choose a passphrase, then sign in with the number and it)
+EOF
+elif [[ -n "$PATIENT_NUMBER" ]]; then
+    cat <<EOF
+  demo patient number  $PATIENT_NUMBER (has chosen a passphrase: sign in with the number and it)
+  A new invitation link (choosing a passphrase with it replaces the old one):
+    ${FLASK[*]} patient invite --patient $PATIENT_NUMBER --base-url $BASE
+EOF
+else
+    cat <<EOF
+  No patient has a patient number (an identifier of type MR) to invite.
+EOF
+fi
+cat <<EOF
 
 Press Ctrl-C to stop.
 

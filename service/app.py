@@ -19,6 +19,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     errors.register(app)
 
     import consent.materialise  # noqa: F401 - registers decision materialisation on every write
+    from consent import web as portal
     from service import auth, cli, export, health
     from service.api import custodian, operations, research, scopes
     from service.api.fhirjson import check_host
@@ -32,5 +33,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(custodian.bp, url_prefix="/fhir")
     app.register_blueprint(operations.bp, url_prefix="/fhir")
     app.register_blueprint(research.bp, url_prefix="/research/fhir")
+    portal.init_app(app)
     cli.register(app)
     return app

@@ -14,7 +14,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from sqlalchemy import Connection
 
-from service.errors import FhirError, InvalidRequest, NotFound, NotSupported, PreconditionFailed
+from consent.materialise import overruled_warnings
+from service.errors import FhirError, InvalidRequest, NotFound, NotSupported, PreconditionFailed, operation_outcome
 from service.store import repository, search
 from service.store.repository import Change, Stored
 from service.validation import check_type, validate
@@ -197,8 +198,16 @@ def _write(conn: Connection, entries: list[Entry], ids: dict[str, str]) -> None:
                 raise PreconditionFailed(f"{where}: ifMatch expected version {entry.if_match}")
         changes.append(Change(entry.resource_type, entry.resource_id, entry.resource, existing))
         writing.append(entry)
-    for entry, stored, change in zip(writing, repository.write(conn, changes), changes, strict=True):
+    written = repository.write(conn, changes)
+    for entry, stored, change in zip(writing, written, changes, strict=True):
         entry.response = _status(stored, change.current is None or change.current.deleted)
+    consents = [(entry, stored) for entry, stored in zip(writing, written, strict=True) if stored.type == "Consent"]
+    if consents:
+        # A Consent a more recent one overrules is stored all the same, with a warning (README, "Consent").
+        warnings = overruled_warnings(conn, [stored.resource() for _, stored in consents])
+        for (entry, _), warning in zip(consents, warnings, strict=True):
+            if warning:
+                entry.response["outcome"] = operation_outcome(warning, code="business-rule", severity="warning")
 
 
 def _get(conn: Connection, entry: Entry, read_search: SearchFn | None) -> dict[str, Any]:

@@ -97,6 +97,9 @@ def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
         "BASE_URL": base_url,
         # Further host names requests may use besides BASE_URL's (not Flask's TRUSTED_HOSTS: see fhirjson).
         "EXTRA_HOSTS": _trusted_hosts(env, base_url),
+        # The reverse proxies whose X-Forwarded-For names the client (gunicorn's forwarded_allow_ips too).
+        "FORWARDED_ALLOW_IPS": frozenset(item.strip() for item in env.get(
+            "PASSERELLE_FORWARDED_ALLOW_IPS", "127.0.0.1,::1").split(",") if item.strip()),
         "MAX_CONTENT_LENGTH": _int(env, "PASSERELLE_MAX_BODY_BYTES", 64 * 1024 * 1024),
         "TOKEN_LIFETIME": token_lifetime,
         "DEFAULT_PAGE_SIZE": _int(env, "PASSERELLE_PAGE_SIZE", 20),

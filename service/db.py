@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 from service.store.schema import metadata, schema_migrations
 
 #: Bump when a migration step is added to MIGRATIONS.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def now_us() -> int:
@@ -162,4 +162,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX IF NOT EXISTS ix_resources_type_last_updated ON resources (type, last_updated)",
         "CREATE INDEX IF NOT EXISTS ix_decisions_project_updated ON decisions (project_id, updated)",
         ),
+    # The consent portal: projects in plain language (its own tables are new and need no step).
+    3: ("ALTER TABLE projects ADD COLUMN plain_language TEXT",
+        "ALTER TABLE projects ADD COLUMN ends VARCHAR(10)"),
 }

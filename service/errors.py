@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, current_app
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
@@ -125,6 +125,22 @@ _HTTP_CODES = {401: "login", 403: "forbidden", 404: "not-found", 405: "not-suppo
                413: "too-costly", 415: "not-supported", 429: "throttled"}
 
 
+def http_error_response(exc: HTTPException) -> Response:
+    """An HTTP error of the routing layer (404, 405, 413…) as an OperationOutcome."""
+    from service.api.fhirjson import fhir_response
+
+    status = exc.code or 500
+    message = exc.description or exc.name
+    if status == 413:
+        message = f"Request body exceeds the limit of {current_app.config['MAX_CONTENT_LENGTH']} bytes"
+    outcome = operation_outcome(message, code=_HTTP_CODES.get(status, "invalid" if status < 500 else "exception"))
+    response = fhir_response(outcome, status)
+    allowed = getattr(exc, "valid_methods", None)
+    if status == 405 and allowed:
+        response.headers["Allow"] = ", ".join(allowed)
+    return response
+
+
 def register(app: Flask) -> None:
     """Install the handlers that render every error as an OperationOutcome."""
     from service import db
@@ -134,18 +150,7 @@ def register(app: Flask) -> None:
     def _fhir_error(exc: FhirError) -> Response:
         return fhir_response(exc.outcome(), exc.status, headers=exc.headers)
 
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        message = exc.description or exc.name
-        if status == 413:
-            message = f"Request body exceeds the limit of {app.config['MAX_CONTENT_LENGTH']} bytes"
-        outcome = operation_outcome(message, code=_HTTP_CODES.get(status, "invalid" if status < 500 else "exception"))
-        response = fhir_response(outcome, status)
-        allowed = getattr(exc, "valid_methods", None)
-        if status == 405 and allowed:
-            response.headers["Allow"] = ", ".join(allowed)
-        return response
+    app.register_error_handler(HTTPException, http_error_response)
 
     @app.errorhandler(OperationalError)
     def _database_error(exc: OperationalError) -> Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from werkzeug.serving import make_server
 
 from policies.deid import Profile, load_profile
 from policies.keys import ensure_master_key
@@ -109,6 +111,21 @@ def app(database_url: str, tmp_path: Path) -> Iterator[Flask]:
     db.migrate(application.extensions["passerelle.engine"])
     yield application
     application.extensions["passerelle.engine"].dispose()
+
+
+@pytest.fixture
+def base_url(app: Flask) -> Iterator[str]:
+    """The application served over HTTP on a free loopback port until the test ends (loopback
+    hosts are served without PASSERELLE_BASE_URL, so the Host checks accept it)."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="live-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()
 
 
 @pytest.fixture

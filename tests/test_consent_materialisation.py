@@ -430,7 +430,8 @@ def test_project_create_prints_one_json_object_with_its_project_id(app, client, 
                        "--epsilon", "2.5", "--types", "Observation,Condition")
     assert created == {"project_id": created["project_id"], "name": "Diabetes cohort", "tier": "aggregate",
                        "epsilon": 2.5, "delta": 0.0, "epsilon_cap": 1.0, "suppression": 11,
-                       "types": ["Observation", "Condition"], "organization": None, "status": "active"}
+                       "types": ["Observation", "Condition"], "organization": None, "status": "active",
+                       "plain_language": None, "ends": None}
     study = client.get(f"/fhir/ResearchStudy/{created['project_id']}", headers=custodian_headers)
     assert study.status_code == 200
     assert study.get_json()["title"] == "Diabetes cohort"

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -19,7 +17,6 @@ from fhirclient.models.patient import Patient
 from fhirclient.server import FHIRUnauthorizedException
 from fhirpy import SyncFHIRClient
 from flask import Flask
-from werkzeug.serving import make_server
 
 SMART_OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 FAMILY = "Passerelle-Live"
@@ -42,20 +39,6 @@ class Live:
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}", "Accept": "application/fhir+json"}
-
-
-@pytest.fixture
-def base_url(app: Flask) -> Iterator[str]:
-    """The application served over HTTP on a free loopback port until the test ends."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="live-server", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
 
 
 def _custodian_credentials(app: Flask) -> tuple[str, str]:

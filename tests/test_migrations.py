@@ -17,10 +17,20 @@ from tests.fhir_helpers import create, observation, patient
 from tests.research_world import bearer, build, token
 
 _VERSION_2_COLUMNS = ("sensitive_mask", "clinical_low", "clinical_high")
+_VERSION_3_COLUMNS = ("plain_language", "ends")
+
+
+def _as_version_2(app) -> None:
+    """Turn the app's database back into what a version-2 release made."""
+    with app.app_context(), db.write() as conn:
+        for column in _VERSION_3_COLUMNS:
+            conn.execute(text(f"ALTER TABLE projects DROP COLUMN {column}"))
+        conn.execute(schema_migrations.delete().where(schema_migrations.c.version > 2))
 
 
 def _as_first_release(app) -> None:
     """Turn the app's database back into what the first release's `init-db` made."""
+    _as_version_2(app)
     with app.app_context(), db.write() as conn:
         for column in _VERSION_2_COLUMNS:
             conn.execute(text(f"ALTER TABLE history DROP COLUMN {column}"))
@@ -89,3 +99,13 @@ def test_version_2_expires_the_export_files_it_cannot_judge_again(app, client, c
     _as_first_release(app)
     db.migrate(app.extensions["passerelle.engine"])
     assert client.get(status_url, headers=headers).status_code == 410
+
+
+def test_version_3_gives_existing_projects_room_for_plain_language(app):
+    project_id = _project(app)
+    _as_version_2(app)
+    assert db.migrate(app.extensions["passerelle.engine"]) == db.SCHEMA_VERSION
+    with app.app_context(), db.read() as conn:
+        row = conn.execute(text("SELECT plain_language, ends FROM projects WHERE project_id = :p"),
+                           {"p": project_id}).one()
+    assert tuple(row) == (None, None)

@@ -92,9 +92,8 @@ def test_the_standing_consent_filter_judges_each_statement_at_the_instant_it_run
     brief = create(client, custodian_headers, patient(family="Brief"))["id"]
     ends = datetime.now(UTC) + timedelta(seconds=2)
     with app.app_context(), db.write() as conn:
-        consent = writer.build(brief, world.project, "record", [], source="test")
-        consent["provision"]["period"] = {"end": ends.isoformat(timespec="seconds")}
-        writer.record(conn, consent)
+        writer.record(conn, writer.build(brief, world.project, "record", [], source="test",
+                                         period=(None, ends.isoformat(timespec="seconds"))))
     pseudonym = _pseudonym_of(app, world.project, brief)
     with app.app_context():
         release = release_for("a-client", world.project, engine.RECORD)

@@ -11,7 +11,7 @@ from flask import Blueprint, Flask
 from flask.testing import FlaskClient
 
 from service import db
-from service.api.scopes import ROUTES
+from service.api.scopes import OWN_ACCESS_BLUEPRINTS, ROUTES
 from service.auth import register_client
 from tests.fhir_helpers import create, issue, observation, patient
 from tests.research_world import World, bearer, build
@@ -51,7 +51,9 @@ def assert_forbidden(response) -> None:
 
 
 def test_every_route_of_the_app_declares_its_access(app):
-    undeclared = sorted({rule.endpoint for rule in app.url_map.iter_rules()} - set(ROUTES))
+    endpoints = {rule.endpoint for rule in app.url_map.iter_rules()
+                 if rule.endpoint.partition(".")[0] not in OWN_ACCESS_BLUEPRINTS}
+    undeclared = sorted(endpoints - set(ROUTES))
     assert undeclared == [], f"add these endpoints to ROUTES in service/api/scopes.py: {undeclared}"
 
 

@@ -10,7 +10,9 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from flask import Blueprint, Response, request
+from sqlalchemy import Connection
 
+from consent.materialise import overruled_warnings
 from service import bundles, db
 from service.api import capability, scopes
 from service.api.fhirjson import base_url, check_format, fhir_response, parse_body
@@ -43,17 +45,25 @@ def _version_headers(stored: Stored) -> dict[str, str]:
     return {"ETag": stored.etag, "Last-Modified": _http_date(stored.last_updated)}
 
 
-def _written(stored: Stored, status: int) -> Response:
-    """Answer a create/update as the client's `Prefer: return=` asks (representation by default)."""
+def _warning(conn: Connection, stored: Stored) -> str | None:
+    """A written Consent's warning when a more recent Consent governs instead (README, "Consent")."""
+    return overruled_warnings(conn, [stored.resource()])[0] if stored.type == "Consent" else None
+
+
+def _written(stored: Stored, status: int, warning: str | None = None) -> Response:
+    """Answer a create/update as the client's `Prefer: return=` asks (representation by default);
+    a `warning` is an issue of the OperationOutcome that `return=OperationOutcome` asks for."""
     headers = _version_headers(stored)
     headers["Location"] = f"{_base()}/{stored.type}/{stored.id}/_history/{stored.version}"
     prefer = request.headers.get("Prefer", "")
     if "return=minimal" in prefer:
         return fhir_response(b"", status, headers=headers)
     if "return=OperationOutcome" in prefer:
-        return fhir_response(operation_outcome(f"{stored.type}/{stored.id} stored as version {stored.version}",
-                                               code="informational", severity="information"), status,
-                             headers=headers)
+        outcome = operation_outcome(f"{stored.type}/{stored.id} stored as version {stored.version}",
+                                    code="informational", severity="information")
+        if warning:
+            outcome["issue"].append(operation_outcome(warning, code="business-rule", severity="warning")["issue"][0])
+        return fhir_response(outcome, status, headers=headers)
     return fhir_response(stored.json, status, headers=headers)
 
 
@@ -116,7 +126,8 @@ def create(resource_type: str) -> Response:
             if found:
                 return _written(repository.read(conn, resource_type, found[0]), 200)
         stored = repository.create(conn, resource_type, resource)
-    return _written(stored, 201)
+        warning = _warning(conn, stored)
+    return _written(stored, 201, warning)
 
 
 @bp.get("/<resource_type>/<resource_id>")
@@ -137,7 +148,8 @@ def update(resource_type: str, resource_id: str) -> Response:
     if_match = parse_if_match(request.headers.get("If-Match"))
     with db.write() as conn:
         stored, created = repository.update(conn, resource_type, resource_id, resource, if_match)
-    return _written(stored, 201 if created else 200)
+        warning = _warning(conn, stored)
+    return _written(stored, 201 if created else 200, warning)
 
 
 @bp.delete("/<resource_type>/<resource_id>")

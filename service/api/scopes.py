@@ -3,8 +3,10 @@
 Every endpoint of the app is declared in `ROUTES`: public (no token), or the role whose
 bearer token it takes, the SMART v2 permission letters it needs (c r u d s) and the
 resource type it touches — a fixed type, `*` for every type, or the type named in the
-URL. `enforce` runs before every request (service/app.py) and refuses an endpoint the
-table does not declare; tests/test_scopes.py fails for one too.
+URL. The blueprints of `OWN_ACCESS_BLUEPRINTS` take no token and declare each view's
+access themselves (the patient portal: consent/web/sessions.py). `enforce` runs before
+every request (service/app.py) and refuses an endpoint the table does not declare;
+tests/test_scopes.py fails for one too.
 
 A request needs `r` on every type its `_include` or `_revinclude` parameters can bring
 in (the custodian's and the research API's searches alike, `POST …/_search` included).
@@ -54,6 +56,10 @@ def _research(permission: str, on: str = URL_TYPE) -> Access:
     return Access("research", permission, on)
 
 
+#: Blueprints that take no bearer token because their views declare their access themselves: the
+#: patient portal signs patients in with a passphrase and a session cookie (consent/web/sessions.py).
+OWN_ACCESS_BLUEPRINTS = frozenset({"consent_web"})
+
 ROUTES: dict[str, Access] = {
     # No token: liveness, discovery, and the token endpoint (it authenticates the client itself).
     "health.healthz": PUBLIC,
@@ -98,7 +104,7 @@ def enforce() -> None:
     A request no route matched passes untouched: the 404/405 it gets reaches nothing.
     The caller is kept on `g.principal`.
     """
-    if request.endpoint is None:
+    if request.endpoint is None or request.blueprint in OWN_ACCESS_BLUEPRINTS:
         return
     access = ROUTES.get(request.endpoint)
     if access is None:

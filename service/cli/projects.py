@@ -34,14 +34,26 @@ def project_group() -> None:
 @click.option("--suppression", type=click.IntRange(min=0), default=11, show_default=True,
               help="Noisy counts below this are suppressed.")
 @click.option("--types", help="Resource types the project may receive, e.g. Observation,Condition (default: all).")
-@click.option("--description", help="Plain-language description shown to patients.")
+@click.option("--description", help="What the project is for, in English (the same as --purpose-en).")
+@click.option("--title-en", help="Plain-language title patients read in English (default: --name).")
+@click.option("--title-fr", help="The same in French (needed with --title-en).")
+@click.option("--purpose-en", help="What the project is for, in plain English.")
+@click.option("--purpose-fr", help="The same in French (needed with --purpose-en).")
+@click.option("--sponsor-en", help="Who runs the project, as patients read it in English.")
+@click.option("--sponsor-fr", help="The same in French (needed with --sponsor-en).")
+@click.option("--until", "ends", help="The last day the project runs (YYYY-MM-DD): the ResearchStudy's period.end.")
 @click.option("--organization", "organization_id", help="Id of the recipient Organization.")
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False, path_type=Path),
               help="The project's own de-identification profile (JSON or YAML); default: the shipped one.")
 def create_command(name: str, tier: str, epsilon: float, delta: float, epsilon_cap: float, suppression: int,
-                   types: str | None,
-                   description: str | None, organization_id: str | None, profile_path: Path | None) -> None:
-    """Create a project; prints one JSON object with its project_id."""
+                   types: str | None, description: str | None, title_en: str | None, title_fr: str | None,
+                   purpose_en: str | None, purpose_fr: str | None, sponsor_en: str | None, sponsor_fr: str | None,
+                   ends: str | None, organization_id: str | None, profile_path: Path | None) -> None:
+    """Create a project; prints one JSON object with its project_id.
+
+    The plain-language title, purpose and sponsor are what patients read in the consent
+    portal, in English and French (each given in both languages, or in neither).
+    """
     profile = None
     if profile_path is not None:
         try:
@@ -54,7 +66,9 @@ def create_command(name: str, tier: str, epsilon: float, delta: float, epsilon_c
         project = projects.create(conn, name=name, tier=tier, epsilon=epsilon, delta=delta,
                                   types=projects.parse_types(types), description=description,
                                   organization_id=organization_id, profile=profile, epsilon_cap=epsilon_cap,
-                                  suppression=suppression)
+                                  suppression=suppression, ends=ends,
+                                  plain={"en": {"title": title_en, "purpose": purpose_en, "sponsor": sponsor_en},
+                                         "fr": {"title": title_fr, "purpose": purpose_fr, "sponsor": sponsor_fr}})
         refresh(conn, consent_default(), project_ids=[project.project_id])
     emit(project.as_json())
 

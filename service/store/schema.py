@@ -189,6 +189,11 @@ projects = Table(
     Column("profile", Text),
     Column("status", String(16), nullable=False, default="active"),
     Column("created", BigInteger, nullable=False),
+    # What patients read in the consent portal, per language: JSON {"en": {"title", "purpose",
+    # "sponsor"}, "fr": {…}}; NULL shows the project's name.
+    Column("plain_language", Text),
+    # The last day (ISO date) the project runs, as patients are told; NULL when not set.
+    Column("ends", String(10)),
 )
 
 decisions = Table(
@@ -384,6 +389,57 @@ project_groups = Table(
     Column("group_id", ID, nullable=False),
     Column("attached", BigInteger, nullable=False),
     PrimaryKeyConstraint("project_id", "group_id", name="pk_project_groups"),
+)
+
+#: A patient's sign-in to the consent portal (consent/web/accounts.py): the patient number they
+#: sign in with (their medical record number when invited), the scrypt hash of their passphrase
+#: (NULL until an invitation is accepted), and the lockout state.
+patient_accounts = Table(
+    "patient_accounts",
+    metadata,
+    Column("patient_id", ID, primary_key=True),
+    Column("number", String(64), nullable=False),
+    Column("passphrase", String(255)),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("locked_until", BigInteger),
+    Column("updated", BigInteger, nullable=False),
+    UniqueConstraint("number", name="uq_patient_accounts_number"),
+)
+
+#: One-time invitation links; only the SHA-256 of the token is stored.
+invitations = Table(
+    "invitations",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("patient_id", ID, nullable=False),
+    Column("lang", String(8), nullable=False),
+    Column("created", BigInteger, nullable=False),
+    Column("expires", BigInteger, nullable=False),
+    Column("used", BigInteger),
+    Index("ix_invitations_patient", "patient_id"),
+)
+
+#: Server-side portal sessions, shared by every worker and node; the cookie holds a random id,
+#: only its SHA-256 is stored.
+web_sessions = Table(
+    "web_sessions",
+    metadata,
+    Column("id_hash", String(64), primary_key=True),
+    Column("patient_id", ID, nullable=False),
+    Column("csrf", String(64), nullable=False),
+    Column("lang", String(8)),
+    Column("created", BigInteger, nullable=False),
+    Column("last_seen", BigInteger, nullable=False),
+    Index("ix_web_sessions_patient", "patient_id"),
+)
+
+#: Fixed-window request counters by key (service/ratelimit.py), shared by every node.
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("bucket", String(160), primary_key=True),
+    Column("window_start", BigInteger, nullable=False),
+    Column("count", Integer, nullable=False),
 )
 
 #: Small facts about the database itself, by name (e.g. the classifier version its masks are from).

@@ -1,0 +1,110 @@
+"""The account pages: accept an invitation (choose a passphrase), sign in, sign out (everywhere).
+
+A page's language is switched with `?lang=` on any page (consent/web/i18n.py).
+"""
+from __future__ import annotations
+
+from flask import current_app, redirect, render_template, request, url_for
+from flask_babel import gettext as _
+from werkzeug import Response
+
+from consent.web import accounts, bp, i18n, sessions
+from consent.web.errors import TooManyAttempts
+from service import db, ratelimit
+
+#: Sign-in attempts one address may make per window, whatever the numbers tried.
+SIGN_IN_LIMIT = 20
+SIGN_IN_WINDOW_SECONDS = 15 * 60
+SIGN_IN_BUCKET = "portal-sign-in:"
+
+
+def _passphrase_errors(passphrase: str, confirm: str) -> dict[str, str]:
+    problem = accounts.passphrase_problem(passphrase)
+    if problem == "too-short":
+        return {"passphrase": _("Your passphrase must have at least %(count)s characters.",
+                                count=accounts.MIN_LENGTH)}
+    if problem == "common":
+        return {"passphrase": _("This passphrase is too common and easy to guess. Please choose another one.")}
+    if accounts.normalised(passphrase) != accounts.normalised(confirm):
+        return {"confirm": _("The two passphrases are not the same. Please type it again.")}
+    return {}
+
+
+@bp.route("/invite/<token>", methods=["GET", "POST"])
+@sessions.public
+def invite(token: str) -> Response | str | tuple[str, int]:
+    """Choose a passphrase with a one-time invitation link; on success the patient is signed in."""
+    with db.read() as conn:
+        invitation = accounts.pending_invitation(conn, token, db.now_us())
+    errors: dict[str, str] = {}
+    if request.method == "POST":
+        passphrase, confirm = request.form.get("passphrase", ""), request.form.get("confirm", "")
+        errors = _passphrase_errors(passphrase, confirm)
+        if not errors:
+            hashed = accounts.hash_passphrase(passphrase)  # slow on purpose: outside the transaction
+            with db.write() as conn:
+                now = db.now_us()
+                patient_id = accounts.accept(conn, token, hashed, now)
+                sessions.sign_in_as(conn, patient_id, i18n.page_language(), now)
+            return redirect(url_for("consent_web.home"), 303)
+    page = render_template("invite.html", token=token, number=invitation.number, errors=errors,
+                           min_length=accounts.MIN_LENGTH)
+    return (page, 400) if errors else page
+
+
+@bp.route("/signin", methods=["GET", "POST"])
+@sessions.public
+def signin() -> Response | str | tuple[str, int]:
+    """Sign in with patient number and passphrase; every refusal says the same thing."""
+    if request.method == "GET":
+        if sessions.current_session() is not None:
+            return redirect(url_for("consent_web.home"))
+        return render_template("signin.html", number="", errors={})
+    number, passphrase = request.form.get("number", "").strip(), request.form.get("passphrase", "")
+    bucket = SIGN_IN_BUCKET + ratelimit.client_address(request.remote_addr, request.headers.getlist("X-Forwarded-For"),
+                                                        current_app.config["FORWARDED_ALLOW_IPS"])
+    with db.write() as conn:
+        now = db.now_us()
+        ratelimit.prune(conn, SIGN_IN_BUCKET, SIGN_IN_WINDOW_SECONDS, now)
+        verdict = ratelimit.hit(conn, bucket, SIGN_IN_LIMIT, SIGN_IN_WINDOW_SECONDS, now)
+    if not verdict.allowed:
+        raise TooManyAttempts(verdict.retry_after)
+    with db.read() as conn:
+        account = accounts.find(conn, number)
+    now = db.now_us()
+    accepted = accounts.passphrase_accepted(account, passphrase, now)  # slow on purpose: outside transactions
+    if account is not None:
+        with db.write() as conn:
+            if accepted:
+                accepted = accounts.record_success(conn, account, now)
+                if accepted:
+                    sessions.sign_in_as(conn, account.patient_id, i18n.page_language(), now)
+            else:
+                accounts.record_failure(conn, account, now)
+    if accepted:
+        return redirect(url_for("consent_web.home"), 303)
+    message = _("Patient number or passphrase not recognised, or the account is locked for a while. "
+                "Please check them and try again in a few minutes.")
+    return render_template("signin.html", number=number, errors={"number": message}), 400
+
+
+@bp.route("/signout", methods=["POST"])
+@sessions.signed_in
+def signout() -> Response:
+    with db.write() as conn:
+        sessions.sign_out(conn)
+    return redirect(url_for("consent_web.signed_out"), 303)
+
+
+@bp.route("/signout-everywhere", methods=["POST"])
+@sessions.signed_in
+def signout_everywhere() -> Response:
+    with db.write() as conn:
+        sessions.sign_out(conn, everywhere=True)
+    return redirect(url_for("consent_web.signed_out", everywhere=1), 303)
+
+
+@bp.route("/signed-out")
+@sessions.public
+def signed_out() -> str:
+    return render_template("signed_out.html", everywhere=request.args.get("everywhere") == "1")

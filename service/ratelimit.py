@@ -1,0 +1,64 @@
+"""Fixed-window rate limits on the `rate_limits` table, shared by every worker and node.
+
+A bucket names what is counted (e.g. `portal-sign-in:<address>`); its window opens at its
+first hit and lasts `window_seconds`; the hit that opens a new window counts as its first.
+A client's address is the one the trusted reverse proxies name (`client_address`), so that
+behind a proxy each client is counted apart, and a client cannot choose its own.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, case, delete
+from sqlalchemy.dialects import postgresql, sqlite
+
+from service.store.schema import rate_limits
+
+_SECOND_US = 1_000_000
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    count: int
+    #: Seconds until the bucket's window closes (at least 1).
+    retry_after: int
+
+
+def client_address(peer: str | None, forwarded_for: Sequence[str], trusted: Collection[str]) -> str:
+    """The address a request came from: the connection's `peer`, or, while that address is a
+    trusted proxy (`*`: any peer, one hop only), the right-most X-Forwarded-For entry each proxy
+    appended. Entries left of the first untrusted address were written by the client: ignored."""
+    hops = [hop.strip() for header in forwarded_for for hop in header.split(",") if hop.strip()]
+    address = peer or "unknown"
+    if "*" in trusted:
+        return hops[-1] if hops else address
+    while address in trusted and hops:
+        address = hops.pop()
+    return address
+
+
+def hit(conn: Connection, bucket: str, limit: int, window_seconds: int, now_us: int) -> Verdict:
+    """Count one hit on `bucket`; allowed while the window holds at most `limit` hits.
+
+    One atomic upsert, so concurrent hits (any worker, any node) are each counted once.
+    """
+    window_us = window_seconds * _SECOND_US
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(rate_limits)
+    expired = rate_limits.c.window_start <= now_us - window_us
+    statement = insert.values(bucket=bucket, window_start=now_us, count=1).on_conflict_do_update(
+        index_elements=[rate_limits.c.bucket],
+        set_={"count": case((expired, 1), else_=rate_limits.c.count + 1),
+              "window_start": case((expired, now_us), else_=rate_limits.c.window_start)},
+    ).returning(rate_limits.c.count, rate_limits.c.window_start)
+    count, window_start = conn.execute(statement).one()
+    retry_after = max(1, -(-(window_start + window_us - now_us) // _SECOND_US))
+    return Verdict(count <= limit, count, retry_after)
+
+
+def prune(conn: Connection, prefix: str, window_seconds: int, now_us: int) -> int:
+    """Delete the buckets named `prefix…` whose window (of `window_seconds`) has closed; returns how many."""
+    return conn.execute(delete(rate_limits).where(
+        rate_limits.c.bucket.startswith(prefix, autoescape=True),
+        rate_limits.c.window_start <= now_us - window_seconds * _SECOND_US)).rowcount

@@ -1,0 +1,1 @@
+"""Browser tests of the consent portal: Playwright driving Debian's chromium (marker `browser`)."""
