@@ -241,17 +241,17 @@ def latency(ctx: Context) -> None:
     count_code = max(codes, key=lambda c: codes[c]["patients"])
     mean_code = max(codes, key=lambda c: (codes[c]["quantities"], codes[c]["patients"]))
     database = with_statement_timeout(ctx.datasets.checkout(source, "aggregate"), scale.agg_timeout)
-    instance = Instance(database, ctx.workdir / "aggregate", CONSENT_DEFAULT="aggregate")
+    instance = Instance(database, ctx.workdir / "aggregate")
     rows = []
     try:
         project_id = create_project(instance, "aggregate", "benchmark aggregate project", epsilon=1e6,
                                     epsilon_cap=10.0)
         start = time.perf_counter()
-        refreshed = instance.app.test_cli_runner().invoke(args=["consent", "refresh"])
+        refreshed = instance.app.test_cli_runner().invoke(args=["settings", "set", "consent-default", "aggregate"])
         if refreshed.exit_code != 0:
-            raise RuntimeError(f"consent refresh failed: {refreshed.output[-300:]}")
+            raise RuntimeError(f"settings set consent-default failed: {refreshed.output[-300:]}")
         refresh_seconds = time.perf_counter() - start
-        progress(f"`consent refresh` (default regime aggregate): {refresh_seconds:.1f} s")
+        progress(f"`settings set consent-default aggregate` (refreshes every decision): {refresh_seconds:.1f} s")
         watchdog = Watchdog(instance.engine, scale.agg_timeout)
         client = instance.app.test_client()
         credentials = instance.register("research", project_id)
@@ -321,7 +321,7 @@ def latency(ctx: Context) -> None:
                        "SQL alone; $aggregate is the whole request (token check, parse, ledger, SQL, noise, answer "
                        f"record, audit).\nA call slower than 2 s is timed once; '> N' = interrupted after "
                        f"{scale.agg_timeout:.0f} s. Decisions for the project were materialised in "
-                       f"{refresh_seconds:.1f} s (`consent refresh`).")
+                       f"{refresh_seconds:.1f} s (`settings set consent-default aggregate`).")
 
 
 def reservations(ctx: Context) -> None:

@@ -477,6 +477,7 @@ class Instance:
         from policies.keys import ensure_master_key
         from service import db
         from service.app import create_app
+        from service.cli.database import record_settings
 
         self.database = database
         self.dir = directory
@@ -488,6 +489,9 @@ class Instance:
                        "MASTER_KEY_FILE": str(self.master_key_file), "EXPORT_WORKER": "off", **config}
         self.app = create_app(dict(self.config))
         db.migrate(self.engine)
+        with self.app.app_context(), db.write(self.engine) as conn:
+            # What `init-db` records; a copied database was recorded with its builder's key.
+            record_settings(conn, replace_master_key=True)
 
     @property
     def engine(self):
@@ -499,8 +503,6 @@ class Instance:
         env.update({"PASSERELLE_DATABASE_URL": self.database.url,
                     "PASSERELLE_MASTER_KEY_FILE": str(self.master_key_file),
                     "PASSERELLE_INSTANCE_DIR": str(self.dir), "PASSERELLE_LOG_LEVEL": "warning"})
-        if self.config.get("CONSENT_DEFAULT"):
-            env["PASSERELLE_CONSENT_DEFAULT"] = self.config["CONSENT_DEFAULT"]
         env.update(extra)
         return env
 

@@ -91,7 +91,8 @@ def run(ctx: Context) -> None:
         mapped = pseudonyms(instance, project_id, values["patients"])
         custodian = instance.register("custodian")
         partner = instance.register("research", project_id)
-        with Gunicorn(instance) as server:
+        # One client at full speed: the per-client research rate limit (service/limits.py) must not be what is measured.
+        with Gunicorn(instance, PASSERELLE_RESEARCH_RATE_LIMIT="100000000") as server:
             for kind in KINDS:
                 for surface, credentials, prefix, refs in (("custodian", custodian, "/fhir", None),
                                                            ("research", partner, "/research/fhir", mapped)):

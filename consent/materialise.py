@@ -4,8 +4,10 @@ Research queries join `decisions` (and `decision_classes`) instead of evaluating
 consents, so filtering happens in SQL, `total` counts only permitted data, and a
 revocation is effective on the very next request. Every write that can change a
 decision (a Consent, a Patient, a project) re-materialises the rows it affects
-before its transaction commits; `consent refresh` re-materialises everything after a
-change of the deployment default.
+before its transaction commits. The default regime (for patients without a research
+consent) lives in the database, one value for every node: `set_consent_default` changes it
+and re-materialises everything in one transaction; `consent refresh` re-materialises
+everything under the current one.
 """
 from __future__ import annotations
 
@@ -14,25 +16,58 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
-from flask import current_app
-from sqlalchemy import Connection, and_, delete, false, insert, select
+from sqlalchemy import Connection, and_, delete, false, insert, select, update
 
 from consent import engine, projects
 from policies.fhirdates import instant
 from policies.sensitivity import mask as category_mask
 from policies.sensitivity import names as category_names
+from service.config import CONSENT_DEFAULTS
 from service.db import now_us
 from service.errors import NotFound, Unprocessable
 from service.store import repository
 from service.store.indexer import parse_reference
 from service.store.repository import Change, Stored
-from service.store.schema import decision_classes, decisions, history, resources
+from service.store.schema import decision_classes, decisions, history, resources, settings
 
 _CHUNK = 1000
 
 
-def consent_default() -> str:
-    return current_app.config["CONSENT_DEFAULT"]
+#: The `settings` row holding the default regime; a database without it (never through `init-db`) denies.
+CONSENT_DEFAULT = "consent-default"
+
+
+def consent_default(conn: Connection) -> str:
+    """The default regime as the database holds it. On PostgreSQL the row stays share-locked until
+    `conn`'s transaction ends (on SQLite the writer lock serialises instead), so no decision is ever
+    materialised under a regime that `set_consent_default` is replacing."""
+    return conn.scalar(select(settings.c.value).where(settings.c.name == CONSENT_DEFAULT)
+                       .with_for_update(read=True)) or "deny"
+
+
+def seed_consent_default(conn: Connection, value: str) -> bool:
+    """Record `value` as the regime of a database that has none (`init-db`); True if it did."""
+    if conn.scalar(select(settings.c.value).where(settings.c.name == CONSENT_DEFAULT)) is not None:
+        return False
+    conn.execute(insert(settings).values(name=CONSENT_DEFAULT, value=_checked(value)))
+    return True
+
+
+def set_consent_default(conn: Connection, value: str) -> int:
+    """Make `value` every node's regime and re-materialise every decision under it, in the caller's
+    transaction. The row (which `init-db` writes in every database it initialises) is updated
+    first: writers holding the old regime finish before, and later ones wait and see the new one.
+    Returns the number of decisions written."""
+    if not conn.execute(update(settings).where(settings.c.name == CONSENT_DEFAULT)
+                        .values(value=_checked(value))).rowcount:
+        conn.execute(insert(settings).values(name=CONSENT_DEFAULT, value=value))
+    return refresh(conn)
+
+
+def _checked(value: str) -> str:
+    if value not in CONSENT_DEFAULTS:
+        raise Unprocessable(f"The consent default must be one of {', '.join(CONSENT_DEFAULTS)}, not {value!r}")
+    return value
 
 
 def _check_consent(conn: Connection, consent: dict[str, Any]) -> None:
@@ -94,7 +129,7 @@ def on_write(conn: Connection, stored: list[Stored], changes: Sequence[Change]) 
         elif item.type == "Patient":
             affected.add(item.id)
     if affected:
-        refresh(conn, consent_default(), patient_ids=sorted(affected))
+        refresh(conn, patient_ids=sorted(affected))
 
 
 def overruled(consent: dict[str, Any], consents: Iterable[dict[str, Any]],
@@ -184,14 +219,16 @@ def _patient_chunks(conn: Connection, patient_ids: Sequence[str] | None) -> Iter
         last = chunk[-1]
 
 
-def refresh(conn: Connection, default: str, *, patient_ids: Sequence[str] | None = None,
+def refresh(conn: Connection, *, patient_ids: Sequence[str] | None = None,
             project_ids: Sequence[str] | None = None) -> int:
-    """Recompute the decisions of these patients (all if None) for these projects (all if None).
+    """Recompute the decisions of these patients (all if None) for these projects (all if None),
+    under the default regime the database holds (`consent_default`).
 
     A decision that comes out identical to the stored one keeps its `updated` instant, which
     versions the project's recorded aggregate answers: an unrelated change (another
     project's consent) does not make them stale.
     """
+    default = consent_default(conn)
     chosen = [p for p in projects.all_projects(conn) if project_ids is None or p.project_id in project_ids]
     if not chosen:
         return 0

@@ -52,9 +52,10 @@ limit_request_line = 8190  # long FHIR search URLs
 accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("PASSERELLE_LOG_LEVEL", "info")
-# The query string is deliberately NOT logged: search parameters can carry names,
-# identifiers and birth dates. Method, path, status, size and duration are enough.
-access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss'
+# Neither the path nor the query string is logged: search parameters can carry names,
+# identifiers and birth dates, and paths carry resource ids. The app's JSON request log
+# (service/logs.py) names the route template; the request id joins the two.
+access_log_format = '%(h)s %(t)s "%(m)s" %(s)s %(b)s %(L)ss request_id=%({x-request-id}o)s'
 
 proc_name = "passerelle"
 # gunicorn's runtime control socket (`gunicornc`) defaults to one path per user, which

@@ -42,7 +42,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from service.db import now_us
 from service.errors import Conflict, Forbidden, InvalidRequest, Unprocessable
-from service.store.schema import answer_keys, answers, budget_spends, budgets
+from service.store.schema import answer_keys, answers, budget_questions, budget_spends, budgets
 
 MICRO = 10**6   # ε units per 1.0
 PICO = 10**12   # δ units per 1.0
@@ -97,14 +97,24 @@ def delta_pico(delta: float, *, spend: bool = True) -> int:
     return _units(delta, PICO, ROUND_CEILING if spend else ROUND_FLOOR, "delta", upper=1.0)
 
 
+def canonical_text(params: dict[str, Any]) -> str:
+    """The query's canonical JSON (sorted keys, no whitespace, no NaN): what `canonical_hash`
+    hashes and what the budget history shows as the question asked."""
+    return json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical_hash(params: dict[str, Any]) -> str:
-    """SHA-256 of the query's canonical JSON (sorted keys, no whitespace, no NaN).
+    """SHA-256 of the query's canonical JSON (`canonical_text`).
 
     Normalise values before hashing (e.g. `1` vs `1.0`, list order where order does not
     matter): two spellings of one query that hash differently are two queries, and each
     would draw fresh noise.
     """
-    text = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text_hash(canonical_text(params))
+
+
+def text_hash(text: str) -> str:
+    """SHA-256 of a canonical text: `canonical_hash` of the parameters it was made from."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -162,8 +172,12 @@ def raise_budget(conn: Connection, project_id: str, new_total: float, actor: str
 
 
 def reserve(conn: Connection, project_id: str, epsilon: float, delta: float = 0.0, *,
-            query_hash: str | None = None, idempotency_key: str | None = None, actor: str | None = None) -> None:
+            query_hash: str | None = None, idempotency_key: str | None = None, actor: str | None = None,
+            question: str | None = None) -> None:
     """Spend ε (and δ) before any noise is drawn, or raise `BudgetExhausted` and spend nothing.
+
+    `question`, the canonical text `query_hash` hashes (`canonical_text`), is kept beside the
+    hash so the history shows what was asked.
 
     One conditional UPDATE decides: on PostgreSQL a concurrent reservation waits for this
     row's lock and re-checks the condition on the committed row; on SQLite the write
@@ -188,20 +202,35 @@ def reserve(conn: Connection, project_id: str, epsilon: float, delta: float = 0.
         raise BudgetExhausted((row.total_micro - row.spent_micro) / MICRO,
                               (row.delta_total_pico - row.delta_spent_pico) / PICO)
     _history(conn, project_id, "query", e, d, query_hash=query_hash, idempotency_key=idempotency_key, actor=actor)
+    if question is not None and query_hash is not None:
+        _remember_question(conn, project_id, query_hash, question)
+
+
+def _remember_question(conn: Connection, project_id: str, query_hash: str, question: str) -> None:
+    if text_hash(question) != query_hash:
+        raise ValueError("the question is not the canonical text of the query hash")
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    conn.execute(dialect_insert(budget_questions).values(project_id=project_id, query_hash=query_hash,
+                                                         question=question).on_conflict_do_nothing())
 
 
 def status(conn: Connection, project_id: str, history_limit: int | None = 100) -> dict[str, Any]:
-    """Totals, spent and remaining (ε and δ) and the most recent history entries, newest first."""
+    """Totals, spent and remaining (ε and δ) and the most recent history entries, newest first,
+    each query with the canonical question asked (`question`, None if not recorded)."""
     row = conn.execute(select(budgets).where(budgets.c.project_id == project_id)).first()
     if row is None:
         raise BudgetMissing(f"Project {project_id!r} has no privacy budget")
-    query = (select(budget_spends).where(budget_spends.c.project_id == project_id)
+    asked = budget_questions.c
+    query = (select(budget_spends, asked.question)
+             .outerjoin(budget_questions, (asked.project_id == budget_spends.c.project_id)
+                        & (asked.query_hash == budget_spends.c.query_hash))
+             .where(budget_spends.c.project_id == project_id)
              .order_by(budget_spends.c.seq.desc()))
     if history_limit is not None:
         query = query.limit(history_limit)
     history = [{"seq": h.seq, "ts": h.ts, "kind": h.kind, "epsilon": h.epsilon_micro / MICRO,
-                "delta": h.delta_pico / PICO, "query_hash": h.query_hash, "idempotency_key": h.idempotency_key,
-                "actor": h.actor} for h in conn.execute(query)]
+                "delta": h.delta_pico / PICO, "query_hash": h.query_hash, "question": h.question,
+                "idempotency_key": h.idempotency_key, "actor": h.actor} for h in conn.execute(query)]
     return {
         "project_id": project_id,
         "total": row.total_micro / MICRO,
@@ -226,7 +255,8 @@ class Claim:
 
 
 def claim(conn: Connection, project_id: str, query_hash: str, data_version: str, epsilon: float,
-          delta: float = 0.0, *, idempotency_key: str | None = None, actor: str | None = None) -> Claim:
+          delta: float = 0.0, *, idempotency_key: str | None = None, actor: str | None = None,
+          question: str | None = None) -> Claim:
     """The first step of a request: its recorded answer, or ε (and δ) reserved to compute it.
 
     Raises `BudgetExhausted` (nothing spent) when the reservation does not fit, and
@@ -235,7 +265,7 @@ def claim(conn: Connection, project_id: str, query_hash: str, data_version: str,
     recorded = recorded_answer(conn, project_id, query_hash, data_version, idempotency_key)
     if recorded is None:
         reserve(conn, project_id, epsilon, delta, query_hash=query_hash, idempotency_key=idempotency_key,
-                actor=actor)
+                actor=actor, question=question)
     return Claim(recorded, status(conn, project_id, history_limit=0)["remaining"])
 
 

@@ -6,6 +6,8 @@ be confused with another and none is ever stored. Keys are never logged.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 import stat
@@ -18,7 +20,13 @@ MASTER_KEY_BYTES = 32
 
 
 class MasterKeyError(Exception):
-    """The master key file is missing, unreadable, of the wrong size or too widely readable."""
+    """The master key file is missing, unreadable, of the wrong size or too widely readable.
+
+    `reason` is `missing` when the file does not exist, `invalid` otherwise."""
+
+    def __init__(self, message: str, reason: str = "invalid"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def ensure_master_key(path: str | os.PathLike[str]) -> bool:
@@ -41,6 +49,8 @@ def load_master_key(path: str | os.PathLike[str]) -> bytes:
     try:
         mode = target.stat().st_mode
         data = target.read_bytes()
+    except FileNotFoundError as exc:
+        raise MasterKeyError(f"the master key file {target} does not exist", "missing") from exc
     except OSError as exc:
         raise MasterKeyError(f"cannot read the master key file {target}: {exc.strerror}") from exc
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -54,3 +64,10 @@ def derive_key(master: bytes, purpose: str, length: int = 32) -> bytes:
     """Derive an independent key for one purpose (e.g. 'paging-cursor', 'project:P:v1:pseudonym')."""
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None,
                 info=f"passerelle/{purpose}".encode()).derive(master)
+
+
+def fingerprint(master: bytes) -> str:
+    """Pure: a keyed hash naming the master key (HMAC-SHA256 of a fixed label under a key derived
+    for this purpose): equal for equal keys, and neither the key nor a plain hash of it."""
+    return hmac.new(derive_key(master, "master-key-fingerprint"), b"passerelle master key fingerprint v1",
+                    hashlib.sha256).hexdigest()

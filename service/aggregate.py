@@ -381,8 +381,9 @@ def answer(release: Release, body: Any, idempotency_key: str | None, random_stat
     query = parse(body, release.project, current_app.config["MIN_EPSILON"])
     _check_types(release, query.question)
     canonical = query.canonical()
-    query_hash = budget.canonical_hash(canonical)
-    claim = release.reserve_aggregate(query.question, query_hash, query.epsilon, idempotency_key)
+    question = budget.canonical_text(canonical)
+    query_hash = budget.text_hash(question)
+    claim = release.reserve_aggregate(query.question, question, query.epsilon, idempotency_key)
     response = claim.answer
     if response is None:
         found, version = release.aggregate_rows(query.question)

@@ -20,19 +20,30 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     import consent.materialise  # noqa: F401 - registers decision materialisation on every write
     from consent import web as portal
-    from service import auth, cli, export, health
-    from service.api import custodian, operations, research, scopes
+    from service import audit, auth, cli, export, headers, health, limits, logs
+    from service.api import capability, custodian, openapi, operations, research, scopes
     from service.api.fhirjson import check_host
 
-    export.init_app(app)  # first: any request, even one refused below, starts this process's export worker
+    audit.init_app(app)  # before all: every request, even one refused below, has its X-Request-ID
+    # A node whose database, master key or schema is wrong answers 503 to everything (and starts
+    # no export worker); checked until it passes once, so an app can be built before `init-db`
+    # (tests, the CLI). Serving refuses earlier still, at load (wsgi.py).
+    app.before_request(health.refuse_until_ready)
+    export.init_app(app)  # then: any request, even one refused below, starts this process's export worker
+    logs.init_app(app)  # before the other hooks: its line is written last, with the final response
+    headers.init_app(app)
     # In this order, before any blueprint's own checks: the Host, then the token and its scopes.
     app.before_request(check_host)
     app.before_request(scopes.enforce)
+    app.before_request(limits.check_parameters)
+    app.before_request(limits.throttle_research)  # after scopes.enforce: it counts per authenticated client
     app.register_blueprint(health.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(custodian.bp, url_prefix="/fhir")
     app.register_blueprint(operations.bp, url_prefix="/fhir")
     app.register_blueprint(research.bp, url_prefix="/research/fhir")
+    app.register_blueprint(capability.bp)  # the operations' OperationDefinitions
+    app.register_blueprint(openapi.bp)
     portal.init_app(app)
     cli.register(app)
     return app

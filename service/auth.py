@@ -28,7 +28,7 @@ from sqlalchemy import ColumnElement, Connection, Join, and_, delete, insert, or
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
-from service import db
+from service import db, limits
 from service.api.fhirjson import base_url
 from service.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
 from service.store.schema import access_tokens, clients, projects, used_jti
@@ -318,6 +318,21 @@ def _consume_jti(conn: Connection, client_id: str, claims: dict[str, Any]) -> No
         raise _client_error("client_assertion jti was already used") from None
 
 
+def _claimed_client_id() -> str | None:
+    """The client id a token request names (Basic user, `client_id`, or its assertion's unverified
+    `iss`), for rate limiting only: nothing is trusted before authentication."""
+    basic = request.authorization
+    if basic is not None and basic.type == "basic":
+        return unquote(basic.username or "") or None
+    if "client_assertion" in request.form:
+        try:
+            issuer = jwt.decode(request.form["client_assertion"], options={"verify_signature": False}).get("iss")
+        except jwt.PyJWTError:
+            return None
+        return issuer if isinstance(issuer, str) else None
+    return request.form.get("client_id") or None
+
+
 def _authenticated_client(conn: Connection) -> Row[Any]:
     with_secret = request.authorization is not None or "client_secret" in request.form
     if "client_assertion" in request.form:
@@ -338,6 +353,7 @@ def token() -> Response:
         raise OAuthError("invalid_request", "grant_type is required (form-encoded body)")
     if grant_type != "client_credentials":
         raise OAuthError("unsupported_grant_type", "only grant_type=client_credentials is supported")
+    limits.throttle_token(_claimed_client_id())
     lifetime = current_app.config["TOKEN_LIFETIME"]
     value = secrets.token_urlsafe(32)
     with db.write() as conn:

@@ -15,7 +15,16 @@ from urllib.parse import parse_qsl, urlsplit
 from sqlalchemy import Connection
 
 from consent.materialise import overruled_warnings
-from service.errors import FhirError, InvalidRequest, NotFound, NotSupported, PreconditionFailed, operation_outcome
+from service import auditevent
+from service.errors import (
+    FhirError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    NotSupported,
+    PreconditionFailed,
+    operation_outcome,
+)
 from service.store import repository, search
 from service.store.repository import Change, Stored
 from service.validation import check_type, validate
@@ -73,6 +82,9 @@ def _parse_entry(index: int, raw: Any, bundle_type: str) -> Entry:
         raise InvalidRequest(f"{where}.request.url {url!r} names no resource type", expression=f"{where}.request.url")
     resource_type, resource_id = parts[0], parts[1] if len(parts) > 1 else None
     check_type(resource_type)
+    if resource_type == auditevent.TYPE:
+        raise MethodNotAllowed(f"{where}: AuditEvent is the audit trail, read only at /fhir/AuditEvent",
+                               expression=f"{where}.request.url")
     query = parse_qsl(split.query, keep_blank_values=True) if split.query else None
     resource = raw.get("resource")
     if method in ("POST", "PUT"):

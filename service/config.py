@@ -30,6 +30,13 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def _positive(env: dict[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
+
+
 def host_name(value: str) -> str | None:
     """A host as requests name it (`Example.org`, `127.0.0.1`, `[::1]`), lowercased and unbracketed;
     None unless it is a DNS name or an IP address."""
@@ -78,8 +85,8 @@ def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
     env = dict(os.environ if env is None else env)
     instance = Path(env.get("PASSERELLE_INSTANCE_DIR", str(ROOT / "instance")))
     database_url = env.get("PASSERELLE_DATABASE_URL") or f"sqlite:///{instance / 'passerelle.db'}"
-    consent_default = env.get("PASSERELLE_CONSENT_DEFAULT", "deny")
-    if consent_default not in CONSENT_DEFAULTS:
+    consent_default = env.get("PASSERELLE_CONSENT_DEFAULT") or None
+    if consent_default is not None and consent_default not in CONSENT_DEFAULTS:
         raise ValueError(f"PASSERELLE_CONSENT_DEFAULT must be one of {', '.join(CONSENT_DEFAULTS)}")
     token_lifetime = _int(env, "PASSERELLE_TOKEN_LIFETIME", MAX_TOKEN_LIFETIME)
     if not 1 <= token_lifetime <= MAX_TOKEN_LIFETIME:
@@ -104,7 +111,16 @@ def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
         "TOKEN_LIFETIME": token_lifetime,
         "DEFAULT_PAGE_SIZE": _int(env, "PASSERELLE_PAGE_SIZE", 20),
         "MAX_PAGE_SIZE": _int(env, "PASSERELLE_MAX_PAGE_SIZE", 1000),
-        # The regime for patients without a research consent: opt-in (deny) or opt-out.
+        # Request limits and rate limits (service/limits.py decides each; README, "Configuration").
+        "MAX_JSON_DEPTH": _positive(env, "PASSERELLE_MAX_JSON_DEPTH", 64),
+        "MAX_SEARCH_PARAMS": _positive(env, "PASSERELLE_MAX_SEARCH_PARAMS", 100),
+        "MAX_BUNDLE_ENTRIES": _positive(env, "PASSERELLE_MAX_BUNDLE_ENTRIES", 10_000),
+        "TOKEN_RATE_LIMIT": _positive(env, "PASSERELLE_TOKEN_RATE_LIMIT", 60),
+        "RESEARCH_RATE_LIMIT": _positive(env, "PASSERELLE_RESEARCH_RATE_LIMIT", 6000),
+        # The level of the JSON request log (service/logs.py); gunicorn's own logs use it too.
+        "LOG_LEVEL": env.get("PASSERELLE_LOG_LEVEL") or "info",
+        # The regime for patients without a research consent (opt-in: deny, or opt-out) that `init-db`
+        # records in a new database (None: deny); nodes then follow the database's (`settings set`).
         "CONSENT_DEFAULT": consent_default,
         "EXPORT_TTL_SECONDS": _int(env, "PASSERELLE_EXPORT_TTL", 24 * 3600),
         "EXPORT_POLL_SECONDS": _int(env, "PASSERELLE_EXPORT_POLL_SECONDS", 2),

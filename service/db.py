@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 from service.store.schema import metadata, schema_migrations
 
 #: Bump when a migration step is added to MIGRATIONS.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def now_us() -> int:
@@ -165,4 +165,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # The consent portal: projects in plain language (its own tables are new and need no step).
     3: ("ALTER TABLE projects ADD COLUMN plain_language TEXT",
         "ALTER TABLE projects ADD COLUMN ends VARCHAR(10)"),
+    # Accountability (issue 13): the audit's new facts travel in each entry's hashed `detail`.
+    4: (),
 }

@@ -2,9 +2,10 @@
 
 Jobs, files and worker heartbeats live in the database (service/store/jobs.py), so any
 node can accept a kick-off, run the job, answer a poll or serve a file, and a restart
-loses nothing: a job whose worker died is claimed again when its lease expires and
-restarted from scratch; the manifest appears only once every file is complete. Stored
-data reaches a file, and a file a client, only through the caller's `Release`
+loses nothing: a job whose worker died is claimed again once that worker has fallen silent
+(no heartbeat for three intervals) or its lease has expired, and restarted from scratch;
+only the worker running a job can change it; the manifest appears only once every file is
+complete. Stored data reaches a file, and a file a client, only through the caller's `Release`
 (service/release.py): rows are chosen by the consent filter in SQL and de-identified
 when a file is written, in keyset batches (memory stays flat however large the export),
 and every line is judged again when the file is downloaded.
@@ -48,7 +49,7 @@ LEASE_US = 60_000_000
 #: An idle worker looks for queued jobs this often; it records a heartbeat at most this often.
 IDLE_SECONDS = 1.0
 HEARTBEAT_SECONDS = 5.0
-#: No heartbeat for three intervals: no worker is running.
+#: No heartbeat for three intervals: that worker is gone (and no worker runs when none has beaten).
 _SILENT_US = int(3 * HEARTBEAT_SECONDS * 1_000_000)
 _STARTED_IN = "passerelle.export_worker_pid"
 _start_lock = threading.Lock()
@@ -227,7 +228,7 @@ class Worker:
         with self.app.app_context():
             self.beat()
             jobs.purge_expired()
-            while (job_id := jobs.claim(self.worker_id, LEASE_US)) is not None:
+            while (job_id := jobs.claim(self.worker_id, LEASE_US, _SILENT_US)) is not None:
                 self._run(job_id)
                 ran += 1
         return ran
@@ -256,15 +257,16 @@ class Worker:
                     after = batch[-1][0][0]
                     self.beat()
                 writer.flush(progress=f"{file_no + 1} of {len(job.types)} resource types done")
-                if writer.count:
-                    jobs.add_file(job_id, file_no, resource_type, writer.count)
+                if writer.count and not jobs.add_file(job_id, self.worker_id, file_no, resource_type, writer.count,
+                                                      LEASE_US):
+                    raise _Cancelled
             if not jobs.complete(job_id, self.worker_id, self.app.config["EXPORT_TTL_SECONDS"] * 1_000_000):
                 raise _Cancelled
         except _Cancelled:
             log.info("export job %s was cancelled or taken over", job_id)
         except Exception as exc:  # a failed job is reported to its client, never left half-done
             log.exception("export job %s failed", job_id)
-            jobs.fail(job_id, getattr(exc, "message", "the export failed; ask the data custodian"))
+            jobs.fail(job_id, self.worker_id, getattr(exc, "message", "the export failed; ask the data custodian"))
 
 
 def init_app(app: Flask) -> None:

@@ -1,10 +1,11 @@
 """Keys and profiles of research projects, loaded once per process and never logged.
 
-The master key file is read once; each project's pseudonym key is derived from it for
-the project's current key version (`project_keys`), which `keys rotate` advances. A
-node keeps the current version it read for `VERSION_TTL` seconds, so a rotation takes
-effect on every node within `VERSION_TTL` seconds of its commit (the node that rotates
-forgets its copy at once).
+The master key file is read once; a node serves only while its fingerprint is the one
+`init-db` recorded in the database (`key_status`, checked by service/health.py). Each
+project's pseudonym key is derived from it for the project's current key version
+(`project_keys`), which `keys rotate` advances. A node keeps the current version it read
+for `VERSION_TTL` seconds, so a rotation takes effect on every node within `VERSION_TTL`
+seconds of its commit (the node that rotates forgets its copy at once).
 """
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ from typing import TYPE_CHECKING
 
 import orjson
 from flask import current_app
-from sqlalchemy import Connection, func, insert, select
+from sqlalchemy import Connection, func, insert, select, update
 
 from policies.deid import Profile, load_profile, parse_profile
-from policies.keys import load_master_key
+from policies.keys import MasterKeyError, fingerprint, load_master_key
 from policies.pseudonym import PseudonymKey
 from service.db import now_us
 from service.errors import Forbidden
-from service.store.schema import project_keys
+from service.store.schema import project_keys, settings
 
 if TYPE_CHECKING:
     from consent.projects import ProjectRecord
@@ -33,13 +34,57 @@ class KeyMissing(Forbidden):
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "policies" / "profiles" / "default.json"
 #: Seconds a node keeps using the current key version it read (see the module docstring).
 VERSION_TTL = 1.0
+#: The `settings` row holding the master key's fingerprint (policies.keys.fingerprint).
+FINGERPRINT = "master-key-fingerprint"
+
+
+class KeyMismatch(Exception):
+    """The database was initialised with another master key."""
 
 
 def master() -> bytes:
+    """The master key this process uses: the key file as first read successfully (MasterKeyError until then)."""
     cache = current_app.extensions.setdefault("passerelle.keys", {})
     if "master" not in cache:
         cache["master"] = load_master_key(current_app.config["MASTER_KEY_FILE"])
     return cache["master"]
+
+
+def recorded_fingerprint(conn: Connection) -> str | None:
+    """The fingerprint `init-db` recorded (None: the database was never initialised by `init-db`)."""
+    return conn.scalar(select(settings.c.value).where(settings.c.name == FINGERPRINT))
+
+
+def key_status(conn: Connection) -> str:
+    """`ok` when this process's master key is the one the database records; otherwise the cause:
+    `missing` / `invalid` (the key file), `unregistered` (no fingerprint: run `init-db`), `mismatch`."""
+    try:
+        key = master()
+    except MasterKeyError as exc:
+        return exc.reason
+    recorded = recorded_fingerprint(conn)
+    if recorded is None:
+        return "unregistered"
+    return "ok" if recorded == fingerprint(key) else "mismatch"
+
+
+def record_fingerprint(conn: Connection, replace: bool = False) -> bool:
+    """Record this process's master key fingerprint when none is; returns True if it wrote one.
+
+    A different recorded fingerprint raises KeyMismatch unless `replace` (a deliberate change of
+    master key, see deploy/README.md): it is never overwritten silently."""
+    mine = fingerprint(master())
+    recorded = recorded_fingerprint(conn)
+    if recorded == mine:
+        return False
+    if recorded is None:
+        conn.execute(insert(settings).values(name=FINGERPRINT, value=mine))
+    elif replace:
+        conn.execute(update(settings).where(settings.c.name == FINGERPRINT).values(value=mine))
+    else:
+        raise KeyMismatch(f"the master key file {current_app.config['MASTER_KEY_FILE']} is not the key this "
+                          "database was initialised with")
+    return True
 
 
 def start(conn: Connection, project_id: str) -> None:

@@ -491,14 +491,20 @@ class Release:
         reaches the aggregate tier at `now`, of the project's types and Patient (the unit)."""
         return restrict(self.project.project_id, engine.AGGREGATE, now, types=("Patient", *self.types))
 
-    def reserve_aggregate(self, question: cohort.Question, query_hash: str, epsilon: float,
+    def reserve_aggregate(self, question: cohort.Question, canonical: str, epsilon: float,
                           idempotency_key: str | None) -> budget.Claim:
-        """In a short write transaction: the answer recorded for this request on the data the
-        question reads (nothing spent), or ε reserved for computing it (`budget.claim`)."""
+        """In a short write transaction: the answer recorded for this request (its `canonical`
+        text, `budget.canonical_text`) on the data the question reads (nothing spent), or ε
+        reserved for computing it (`budget.claim`, which keeps the question in the history)."""
         with db.write() as conn:
             version = cohort.data_version(conn, self.project.project_id, question.types)
-            return budget.claim(conn, self.project.project_id, query_hash, version, epsilon,
-                                idempotency_key=idempotency_key, actor=self.client_id)
+            return budget.claim(conn, self.project.project_id, budget.text_hash(canonical), version, epsilon,
+                                idempotency_key=idempotency_key, actor=self.client_id, question=canonical)
+
+    def budget(self) -> dict[str, Any]:
+        """The project's privacy budget and its history (`budget.status`); spends nothing."""
+        with db.read() as conn:
+            return budget.status(conn, self.project.project_id)
 
     def aggregate_rows(self, question: cohort.Question) -> tuple[cohort.Exact, str]:
         """In a read transaction, which holds up no writer: the exact aggregate over the consented

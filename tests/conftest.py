@@ -25,6 +25,7 @@ from policies.keys import ensure_master_key
 from policies.pseudonym import PseudonymKey
 from service import db
 from service.app import create_app
+from service.cli import database
 from service.export import Worker
 from service.store.schema import metadata
 from tests.backends import admin_url, in_ci, postgres_problem, postgres_url
@@ -109,6 +110,8 @@ def app(database_url: str, tmp_path: Path) -> Iterator[Flask]:
     })
     ensure_master_key(application.config["MASTER_KEY_FILE"])
     db.migrate(application.extensions["passerelle.engine"])
+    with application.app_context(), db.write() as conn:
+        database.record_settings(conn)  # as `init-db` does: this node's key and the regime
     yield application
     application.extensions["passerelle.engine"].dispose()
 

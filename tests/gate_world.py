@@ -27,7 +27,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from consent import projects, writer
-from consent.materialise import consent_default, refresh
+from consent.materialise import refresh
 from service import db, keyring
 from service.store.schema import resources
 from tests.fhir_helpers import create, observation, patient
@@ -121,7 +121,7 @@ def build(app: Flask, client: FlaskClient, headers: dict[str, str]) -> World:
         made = [projects.create(conn, name=name, tier="record", epsilon=5.0, types=types).project_id
                 for name, types in (("open", None), ("observations", ("Observation",)),
                                     ("directory", ("Observation", "Practitioner")))]
-        refresh(conn, consent_default())
+        refresh(conn)
     world = World(*made)
     w = _Builder(client, headers, world)
     world.names += ["GateDoctorFamily", "Gate Clinic Incorporated"]

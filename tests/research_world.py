@@ -13,7 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from consent import projects, writer
-from consent.materialise import consent_default, refresh
+from consent.materialise import refresh
 from service import db
 from service.auth import register_client
 from tests.fhir_helpers import create, observation, patient
@@ -60,7 +60,7 @@ def build(app: Flask, client: FlaskClient, headers: dict[str, str]) -> World:
     with app.app_context(), db.write() as conn:
         ids = [projects.create(conn, name=name, tier=tier, epsilon=5.0).project_id
                for name, tier in (("A", "record"), ("B", "record"), ("C", "aggregate"))]
-        refresh(conn, consent_default())
+        refresh(conn)
     world = World(*ids)
     situations = ("consented", "aggregate_only", "refused", "silent", "no_mental_health", "recent_only",
                   "other_project")

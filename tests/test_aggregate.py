@@ -22,7 +22,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from consent import engine, projects, writer
-from consent.materialise import consent_default, refresh
+from consent.materialise import refresh
 from policies import budget, dp
 from policies.deid import load_profile
 from service import aggregate, db, synthetic
@@ -86,7 +86,7 @@ def new_project(app: Flask, tier: str = "aggregate", epsilon: float = 10.0, cap:
     with app.app_context(), db.write() as conn:
         project_id = projects.create(conn, name=f"P-{uuid.uuid4().hex[:6]}", tier=tier, epsilon=epsilon,
                                      epsilon_cap=cap, suppression=suppression).project_id
-        refresh(conn, consent_default(), project_ids=[project_id])
+        refresh(conn, project_ids=[project_id])
     return project_id
 
 
@@ -526,7 +526,7 @@ def test_a_project_limited_to_some_types_cannot_aggregate_over_other_types(app, 
     with app.app_context(), db.write() as conn:
         limited = projects.create(conn, name="weights only", tier="aggregate", epsilon=10.0,
                                   types=("Patient", "Observation")).project_id
-        refresh(conn, consent_default(), project_ids=[limited])
+        refresh(conn, project_ids=[limited])
     for patient_id in small_world.values():
         consent(app, patient_id, limited, "aggregate")
     research = bearer(token(client, app, "research", limited))
@@ -674,7 +674,10 @@ def test_lowering_the_budget_is_refused_with_409_and_changes_nothing(app, client
     assert issue(response)["code"] == "conflict"
     assert budget_of(client, custodian_headers, project) == before
     with app.app_context(), db.read() as conn:
-        assert conn.execute(select(audit.c.seq).where(audit.c.action == "budget-raise")).first() is None
+        entries = [json.loads(detail) for detail in conn.execute(
+            select(audit.c.detail).where(audit.c.action == "budget-raise")).scalars()]
+    # The refused attempt is accountable too, but as a failure: no raise is recorded as done.
+    assert [entry["outcome"] for entry in entries] == [409]
 
 
 def test_the_cli_shows_and_raises_a_budget(app, client, custodian_headers, project, research, small_world):

@@ -297,7 +297,7 @@ def test_a_transaction_whose_consent_is_unsupported_stores_neither_patient_nor_c
 # --- a Consent that stops counting ---------------------------------------------------------------------
 
 def test_updating_the_consent_to_inactive_falls_back_to_the_default(app, client, custodian_headers):
-    app.config["CONSENT_DEFAULT"] = "aggregate"
+    assert run(app, "settings", "set", "consent-default", "aggregate").exit_code == 0
     project = new_project(app)
     patient_id = new_patient(client, custodian_headers)
     stored = create(client, custodian_headers, research_consent(patient_id, PERMIT))
@@ -342,7 +342,7 @@ def test_moving_a_consent_to_another_patient_refreshes_the_patient_it_left(app, 
 # --- patients and projects ------------------------------------------------------------------------------
 
 def test_a_new_patient_gets_the_default_decision_for_every_project(app, client, custodian_headers):
-    app.config["CONSENT_DEFAULT"] = "aggregate"
+    assert run(app, "settings", "set", "consent-default", "aggregate").exit_code == 0
     first, second = new_project(app, "record"), new_project(app, "aggregate")
     patient_id = new_patient(client, custodian_headers)
     for project in (first, second):
@@ -390,35 +390,34 @@ def test_a_closed_project_stays_at_none_when_a_new_consent_arrives(app, client, 
 
 # --- the default regime changes ---------------------------------------------------------------------------
 
-def test_consent_refresh_after_a_default_change_rematerialises_without_sensitive_categories(app, client,
-                                                                                           custodian_headers):
+def test_settings_set_consent_default_rematerialises_without_sensitive_categories(app, client,
+                                                                                  custodian_headers):
     project = new_project(app)
     patient_id = new_patient(client, custodian_headers)
     assert tier_of(client, custodian_headers, patient_id, project) == "none"
-    app.config["CONSENT_DEFAULT"] = "record"
-    result = run(app, "consent", "refresh")
+    result = run(app, "settings", "set", "consent-default", "record")
     assert result.exit_code == 0, result.output
     assert "1 decisions materialised" in result.stderr
     decision = explained(client, custodian_headers, patient_id, project)
     assert (decision["tier"], decision["excluded"]) == ("record", ALL_CATEGORIES)
 
 
-def test_consent_refresh_keeps_the_decisions_of_patients_who_consented(app, client, custodian_headers):
+def test_a_default_change_keeps_the_decisions_of_patients_who_consented(app, client, custodian_headers):
     project = new_project(app)
     patient_id = new_patient(client, custodian_headers)
     create(client, custodian_headers, research_consent(patient_id, PERMIT_WITHOUT_PSY))
-    app.config["CONSENT_DEFAULT"] = "record"
-    assert run(app, "consent", "refresh").exit_code == 0
+    assert run(app, "settings", "set", "consent-default", "record").exit_code == 0
     decision = explained(client, custodian_headers, patient_id, project)
     assert (decision["tier"], decision["excluded"]) == ("record", ["mental-health"])
 
 
-def test_init_db_rematerialises_decisions_after_a_default_change(app, client, custodian_headers):
+def test_consent_refresh_rematerialises_under_the_database_regime(app, client, custodian_headers):
     project = new_project(app)
     patient_id = new_patient(client, custodian_headers)
-    app.config["CONSENT_DEFAULT"] = "aggregate"
-    result = run(app, "init-db")
+    assert run(app, "settings", "set", "consent-default", "aggregate").exit_code == 0
+    result = run(app, "consent", "refresh")
     assert result.exit_code == 0, result.output
+    assert "default regime 'aggregate'" in result.stderr
     decision = explained(client, custodian_headers, patient_id, project)
     assert (decision["tier"], decision["excluded"]) == ("aggregate", ALL_CATEGORIES)
 

@@ -13,6 +13,7 @@ import pytest
 from policies.keys import ensure_master_key
 from service import db
 from service.app import create_app
+from service.cli import database
 from tests.fhir_helpers import issue, patient
 
 
@@ -23,6 +24,8 @@ def busy_app(tmp_path):
                               "MASTER_KEY_FILE": str(tmp_path / "master.key"), "DB_BUSY_SECONDS": 0.2})
     ensure_master_key(application.config["MASTER_KEY_FILE"])
     db.migrate(application.extensions["passerelle.engine"])
+    with application.app_context(), db.write() as conn:
+        database.record_settings(conn)  # as `init-db` does
     yield application, path
     application.extensions["passerelle.engine"].dispose()
 

@@ -20,7 +20,7 @@ import requests
 from sqlalchemy import select, update
 
 from consent import projects, writer
-from consent.materialise import consent_default, refresh
+from consent.materialise import refresh
 from service import db
 from service.config import load_config
 from service.export import Worker
@@ -91,7 +91,7 @@ def _project(app, world: World, types: tuple[str, ...]) -> str:
     with app.app_context(), db.write() as conn:
         project_id = projects.create(conn, name=f"typed {types}", tier="record", epsilon=5.0,
                                      types=types).project_id
-        refresh(conn, consent_default(), project_ids=[project_id])
+        refresh(conn, project_ids=[project_id])
     _consent(app, world, "consented", project=project_id)
     return project_id
 

@@ -8,20 +8,31 @@ received when it was created, and expire the export files it cannot judge again.
 """
 from __future__ import annotations
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, inspect, select, text
 
 from consent import projects
-from service import db
+from service import audit, db
 from service.store.schema import history, project_keys, schema_migrations
 from tests.fhir_helpers import create, observation, patient
 from tests.research_world import bearer, build, token
 
 _VERSION_2_COLUMNS = ("sensitive_mask", "clinical_low", "clinical_high")
 _VERSION_3_COLUMNS = ("plain_language", "ends")
+#: (table, column) of each column a step of version 4 adds: a new step adds its columns here.
+_VERSION_4_COLUMNS: tuple[tuple[str, str], ...] = ()
+
+
+def _as_version_3(app) -> None:
+    """Turn the app's database back into what a version-3 release made."""
+    with app.app_context(), db.write() as conn:
+        for table, column in _VERSION_4_COLUMNS:
+            conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        conn.execute(schema_migrations.delete().where(schema_migrations.c.version > 3))
 
 
 def _as_version_2(app) -> None:
     """Turn the app's database back into what a version-2 release made."""
+    _as_version_3(app)
     with app.app_context(), db.write() as conn:
         for column in _VERSION_3_COLUMNS:
             conn.execute(text(f"ALTER TABLE projects DROP COLUMN {column}"))
@@ -109,3 +120,18 @@ def test_version_3_gives_existing_projects_room_for_plain_language(app):
         row = conn.execute(text("SELECT plain_language, ends FROM projects WHERE project_id = :p"),
                            {"p": project_id}).one()
     assert tuple(row) == (None, None)
+
+
+def test_version_4_keeps_the_audit_chain_a_version_3_node_wrote(app, client, custodian_headers):
+    """Entries written before version 4 (no request id, no outcome) still verify, and the chain goes on."""
+    with app.app_context(), db.write() as conn:
+        audit.record(conn, actor="cli:older", action="keys-rotate", project_id=None, detail={"key_version": 2})
+    _as_version_3(app)
+    assert db.migrate(app.extensions["passerelle.engine"]) == db.SCHEMA_VERSION
+    with app.app_context(), db.read() as conn:
+        assert {(t, c["name"]) for t, _ in _VERSION_4_COLUMNS for c in inspect(conn).get_columns(t)
+                } >= set(_VERSION_4_COLUMNS)
+    create(client, custodian_headers, patient())
+    with app.app_context(), db.read() as conn:
+        intact, count, _ = audit.verify(conn)
+    assert intact and count >= 2

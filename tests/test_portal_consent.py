@@ -14,6 +14,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from consent import writer
+from consent.materialise import set_consent_default
 from consent.projects import DIRECTORY_TYPES, PATIENT_DATA_TYPES
 from consent.web import choices
 from consent.web.choices import Choice, ChoiceRefused
@@ -84,7 +85,8 @@ def test_every_kind_of_data_a_project_can_receive_has_words():
 
 
 def test_the_default_regime_shows_sensitive_categories_as_left_out(portal, app, context):
-    app.config["CONSENT_DEFAULT"] = "aggregate"
+    with db.write() as conn:
+        set_consent_default(conn, "aggregate")
     assert overview(portal.alice).research_wide == Choice("aggregate", CATEGORIES)
 
 

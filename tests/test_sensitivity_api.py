@@ -11,7 +11,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from consent import projects, writer
-from consent.materialise import consent_default, refresh
+from consent.materialise import refresh
 from policies.sensitivity import CATEGORIES
 from service import db
 from tests.fhir_helpers import create, patient
@@ -127,7 +127,7 @@ def _status_for(app: Flask, client: FlaskClient, headers: dict[str, str], case: 
     """Build the case for a new patient who excludes `excluded`; the research read's status."""
     with app.app_context(), db.write() as conn:
         project = projects.create(conn, name=f"Study {case}", tier="record", epsilon=1.0).project_id
-        refresh(conn, consent_default())
+        refresh(conn)
     patient_id = create(client, headers, patient(family="Sensible"))["id"]
 
     def make(resource: dict[str, Any]) -> str:

@@ -181,7 +181,7 @@ def overview(conn: Connection, patient_id: str) -> Overview:
     consents = tuple(orjson.loads(payload) for payload in conn.execute(select(resources.c.json).where(
         resources.c.type == "Consent", resources.c.patient_id == patient_id,
         resources.c.deleted == false())).scalars())
-    default = consent_default()
+    default = consent_default(conn)
     offers = []
     held: dict[str | None, dict[str, Any]] = {}
     for project in projects.all_projects(conn):

@@ -6,16 +6,29 @@ from __future__ import annotations
 
 from flask import current_app, redirect, render_template, request, url_for
 from flask_babel import gettext as _
+from sqlalchemy import Connection
 from werkzeug import Response
 
 from consent.web import accounts, bp, i18n, sessions
 from consent.web.errors import TooManyAttempts
-from service import db, ratelimit
+from service import audit, db, ratelimit
 
 #: Sign-in attempts one address may make per window, whatever the numbers tried.
 SIGN_IN_LIMIT = 20
 SIGN_IN_WINDOW_SECONDS = 15 * 60
 SIGN_IN_BUCKET = "portal-sign-in:"
+
+
+def _audit_sign_in(conn: Connection, patient_id: str | None, number: str, failure: str | None = None,
+                   **detail: str) -> None:
+    """Record a sign-in (never its passphrase): the patient's, or, for a number of no account, a keyed
+    hash of the number; a refusal with its reason."""
+    if failure:
+        detail.update(outcome="failure", reason=failure)
+    if patient_id is None:
+        detail["number"] = audit.conceal([("identifier", number)], audit.query_key())[0][1]
+    audit.record(conn, actor=f"patient:{patient_id or 'unknown'}", action="sign-in", project_id=None, detail=detail,
+                 patients=[patient_id] if patient_id else [])
 
 
 def _passphrase_errors(passphrase: str, confirm: str) -> dict[str, str]:
@@ -46,6 +59,7 @@ def invite(token: str) -> Response | str | tuple[str, int]:
                 now = db.now_us()
                 patient_id = accounts.accept(conn, token, hashed, now)
                 sessions.sign_in_as(conn, patient_id, i18n.page_language(), now)
+                _audit_sign_in(conn, patient_id, invitation.number, via="invitation")
             return redirect(url_for("consent_web.home"), 303)
     page = render_template("invite.html", token=token, number=invitation.number, errors=errors,
                            min_length=accounts.MIN_LENGTH)
@@ -56,7 +70,7 @@ def invite(token: str) -> Response | str | tuple[str, int]:
 @sessions.public
 def signin() -> Response | str | tuple[str, int]:
     """Sign in with patient number and passphrase; every refusal says the same thing."""
-    if request.method == "GET":
+    if request.method != "POST":  # GET and HEAD: a HEAD with a form body must not sign in past the CSRF check
         if sessions.current_session() is not None:
             return redirect(url_for("consent_web.home"))
         return render_template("signin.html", number="", errors={})
@@ -73,14 +87,18 @@ def signin() -> Response | str | tuple[str, int]:
         account = accounts.find(conn, number)
     now = db.now_us()
     accepted = accounts.passphrase_accepted(account, passphrase, now)  # slow on purpose: outside transactions
-    if account is not None:
-        with db.write() as conn:
+    with db.write() as conn:
+        if account is None:
+            _audit_sign_in(conn, None, number, "unknown-number")
+        elif accepted:
+            accepted = accounts.record_success(conn, account, now)
             if accepted:
-                accepted = accounts.record_success(conn, account, now)
-                if accepted:
-                    sessions.sign_in_as(conn, account.patient_id, i18n.page_language(), now)
-            else:
-                accounts.record_failure(conn, account, now)
+                sessions.sign_in_as(conn, account.patient_id, i18n.page_language(), now)
+            _audit_sign_in(conn, account.patient_id, number, None if accepted else "locked")
+        else:
+            _audit_sign_in(conn, account.patient_id, number,
+                           "locked" if accounts.is_locked(account, now) else "wrong-passphrase")
+            accounts.record_failure(conn, account, now)
     if accepted:
         return redirect(url_for("consent_web.home"), 303)
     message = _("Patient number or passphrase not recognised, or the account is locked for a while. "
@@ -92,6 +110,8 @@ def signin() -> Response | str | tuple[str, int]:
 @sessions.signed_in
 def signout() -> Response:
     with db.write() as conn:
+        audit.record(conn, actor=f"patient:{sessions.current_patient()}", action="sign-out", project_id=None,
+                     detail={}, patients=[sessions.current_patient()])
         sessions.sign_out(conn)
     return redirect(url_for("consent_web.signed_out"), 303)
 
@@ -100,6 +120,8 @@ def signout() -> Response:
 @sessions.signed_in
 def signout_everywhere() -> Response:
     with db.write() as conn:
+        audit.record(conn, actor=f"patient:{sessions.current_patient()}", action="sign-out", project_id=None,
+                     detail={"everywhere": True}, patients=[sessions.current_patient()])
         sessions.sign_out(conn, everywhere=True)
     return redirect(url_for("consent_web.signed_out", everywhere=1), 303)
 

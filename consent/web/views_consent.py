@@ -19,7 +19,7 @@ from flask_babel import gettext as _
 from consent import projects
 from consent.web import bp, choices, disclosures, i18n, sessions
 from consent.web.sessions import current_patient, signed_in
-from service import db
+from service import audit, db
 
 TIER_LABELS = {"none": lazy_gettext("No"), "aggregate": lazy_gettext("Statistics only"),
                "record": lazy_gettext("Pseudonymised records")}
@@ -178,8 +178,13 @@ def confirm() -> str:
 def save() -> Response:
     """Re-check the confirmed change and store it in one transaction; then the receipt."""
     started = db.now_us()
+    patient_id = current_patient()
     with db.write() as conn:
-        choices.save(conn, current_patient(), _fields())
+        _, written = choices.save(conn, patient_id, _fields())
+        audit.record(conn, actor=f"patient:{patient_id}", action="consent-change", project_id=None,
+                     detail={"type": "Consent", "method": "web",
+                             "consents": [f"Consent/{s.id}/_history/{s.version}" for s in written]},
+                     patients=[patient_id])
     return redirect(url_for("consent_web.receipt", saved=started), 303)
 
 

@@ -4,25 +4,28 @@ Views are thin: parse the request, call the store inside one transaction, render
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
-from flask import Blueprint, Response, request
-from sqlalchemy import Connection
+from flask import Blueprint, Response, current_app, request
+from sqlalchemy import Connection, select
 
 from consent.materialise import overruled_warnings
-from service import bundles, db
+from service import audit, auditevent, bundles, db
 from service.api import capability, scopes
 from service.api.fhirjson import base_url, check_format, fhir_response, parse_body
-from service.api.searchset import render_stored, run_search
+from service.api.searchset import Render, render_stored, run_search
 from service.bundles import parse_if_match
-from service.errors import InvalidRequest, PreconditionFailed, operation_outcome
+from service.errors import InvalidRequest, MethodNotAllowed, PreconditionFailed, operation_outcome
+from service.limits import check_bundle_entries
 from service.store import repository
 from service.store.repository import Stored
+from service.store.schema import resources
 from service.store.search import custodian_view, matching_ids
-from service.validation import check_type, validate, version_number
+from service.validation import check_type, model_for, validate, version_number
 
 bp = Blueprint("custodian", __name__)
 
@@ -67,6 +70,48 @@ def _written(stored: Stored, status: int, warning: str | None = None) -> Respons
     return fhir_response(stored.json, status, headers=headers)
 
 
+def _about(stored: Stored) -> dict[str, Any]:
+    """What an audit entry says of one resource version."""
+    return {"type": stored.type, "id": stored.id, "version": stored.version}
+
+
+def _patients(stored: Iterable[Stored]) -> set[str]:
+    return {s.patient_id for s in stored if s.patient_id}
+
+
+def _noting(render: Render, patients: set[str]) -> Render:
+    """`render`, also noting the patients of the rows it renders (whom the audit entry names)."""
+    def noted(rows: list[Any], mode: str) -> list[dict[str, Any]]:
+        patients.update(row.patient_id for row in rows if row.patient_id)
+        return render(rows, mode)
+    return noted
+
+
+def _bundle_entry(conn: Connection, body: dict[str, Any], result: dict[str, Any],
+                  searched: set[str]) -> tuple[dict[str, Any], set[str]]:
+    """The audit detail and patients of a processed Bundle: the types of its entries, and the patients
+    of the resources it wrote or read (found by the response's locations) or its searches returned."""
+    touched: set[tuple[str, str]] = set()
+    for item in result["entry"]:
+        location = (item.get("response") or {}).get("location", "")
+        resource = item.get("resource")
+        if location.count("/") >= 1:
+            touched.add(tuple(location.split("/")[:2]))
+        elif isinstance(resource, dict) and resource.get("resourceType") not in (None, "Bundle"):
+            touched.add((resource["resourceType"], str(resource.get("id"))))
+    types = {t for t, _ in touched}
+    for entry in body.get("entry") or []:
+        url = ((entry.get("request") or {}).get("url") if isinstance(entry, dict) else None) or ""
+        name = url.partition("?")[0].strip("/").partition("/")[0]
+        if model_for(name) is not None:
+            types.add(name)
+    patients = set(searched)
+    if touched:
+        patients.update(conn.scalars(select(resources.c.patient_id).where(
+            repository.by_type_and_id(touched), resources.c.patient_id.is_not(None))))
+    return {"bundle": body.get("type"), "types": sorted(types), "entries": len(result["entry"])}, patients
+
+
 def _strict() -> bool:
     return "handling=lenient" not in request.headers.get("Prefer", "")
 
@@ -82,23 +127,56 @@ def _search_args() -> list[tuple[str, str]]:
 
 @bp.get("/metadata")
 def metadata() -> Response:
-    return fhir_response(capability.statement(_base()))
+    return fhir_response(auditevent.advertise(capability.statement(_base())))
+
+
+@bp.get("/AuditEvent")
+@bp.post("/AuditEvent/_search")
+def audit_event_search() -> Response:
+    """The audit trail as AuditEvents, newest first (service/auditevent.py)."""
+    query = auditevent.parse(_search_args(), current_app.config["DEFAULT_PAGE_SIZE"],
+                             current_app.config["MAX_PAGE_SIZE"])
+    with db.read() as conn:
+        found = auditevent.search(conn, query, _base())
+    # Reading the trail is an access too (the entries read are not named: they are about the trail).
+    audit.disclosed({"type": "AuditEvent", "query": audit.conceal(_search_args(), audit.query_key()),
+                     "resources": len(found.get("entry", ()))})
+    return fhir_response(found)
+
+
+@bp.get("/AuditEvent/<event_id>")
+def audit_event_read(event_id: str) -> Response:
+    with db.read() as conn:
+        event = auditevent.read(conn, event_id)
+    audit.disclosed({"type": "AuditEvent", "id": event_id, "resources": 1})
+    return fhir_response(event)
+
+
+@bp.route("/AuditEvent", methods=["POST", "PUT", "DELETE", "PATCH"])
+@bp.route("/AuditEvent/<path:_rest>", methods=["POST", "PUT", "DELETE", "PATCH"])
+def audit_event_write(_rest: str = "") -> Response:
+    raise MethodNotAllowed("AuditEvent is read-only: only the server writes the audit trail",
+                           headers={"Allow": "GET"})
 
 
 @bp.post("")
 @bp.post("/")
 def bundle() -> Response:
     body = parse_body()
+    check_bundle_entries(body)
     scopes.require_bundle_entries(body)
     base = _base()
+
+    searched: set[str] = set()
 
     def read_search(resource_type: str, args: list[tuple[str, str]]) -> dict[str, Any]:
         with db.read() as conn:
             return run_search(conn, resource_type, args, base=base, view=ROLE, strict=True,
-                              render=render_stored(base), restrict=custodian_view)
+                              render=_noting(render_stored(base), searched), restrict=custodian_view)
 
     with db.write() as conn:
         result = bundles.process(conn, body, read_search)
+        audit.in_request(conn, *_bundle_entry(conn, body, result, searched))
     return fhir_response(result)
 
 
@@ -107,9 +185,13 @@ def bundle() -> Response:
 def search_type(resource_type: str) -> Response:
     check_type(resource_type)
     args = _search_args()
+    patients: set[str] = set()
     with db.read() as conn:
-        return fhir_response(run_search(conn, resource_type, args, base=_base(), view=ROLE, strict=_strict(),
-                                        render=render_stored(_base()), restrict=custodian_view))
+        result = run_search(conn, resource_type, args, base=_base(), view=ROLE, strict=_strict(),
+                            render=_noting(render_stored(_base()), patients), restrict=custodian_view)
+    query = audit.conceal([(name, value) for name, value in args if name != "_cursor"], audit.query_key())
+    audit.disclosed({"type": resource_type, "query": query, "resources": len(result.get("entry", ()))}, patients)
+    return fhir_response(result)
 
 
 @bp.post("/<resource_type>")
@@ -124,17 +206,21 @@ def create(resource_type: str) -> Response:
             if len(found) > 1:
                 raise PreconditionFailed(f"If-None-Exist: more than one {resource_type} matches")
             if found:
-                return _written(repository.read(conn, resource_type, found[0]), 200)
+                stored = repository.read(conn, resource_type, found[0])
+                audit.in_request(conn, {**_about(stored), "existing": True}, _patients([stored]))
+                return _written(stored, 200)
         stored = repository.create(conn, resource_type, resource)
         warning = _warning(conn, stored)
+        audit.in_request(conn, _about(stored), _patients([stored]))
     return _written(stored, 201, warning)
 
 
 @bp.get("/<resource_type>/<resource_id>")
 def read(resource_type: str, resource_id: str) -> Response:
     check_type(resource_type)
-    with db.read() as conn:
+    with db.write() as conn:  # a point read: audited in the same short transaction
         stored = repository.read(conn, resource_type, resource_id)
+        audit.in_request(conn, {**_about(stored), "version": None}, _patients([stored]))
     if request.headers.get("If-None-Match") == stored.etag:
         return fhir_response(b"", 304, headers=_version_headers(stored))
     return fhir_response(stored.json, headers=_version_headers(stored))
@@ -149,6 +235,7 @@ def update(resource_type: str, resource_id: str) -> Response:
     with db.write() as conn:
         stored, created = repository.update(conn, resource_type, resource_id, resource, if_match)
         warning = _warning(conn, stored)
+        audit.in_request(conn, _about(stored), _patients([stored]))
     return _written(stored, 201 if created else 200, warning)
 
 
@@ -158,6 +245,8 @@ def delete(resource_type: str, resource_id: str) -> Response:
     if_match = parse_if_match(request.headers.get("If-Match"))
     with db.write() as conn:
         stored = repository.remove(conn, resource_type, resource_id, if_match)
+        audit.in_request(conn, {"type": resource_type, "id": resource_id,
+                                "version": stored.version if stored else None})
     headers = {"ETag": stored.etag} if stored else {}
     return fhir_response(b"", 204, headers=headers)
 
@@ -165,8 +254,10 @@ def delete(resource_type: str, resource_id: str) -> Response:
 @bp.get("/<resource_type>/<resource_id>/_history")
 def history(resource_type: str, resource_id: str) -> Response:
     check_type(resource_type)
-    with db.read() as conn:
+    with db.write() as conn:
         versions = repository.instance_history(conn, resource_type, resource_id)
+        audit.in_request(conn, {"type": resource_type, "id": resource_id, "resources": len(versions)},
+                         _patients(versions))
     base = _base()
     entries = []
     for stored in versions:
@@ -187,6 +278,7 @@ def history(resource_type: str, resource_id: str) -> Response:
 def vread(resource_type: str, resource_id: str, version: str) -> Response:
     check_type(resource_type)
     number = version_number(version, f"{resource_type}/{resource_id}")
-    with db.read() as conn:
+    with db.write() as conn:
         stored = repository.vread(conn, resource_type, resource_id, number)
+        audit.in_request(conn, _about(stored), _patients([stored]))
     return fhir_response(stored.json, headers=_version_headers(stored))

@@ -16,6 +16,7 @@ from flask import Response, current_app, request
 
 from service.config import host_name
 from service.errors import InvalidRequest, UnsupportedMediaType
+from service.limits import check_depth
 
 FHIR_JSON = "application/fhir+json"
 _ACCEPTED_BODY_TYPES = {FHIR_JSON, "application/json", "application/json+fhir"}
@@ -50,9 +51,11 @@ def parse_body() -> Any:
     if not data:
         raise InvalidRequest("The request body is empty")
     try:
-        return orjson.loads(data)
+        body = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from exc
+    check_depth(body)
+    return body
 
 
 def base_url() -> str:

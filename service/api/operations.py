@@ -9,7 +9,7 @@ from consent import projects
 from consent.materialise import explain
 from policies import budget
 from policies.fhirdates import instant
-from service import db
+from service import audit, db
 from service.api.fhirjson import check_format, fhir_response, parse_body
 from service.errors import InvalidRequest
 
@@ -46,7 +46,13 @@ def _parameters(explanation: dict[str, Any]) -> dict[str, Any]:
 def _budget(project_id: str) -> dict[str, Any]:
     with db.read() as conn:
         projects.get(conn, project_id)
-        status = budget.status(conn, project_id)
+        return budget_parameters(budget.status(conn, project_id))
+
+
+def budget_parameters(status: dict[str, Any]) -> dict[str, Any]:
+    """A project's budget (`budget.status`) as the Parameters of `$budget`, for the custodian's
+    `ResearchStudy/<id>/$budget` and the research client's own `/research/fhir/$budget` alike."""
+    project_id = status["project_id"]
     params: list[dict[str, Any]] = [
         {"name": "project", "valueReference": {"reference": f"ResearchStudy/{project_id}"}},
         *({"name": name, "valueDecimal": status[name]} for name in ("total", "spent", "remaining", "delta_total",
@@ -59,6 +65,8 @@ def _budget(project_id: str) -> dict[str, Any]:
             parts.append({"name": "actor", "valueString": item["actor"]})
         if item["query_hash"]:
             parts.append({"name": "query", "valueString": item["query_hash"]})
+        if item["question"]:
+            parts.append({"name": "question", "valueString": item["question"]})
         params.append({"name": "spend", "part": parts})
     return {"resourceType": "Parameters", "parameter": params}
 
@@ -66,7 +74,9 @@ def _budget(project_id: str) -> dict[str, Any]:
 @bp.get("/ResearchStudy/<project_id>/$budget")
 def budget_status(project_id: str) -> Response:
     """A project's privacy budget: total, spent, remaining and the history of spends."""
-    return fhir_response(_budget(project_id))
+    answer = _budget(project_id)
+    audit.disclosed({"type": "ResearchStudy", "id": project_id})
+    return fhir_response(answer)
 
 
 @bp.post("/ResearchStudy/<project_id>/$budget")
@@ -88,4 +98,6 @@ def consent_explain() -> Response:
     """Why a patient's data is (or is not) released to a project."""
     patient_id, project_id = _required("patient"), _required("project")
     with db.read() as conn:
-        return fhir_response(_parameters(explain(conn, patient_id, project_id)))
+        explanation = explain(conn, patient_id, project_id)
+    audit.disclosed({"type": "Consent", "project": project_id}, [patient_id])
+    return fhir_response(_parameters(explanation))

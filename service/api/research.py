@@ -12,6 +12,7 @@ from consent import engine
 from service import aggregate, export
 from service.api import capability
 from service.api.fhirjson import base_url, check_format, fhir_response, parse_body
+from service.api.operations import budget_parameters
 from service.errors import InvalidRequest, MethodNotAllowed
 from service.release import (
     RESEARCH_RESULT_PARAMS,
@@ -44,7 +45,7 @@ def metadata() -> Response:
     return fhir_response(capability.statement(_base(), writable=False, types=research_capability_types(),
                                               description="Passerelle research view: consented, de-identified",
                                               accepts=research_param_allowed, reads=capability.RESEARCH_READ,
-                                              result_params=RESEARCH_RESULT_PARAMS))
+                                              result_params=RESEARCH_RESULT_PARAMS, api="research"))
 
 
 @bp.route("", methods=["POST", "PUT", "DELETE", "PATCH"])
@@ -91,6 +92,13 @@ def aggregate_operation() -> Response:
     return fhir_response(aggregate.answer(release, body, request.headers.get("Idempotency-Key")))
 
 
+@bp.get("/$budget")
+def budget_operation() -> Response:
+    """The caller's own project's privacy budget and its history with the questions asked; spends nothing."""
+    release = release_for(g.principal.client_id, g.principal.project_id, engine.AGGREGATE)
+    return fhir_response(budget_parameters(release.budget()))
+
+
 # -- Bulk Data $export ---------------------------------------------------------------------
 
 
@@ -132,7 +140,7 @@ def export_cancel(job_id: str) -> Response:
     return fhir_response(b"", 202)
 
 
-@bp.get("/_export/<job_id>/file/<int:file_no>")
+@bp.get("/_export/<job_id>/file/<int(max=2147483647):file_no>")  # file_no is an INTEGER column: no larger one exists
 def export_file(job_id: str, file_no: int) -> Response:
     lines = _records().export_file(job_id, file_no)
     return Response(stream_with_context(lines), 200, mimetype="application/fhir+ndjson")

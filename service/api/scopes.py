@@ -22,14 +22,13 @@ from urllib.parse import parse_qsl
 
 from flask import g, request
 
-from service import auth
+from service import auth, limits
 from service.errors import Forbidden
 from service.store.searchparams import params_for
 
 EVERY_TYPE = "*"
 #: As `Access.on`: the type named by the URL's `<resource_type>`.
 URL_TYPE = "<resource_type>"
-_FORM = "application/x-www-form-urlencoded"
 
 
 @dataclass(frozen=True)
@@ -67,6 +66,11 @@ ROUTES: dict[str, Access] = {
     "auth.smart_configuration": PUBLIC,
     "custodian.metadata": PUBLIC,
     "research.metadata": PUBLIC,
+    "operation_definitions.operation_definition_view": PUBLIC,
+    "openapi.spec": PUBLIC,
+    "openapi.docs": PUBLIC,
+    "openapi.docs_initializer": PUBLIC,
+    "openapi.docs_static": PUBLIC,
     # The custodian API, /fhir.
     "custodian.search_type": _custodian("s"),  # GET and POST …/_search alike
     "custodian.read": _custodian("r"),
@@ -76,6 +80,9 @@ ROUTES: dict[str, Access] = {
     "custodian.update": _custodian("u"),  # update-as-create included
     "custodian.delete": _custodian("d"),
     "custodian.bundle": _custodian(""),  # each entry as its own interaction: require_bundle_entries
+    "custodian.audit_event_search": _custodian("s", "AuditEvent"),
+    "custodian.audit_event_read": _custodian("r", "AuditEvent"),
+    "custodian.audit_event_write": _custodian(""),  # 405, reaching nothing
     "custodian_operations.budget_status": _custodian("r", "ResearchStudy"),
     "custodian_operations.budget_raise": _custodian("u", "ResearchStudy"),
     "custodian_operations.consent_explain": _custodian("r", "Consent"),
@@ -85,6 +92,7 @@ ROUTES: dict[str, Access] = {
     "research.vread": _research("r"),
     "research.read_only": _research(""),  # every write: 405, reaching nothing
     "research.aggregate_operation": _research("s", EVERY_TYPE),
+    "research.budget_operation": _research(""),  # the caller's own project only, spends nothing
     "research.export_system": _research("rs", EVERY_TYPE),
     "research.export_patients": _research("rs", EVERY_TYPE),
     "research.export_group": _research("rs", EVERY_TYPE),
@@ -114,7 +122,7 @@ def enforce() -> None:
     g.principal = auth.authenticate(access.role)
     if access.permission:
         require(access.resource_type(request.view_args or {}), access.permission)
-    _require_included(_request_params())
+    _require_included(limits.request_params())
 
 
 def require(resource_type: str, permission: str) -> None:
@@ -149,15 +157,6 @@ def _entry_letter(method: str, has_id: bool) -> str:
     if method in ("GET", "HEAD") and not has_id:
         return "s"
     return _LETTER_OF_METHOD.get(method, "u")
-
-
-def _request_params() -> list[tuple[str, str]]:
-    """The query string and, for a form POST (`…/_search`), the form body: whatever a view may search with."""
-    params = list(request.args.items(multi=True))
-    if request.method == "POST" and request.mimetype == _FORM:
-        # get_data caches the body, so the view can still read it (as data or as request.form).
-        params += parse_qsl(request.get_data(as_text=True), keep_blank_values=True)
-    return params
 
 
 def _require_included(params: Iterable[tuple[str, str]]) -> None:

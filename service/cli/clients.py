@@ -7,7 +7,7 @@ import click
 from flask.cli import AppGroup
 from sqlalchemy import select, update
 
-from service import db
+from service import audit, db
 from service.auth import ROLES, auth_method, register_client
 from service.cli.output import emit, readable_errors
 from service.store.schema import clients
@@ -36,6 +36,9 @@ def create_command(name: str, role: str, project_id: str | None, jwks_path: Path
     jwks = _read_jwks(jwks_path) if jwks_path else None
     with readable_errors(), db.write() as conn:
         registered = register_client(conn, name, role, project_id, jwks)
+        audit.record(conn, actor=audit.operator(), action="client-create", project_id=project_id,
+                     detail={"client_id": registered["client_id"], "role": role,
+                             "method": auth_method(jwks is not None)})
     emit(registered)
 
 
@@ -54,6 +57,8 @@ def disable_command(client_id: str) -> None:
     """Disable a client: its tokens stop working at once."""
     with db.write() as conn:
         changed = conn.execute(update(clients).where(clients.c.client_id == client_id).values(active=False))
-    if changed.rowcount != 1:
-        raise click.ClickException(f"client {client_id} is not known")
+        if changed.rowcount != 1:
+            raise click.ClickException(f"client {client_id} is not known")
+        audit.record(conn, actor=audit.operator(), action="client-disable", project_id=None,
+                     detail={"client_id": client_id})
     emit({"client_id": client_id, "active": False})

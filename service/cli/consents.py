@@ -10,7 +10,7 @@ from flask.cli import AppGroup
 from consent import projects, writer
 from consent.materialise import consent_default, explain, overruled_warnings, refresh
 from consent.patients import resolve
-from service import db
+from service import audit, db
 from service.cli.output import csv_list, emit, readable_errors
 
 
@@ -60,6 +60,9 @@ def set_command(patient: str, project_id: str, tier: str, exclude: list[str], si
                                    method="paper", recorded_by=recorded_by or getpass.getuser(),
                                    attachment=scan, period=period)
             stored = writer.record(conn, consent)
+            audit.record(conn, actor=audit.operator(), action="consent-change", project_id=project_id,
+                         detail={"type": "Consent", "id": stored.id, "version": stored.version, "method": "paper"},
+                         patients=[patient_id])
             (warning,) = overruled_warnings(conn, [stored.resource()])
             decision = explain(conn, patient_id, project_id)
     if warning:
@@ -78,7 +81,8 @@ def explain_command(patient: str, project_id: str) -> None:
 
 @consent_group.command("refresh")
 def refresh_command() -> None:
-    """Re-materialise every decision (after changing PASSERELLE_CONSENT_DEFAULT)."""
+    """Re-materialise every decision under the database's default regime (`settings show`)."""
     with db.write() as conn:
-        count = refresh(conn, consent_default())
-    click.echo(f"{count} decisions materialised (default regime {consent_default()!r}).", err=True)
+        count = refresh(conn)
+        default = consent_default(conn)
+    click.echo(f"{count} decisions materialised (default regime {default!r}).", err=True)

@@ -1,8 +1,6 @@
 """`keys rotate` and `reidentify`: the custodian's key operations, both audited."""
 from __future__ import annotations
 
-import getpass
-
 import click
 from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import select
@@ -26,7 +24,7 @@ def rotate_command(project_id: str) -> None:
     with readable_errors(), db.write() as conn:
         projects.get(conn, project_id)
         version = keyring.rotate(conn, project_id)
-        audit.record(conn, actor=f"cli:{getpass.getuser()}", action="keys-rotate", project_id=project_id,
+        audit.record(conn, actor=audit.operator(), action="keys-rotate", project_id=project_id,
                      detail={"key_version": version})
     emit({"project_id": project_id, "key_version": version})
 
@@ -48,23 +46,8 @@ def reidentify_command(project_id: str, pseudonym: str) -> None:
             real = conn.execute(select(resources.c.id).where(resources.c.pk == pk, resources.c.type == resource_type)
                                 ).scalar() if pk is not None else None
             if real is not None:
-                audit.record(conn, actor=f"cli:{getpass.getuser()}", action="reidentify", project_id=project_id,
+                audit.record(conn, actor=audit.operator(), action="reidentify", project_id=project_id,
                              detail={"pseudonym": pseudonym, "key_version": version})
                 emit({"type": resource_type, "id": real, "key_version": version})
                 return
     raise click.ClickException(f"{pseudonym} is not a pseudonym of project {project_id} under any of its keys")
-
-
-@click.group("audit", cls=AppGroup)
-def audit_group() -> None:
-    """The append-only, hash-chained audit trail."""
-
-
-@audit_group.command("verify")
-def verify_command() -> None:
-    """Recompute the hash chain; exit 1 if any entry was altered, removed or reordered."""
-    with db.read() as conn:
-        intact, count, message = audit.verify(conn)
-    emit({"intact": intact, "entries": count, "message": message})
-    if not intact:
-        raise SystemExit(1)

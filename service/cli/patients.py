@@ -13,7 +13,7 @@ from markupsafe import Markup
 
 from consent.patients import resolve
 from consent.web import accounts, i18n
-from service import db
+from service import audit, db
 from service.cli.output import emit, readable_errors
 
 
@@ -42,6 +42,8 @@ def invite_command(patient: str, lang: str, letter: Path | None, base_url: str |
         with db.write() as conn:
             patient_id = resolve(conn, patient)
             token, invitation = accounts.invite(conn, patient_id, lang, db.now_us())
+            audit.record(conn, actor=audit.operator(), action="account-invite", project_id=None, detail={},
+                         patients=[patient_id])
         _report(base, token, invitation, letter)
 
 
@@ -58,6 +60,8 @@ def reset_command(patient: str, lang: str, letter: Path | None, base_url: str | 
         with db.write() as conn:
             patient_id = resolve(conn, patient)
             token, invitation = accounts.reset(conn, patient_id, lang, db.now_us())
+            audit.record(conn, actor=audit.operator(), action="account-reset", project_id=None, detail={},
+                         patients=[patient_id])
         _report(base, token, invitation, letter)
 
 

@@ -1,7 +1,6 @@
 """`project create|list|show|close|raise-budget|group`: research projects and their settings."""
 from __future__ import annotations
 
-import getpass
 from pathlib import Path
 
 import click
@@ -10,10 +9,10 @@ import yaml
 from flask.cli import AppGroup
 
 from consent import projects
-from consent.materialise import consent_default, refresh
+from consent.materialise import refresh
 from policies import budget
 from policies.deid import ProfileError, load_profile
-from service import db
+from service import audit, db
 from service.cli.output import emit, readable_errors
 from service.store import project_groups
 
@@ -69,7 +68,9 @@ def create_command(name: str, tier: str, epsilon: float, delta: float, epsilon_c
                                   suppression=suppression, ends=ends,
                                   plain={"en": {"title": title_en, "purpose": purpose_en, "sponsor": sponsor_en},
                                          "fr": {"title": title_fr, "purpose": purpose_fr, "sponsor": sponsor_fr}})
-        refresh(conn, consent_default(), project_ids=[project.project_id])
+        refresh(conn, project_ids=[project.project_id])
+        audit.record(conn, actor=audit.operator(), action="project-create", project_id=project.project_id,
+                     detail={"tier": tier, "epsilon": epsilon, "delta": delta, "types": project.types})
     emit(project.as_json())
 
 
@@ -97,7 +98,8 @@ def close_command(project_id: str) -> None:
     """Close a project: it receives nothing more."""
     with readable_errors(), db.write() as conn:
         project = projects.close(conn, project_id)
-        refresh(conn, consent_default(), project_ids=[project_id])
+        refresh(conn, project_ids=[project_id])
+        audit.record(conn, actor=audit.operator(), action="project-close", project_id=project_id, detail={})
     emit(project.as_json())
 
 
@@ -107,7 +109,7 @@ def close_command(project_id: str) -> None:
 def raise_budget_command(project_id: str, epsilon: float) -> None:
     """Raise a project's total privacy budget (audited; spent ε is never given back)."""
     with readable_errors(), db.write() as conn:
-        projects.raise_budget(conn, project_id, epsilon, actor=f"cli:{getpass.getuser()}")
+        projects.raise_budget(conn, project_id, epsilon, actor=audit.operator())
         emit(budget.status(conn, project_id, history_limit=10))
 
 
@@ -124,6 +126,8 @@ def group_add_command(project_id: str, group_id: str) -> None:
     with readable_errors(), db.write() as conn:
         projects.get(conn, project_id)
         project_groups.attach(conn, project_id, group_id)
+        audit.record(conn, actor=audit.operator(), action="project-group-add", project_id=project_id,
+                     detail={"group": group_id})
     emit({"project_id": project_id, "group_id": group_id, "attached": True})
 
 
@@ -135,6 +139,8 @@ def group_remove_command(project_id: str, group_id: str) -> None:
     with readable_errors(), db.write() as conn:
         projects.get(conn, project_id)
         project_groups.detach(conn, project_id, group_id)
+        audit.record(conn, actor=audit.operator(), action="project-group-remove", project_id=project_id,
+                     detail={"group": group_id})
     emit({"project_id": project_id, "group_id": group_id, "attached": False})
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, delete, func, insert, or_, select, update
 
 from service import db
 from service.errors import NotFound
@@ -147,11 +147,14 @@ def part_content(job_id: str, file_no: int, part: int) -> bytes | None:
 # -- what workers do ------------------------------------------------------------------------------
 
 
-def claim(owner: str, lease_us: int) -> str | None:
-    """Take the oldest queued job, or one whose worker's lease ran out; None if there is none."""
+def claim(owner: str, lease_us: int, silent_us: int) -> str | None:
+    """Take the oldest queued job, or one whose worker's lease ran out or whose worker has not beaten
+    within `silent_us` (it died); None if there is none."""
     now = db.now_us()
+    alive = select(export_workers.c.worker_id).where(export_workers.c.last_beat >= now - silent_us)
     claimable = or_(export_jobs.c.state == "accepted",
-                    and_(export_jobs.c.state == "in-progress", export_jobs.c.lease_until < now))
+                    and_(export_jobs.c.state == "in-progress",
+                         or_(export_jobs.c.lease_until < now, export_jobs.c.owner.not_in(alive))))
     with db.write() as conn:
         job_id = conn.execute(select(export_jobs.c.job_id).where(claimable)
                               .order_by(export_jobs.c.created).limit(1)).scalar()
@@ -169,14 +172,20 @@ def restart(job_id: str) -> Job:
         return _job(conn.execute(select(export_jobs).where(export_jobs.c.job_id == job_id)).one())
 
 
+def _running(job_id: str, owner: str) -> ColumnElement[bool]:
+    """The job, while this owner runs it. Every write of a worker updates the job's row under this
+    condition first, in the same transaction: the row's lock orders it against a takeover (`claim`),
+    so a worker whose job was taken over (or cancelled, or ended) changes nothing of it any more."""
+    return and_(export_jobs.c.job_id == job_id, export_jobs.c.owner == owner, export_jobs.c.state == "in-progress")
+
+
 def store_part(job_id: str, owner: str, file_no: int, part: int, content: bytes, lines: Sequence[Line],
                lease_us: int, progress: str | None) -> bool:
     """Renew the owner's lease and store one part (none if `content` is empty); False if the job is no
     longer this owner's to run (cancelled, ended or taken over)."""
     with db.write() as conn:
-        still_ours = conn.execute(update(export_jobs).where(
-            export_jobs.c.job_id == job_id, export_jobs.c.owner == owner, export_jobs.c.state == "in-progress")
-            .values(lease_until=db.now_us() + lease_us, **({"progress": progress} if progress else {})))
+        still_ours = conn.execute(update(export_jobs).where(_running(job_id, owner)).values(
+            lease_until=db.now_us() + lease_us, **({"progress": progress} if progress else {})))
         if still_ours.rowcount != 1:
             return False
         if content:
@@ -185,26 +194,33 @@ def store_part(job_id: str, owner: str, file_no: int, part: int, content: bytes,
     return True
 
 
-def add_file(job_id: str, file_no: int, resource_type: str, count: int) -> None:
+def add_file(job_id: str, owner: str, file_no: int, resource_type: str, count: int, lease_us: int) -> bool:
+    """Renew the owner's lease and record one complete file; False (nothing recorded) if the job is no
+    longer this owner's to run."""
     with db.write() as conn:
+        if conn.execute(update(export_jobs).where(_running(job_id, owner))
+                        .values(lease_until=db.now_us() + lease_us)).rowcount != 1:
+            return False
         conn.execute(insert(export_files).values(job_id=job_id, file_no=file_no, resource_type=resource_type,
                                                  count=count))
+    return True
 
 
 def complete(job_id: str, owner: str, ttl_us: int) -> bool:
     """Publish the manifest of a job this owner still runs; False if it no longer does."""
     with db.write() as conn:
-        done = conn.execute(update(export_jobs).where(
-            export_jobs.c.job_id == job_id, export_jobs.c.owner == owner, export_jobs.c.state == "in-progress")
-            .values(state="completed", progress="100%", expires=db.now_us() + ttl_us))
+        done = conn.execute(update(export_jobs).where(_running(job_id, owner))
+                            .values(state="completed", progress="100%", expires=db.now_us() + ttl_us))
     return done.rowcount == 1
 
 
-def fail(job_id: str, error: str) -> None:
-    """Mark a job failed, with the message its client will read, and delete what it produced."""
+def fail(job_id: str, owner: str, error: str) -> None:
+    """Mark a job this owner still runs failed, with the message its client will read, and delete what it
+    produced; a job no longer this owner's is left as it is."""
     with db.write() as conn:
-        _purge_files(conn, job_id)
-        conn.execute(update(export_jobs).where(export_jobs.c.job_id == job_id).values(state="failed", error=error))
+        if conn.execute(update(export_jobs).where(_running(job_id, owner))
+                        .values(state="failed", error=error)).rowcount == 1:
+            _purge_files(conn, job_id)
 
 
 def purge_expired() -> int:

@@ -270,6 +270,27 @@ audit_patients = Table(
     PrimaryKeyConstraint("patient_id", "seq", name="pk_audit_patients"),
 )
 
+#: Seals of the audit chain: an HMAC, under a key derived from the master key, over the chain's
+#: head at `seq` (service/audit.py). Without the key a rewritten chain cannot be sealed again.
+audit_seals = Table(
+    "audit_seals",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("ts", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("mac", String(64), nullable=False),
+)
+
+#: The canonical question behind each query hash of the budget history (policies/budget.py).
+budget_questions = Table(
+    "budget_questions",
+    metadata,
+    Column("project_id", String(64), nullable=False),
+    Column("query_hash", String(64), nullable=False),
+    Column("question", Text, nullable=False),
+    PrimaryKeyConstraint("project_id", "query_hash", name="pk_budget_questions"),
+)
+
 #: Each project's privacy budget, the only truth about what it may still spend
 #: (policies/budget.py). Integers avoid float drift: ε in micro-units (1e-6), δ in pico-units (1e-12).
 budgets = Table(
