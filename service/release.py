@@ -12,8 +12,9 @@ applies, in this order and nowhere else:
 3. de-identification (`Release.deidentify`), where a reference survives only if its target
    would itself be released to this project (the reference look-up goes through the same
    filter), otherwise the element is removed;
-4. an audit entry naming the patients whose data left (`Release.audit`), written before the
-   response leaves: if it cannot be written, nothing is released.
+4. an audit entry naming the patients whose data left, written before the response leaves
+   (`Release.audit`; for an `$aggregate` answer, in the transaction that records it,
+   `Release.record_aggregate`): if it cannot be written, nothing is released.
 """
 from __future__ import annotations
 

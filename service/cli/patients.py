@@ -1,6 +1,7 @@
 """`patient invite|reset`: invitations to the consent portal, with an optional printable letter."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from flask import current_app, render_template
 from flask.cli import AppGroup
 from flask_babel import force_locale, format_date
 from markupsafe import Markup
+from sqlalchemy import Connection
 
 from consent.patients import resolve
 from consent.web import accounts, i18n
@@ -37,14 +39,7 @@ _BASE = click.option("--base-url", help="The portal's public base URL (default: 
 @_BASE
 def invite_command(patient: str, lang: str, letter: Path | None, base_url: str | None) -> None:
     """Print a one-time link (valid 7 days) with which the patient chooses a passphrase."""
-    with readable_errors():
-        base = _base(base_url)
-        with db.write() as conn:
-            patient_id = resolve(conn, patient)
-            token, invitation = accounts.invite(conn, patient_id, lang, db.now_us())
-            audit.record(conn, actor=audit.operator(), action="account-invite", project_id=None, detail={},
-                         patients=[patient_id])
-        _report(base, token, invitation, letter)
+    _issue(accounts.invite, "account-invite", patient, lang, letter, base_url)
 
 
 @patient_group.command("reset")
@@ -55,12 +50,18 @@ def invite_command(patient: str, lang: str, letter: Path | None, base_url: str |
 def reset_command(patient: str, lang: str, letter: Path | None, base_url: str | None) -> None:
     """End every portal session of the patient, void their passphrase and unused invitations, and
     print a new one-time link."""
+    _issue(accounts.reset, "account-reset", patient, lang, letter, base_url)
+
+
+def _issue(make: Callable[[Connection, str, str, int], tuple[str, accounts.Invitation]], action: str,
+           patient: str, lang: str, letter: Path | None, base_url: str | None) -> None:
+    """Issue an invitation with `make` (audited as `action`) for the patient named, and report it."""
     with readable_errors():
         base = _base(base_url)
         with db.write() as conn:
             patient_id = resolve(conn, patient)
-            token, invitation = accounts.reset(conn, patient_id, lang, db.now_us())
-            audit.record(conn, actor=audit.operator(), action="account-reset", project_id=None, detail={},
+            token, invitation = make(conn, patient_id, lang, db.now_us())
+            audit.record(conn, actor=audit.operator(), action=action, project_id=None, detail={},
                          patients=[patient_id])
         _report(base, token, invitation, letter)
 
