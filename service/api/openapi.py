@@ -122,12 +122,12 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/consent/research"): Op("The research-wide choice", ok="html"),
     ("GET", "/consent/sensitive"): Op("The choices for sensitive categories", ok="html"),
     ("GET", "/consent/projects/{project_id}"): Op("One project and the choice for it", ok="html"),
-    ("POST", "/consent/save"): Op("Review a change of choices before confirming", body="choices", ok="form"),
-    ("POST", "/consent/confirm"): Op("Confirm a change of choices", body="choices", ok="form"),
+    ("POST", "/consent/save"): Op("Save a confirmed change (a new Consent version)", body="choices", ok="form"),
+    ("POST", "/consent/confirm"): Op("Review a change in plain words (writes nothing)", body="choices", ok="form"),
     ("GET", "/consent/receipt"): Op("The receipt of the last change", ok="html"),
     ("GET", "/consent/history"): Op("The history of the patient's choices", ok="html"),
     ("GET", "/consent/received"): Op("Which projects received the patient's data", ok="html"),
-    ("GET", "/consent/download"): Op("The patient's choices and disclosures as a file", ok="file"),
+    ("GET", "/consent/download"): Op("The patient's research Consents as a FHIR Bundle (JSON attachment)", ok="file"),
     ("GET", "/consent/static/{filename}"): Op("The portal's static files", ok="file"),
 }
 
