@@ -284,7 +284,8 @@ def latency(ctx: Context) -> None:
             query = product.parse(questions(count_code, mean_code, 1.0)[measure], project,
                                   instance.app.config["MIN_EPSILON"])
             with instance.app.app_context():
-                consented = release_for("benchmark", project_id, engine.AGGREGATE).aggregate_filter(db.now_us())
+                consented = release_for("benchmark", project_id, engine.AGGREGATE).aggregate_filter(
+                    db.now_us(), query.question.types)
                 with db.read(instance.engine) as conn:
                     return _exact_value(cohort.exact(conn, query.question, consented), measure)
 

@@ -71,7 +71,7 @@ SCALES = {
         "quick", ingest_bundles=1_000, ingest_ndjson=1_000, ingest_http=False, search_sizes=(2_000, 20_000),
         http_requests=100, http_seconds=2, latency_requests=20, latency_seconds=1,
         deid_resources=2_000, research_size=2_000, export_size=2_000,
-        agg_patients=1_000, agg_observations=10, agg_repeats=3, agg_timeout=10, accuracy_draws=200),
+        agg_patients=1_000, agg_observations=10, agg_repeats=9, agg_timeout=10, accuracy_draws=200),
     "small": Scale(
         "small", ingest_bundles=10_000, ingest_ndjson=10_000, ingest_http=True, search_sizes=(10_000, 100_000),
         http_requests=1_500, http_seconds=5, latency_requests=150, latency_seconds=3,
@@ -432,7 +432,7 @@ def checkpoint(path: Path) -> None:
 
 
 def sqlite_statistics(path: Path, wanted: bool) -> None:
-    """Give a SQLite file planner statistics (ANALYZE), or take them away (as the product leaves it)."""
+    """Give a SQLite file planner statistics (ANALYZE), or take them away (queries must not need them)."""
     conn = sqlite3.connect(path, timeout=60)
     try:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE name LIKE 'sqlite_stat%'")}

@@ -487,10 +487,14 @@ class Release:
 
     # -- aggregates ----------------------------------------------------------------------------
 
-    def aggregate_filter(self, now: int) -> search.RowFilter:
+    def aggregate_filter(self, now: int, types: Iterable[str]) -> search.RowFilter:
         """The consent filter aggregates are computed under: rows whose patient's decision
-        reaches the aggregate tier at `now`, of the project's types and Patient (the unit)."""
-        return restrict(self.project.project_id, engine.AGGREGATE, now, types=("Patient", *self.types))
+        reaches the aggregate tier at `now`, of those of `types` (the question's) that are the
+        project's types or Patient (the unit). Naming only the types a question reads keeps
+        the filter's type test short; a type outside the project's is never let through."""
+        allowed = {"Patient", *self.types}
+        return restrict(self.project.project_id, engine.AGGREGATE, now,
+                        types=tuple(t for t in types if t in allowed))
 
     def reserve_aggregate(self, question: cohort.Question, canonical: str, epsilon: float,
                           idempotency_key: str | None) -> budget.Claim:
@@ -512,7 +516,7 @@ class Release:
         rows with the patients of its cohort, and the data version read before it."""
         with db.read() as conn:
             version = cohort.data_version(conn, self.project.project_id, question.types)
-            return cohort.exact(conn, question, self.aggregate_filter(db.now_us())), version
+            return cohort.exact(conn, question, self.aggregate_filter(db.now_us(), question.types)), version
 
     def record_aggregate(self, query_hash: str, data_version: str, response: Any, idempotency_key: str | None,
                          detail: dict[str, Any], patients: Iterable[str]) -> Any:
