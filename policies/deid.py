@@ -1169,8 +1169,8 @@ class Deidentifier:
         version = None
         if len(parts) >= 4 and parts[-2] == "_history":
             version, parts = parts[-1], parts[:-2]
-        if not (len(parts) == 2 or (len(parts) > 3 and parts[0] in ("http:", "https:") and parts[1] == "")):
-            return None
+        if len(parts) != 2:
+            return None  # absolute URLs name other servers' resources (this server's are stored relative)
         if version is not None and ctx.pks is not None and (parts[-2], parts[-1], version) not in ctx.pks:
             return None  # that version is not one the caller may follow
         pseudonym = self._target(parts[-2], parts[-1], ctx)

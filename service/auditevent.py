@@ -24,6 +24,7 @@ from sqlalchemy import Connection, exists, select
 
 from policies.fhirdates import DateFormatError, date_range, instant
 from service.errors import InvalidRequest, NotFound
+from service.params import page_size
 from service.store.schema import audit, audit_patients
 
 #: The resource type served from the audit trail, never stored: no interaction writes it.
@@ -265,9 +266,7 @@ def parse(args: Sequence[tuple[str, str]], default_count: int, max_count: int) -
         if not values:
             raise InvalidRequest(f"{name} needs a value", expression=name)
         if name == "_count":
-            if not value.isdigit():
-                raise InvalidRequest(f"_count must be a non-negative integer, got {value!r}", expression=name)
-            found.count = min(int(value), max_count)
+            found.count = page_size(value, max_count)
         elif name == "date":
             found.conditions.append(_date_condition(value))
         elif name == "agent":

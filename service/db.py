@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 from service.store.schema import metadata, schema_migrations
 
 #: Bump when a migration step is added to MIGRATIONS.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def now_us() -> int:
@@ -167,4 +167,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE projects ADD COLUMN ends VARCHAR(10)"),
     # Accountability (issue 13): the audit's new facts travel in each entry's hashed `detail`.
     4: (),
+    # Type- and system-level history (issue 14): pages of versions newest first, from an index.
+    5: ("CREATE INDEX IF NOT EXISTS ix_history_last_updated ON history (last_updated, resource_pk, version)",),
 }

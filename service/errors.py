@@ -21,11 +21,14 @@ class FhirError(Exception):
     status = 400
     code = "invalid"
 
-    def __init__(self, message: str, *, expression: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(self, message: str, *, expression: str | None = None, headers: dict[str, str] | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.message = message
         self.expression = expression
         self.headers = headers or {}
+        if code is not None:  # a more precise issue code than the class's (e.g. `code-invalid`)
+            self.code = code
 
     def outcome(self) -> dict[str, Any]:
         return operation_outcome(self.message, code=self.code, expression=self.expression)
@@ -63,6 +66,13 @@ class MethodNotAllowed(FhirError):
     code = "not-supported"
 
 
+class NotAcceptable(FhirError):
+    """The client accepts no representation this server writes (FHIR JSON of R4)."""
+
+    status = 406
+    code = "not-supported"
+
+
 class Gone(FhirError):
     status = 410
     code = "deleted"
@@ -91,6 +101,13 @@ class UnsupportedMediaType(FhirError):
 class Unprocessable(FhirError):
     status = 422
     code = "processing"
+
+
+class UnresolvedReference(FhirError):
+    """A literal reference to a resource this server does not hold, or holds deleted (service/references.py)."""
+
+    status = 422
+    code = "not-found"
 
 
 class TooManyRequests(FhirError):

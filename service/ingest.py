@@ -2,9 +2,13 @@
 
 Transaction and batch Bundles go through exactly the code the HTTP API uses. Plain
 resources (NDJSON lines, collection entries, single resources) are validated one by
-one, the invalid ones reported with their file and line and skipped, and the valid
-ones stored in chunks of one transaction each (update-or-create by id). A load that
-stores anything ends by refreshing the query planner's statistics.
+one (service/validation), the invalid ones reported with their file and line, the
+element's path and the FHIR issue code, and skipped; the valid
+ones stored in chunks of one transaction each (update-or-create by id). A load may hold a
+resource before the one it refers to, so literal references are checked once everything
+is stored: each that resolves neither to the load nor to the database is reported (its
+resource stays stored) and the load exits 1. A load that stores anything ends by
+refreshing the query planner's statistics.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine
 
-from service import bundles, db
+from service import bundles, db, references
 from service.errors import FhirError
 from service.store import repository
 from service.validation import validate
@@ -66,6 +70,7 @@ class _Loader:
         self.report = report
         self.chunk: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         self.anonymous: list[tuple[str, dict[str, Any]]] = []
+        self.references = references.Pending()  # checked at the end: a target may come later in the load
 
     def add(self, where: str, resource: Any) -> None:
         if isinstance(resource, Exception):
@@ -76,7 +81,7 @@ class _Loader:
             if resource.get("id"):
                 repository.check_id(resource["id"])
         except FhirError as exc:
-            self.report.rejected.append(f"{where}: {exc.message}")
+            self.report.rejected.append(f"{where}: {exc.message} (issue {exc.code})")
             return
         if resource.get("id"):
             key = (resource_type, resource["id"])
@@ -94,6 +99,7 @@ class _Loader:
         if items:
             with db.write(self.engine) as conn:
                 self.report.stored += len(repository.upsert(conn, items))
+                self.references.note(conn, [resource for _, resource in items])
 
 
 def _load_json(path: Path, engine: Engine, loader: _Loader) -> None:
@@ -138,6 +144,8 @@ def ingest(engine: Engine, paths: Iterable[str | Path], progress: Callable[[int]
         loader.flush()
         report.files += 1
         progress(path.stat().st_size)
+    with db.read(engine) as conn:  # stored, but reported (and exit 1): service/references.py, `Pending`
+        report.rejected.extend(loader.references.unresolved(conn))
     if report.stored:
         with db.write(engine) as conn:
             repository.refresh_statistics(conn)

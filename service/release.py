@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 from sqlalchemy import (
@@ -35,10 +36,12 @@ from sqlalchemy import (
     bindparam,
     exists,
     false,
+    func,
     literal,
     not_,
     or_,
     select,
+    true,
     tuple_,
 )
 
@@ -49,20 +52,29 @@ from policies.deid import Deidentifier
 from policies.pseudonym import PseudonymKey
 from service import audit, db, keyring
 from service.api.searchset import run_search
-from service.errors import Forbidden, NotFound
+from service.errors import Forbidden, InvalidRequest, NotFound
 from service.store import cohort, jobs, project_groups, search
 from service.store.indexer import parse_reference
 from service.store.schema import decision_classes, decisions, history, idx_reference, resources
 from service.store.searchparams import COMPARTMENT, SearchParam, params_for
-from service.validation import VERSION_NUMBER
+from service.validation import VERSION_NUMBER, model_for
 
 #: Search parameters that would let a caller probe identifying or shifted values.
 _WITHHELD_PARAMS = frozenset({"identifier", "telecom", "phone", "email", "_security", "_tag", "_profile",
                               "_lastUpdated"})
-_RESULT_PARAMS = frozenset({"_count", "_total", "_summary", "_include", "_cursor", "_format", "_pretty"})
+#: Modifiers that would let a caller probe identifying text or identifiers, and why.
+_WITHHELD_MODIFIERS = {
+    "text": "it searches free text and display names, which may identify",
+    "identifier": "it searches identifiers",
+    "of-type": "it searches identifiers",
+}
+_RESULT_PARAMS = frozenset({"_count", "_total", "_summary", "_include", "_revinclude", "_elements", "_cursor",
+                            "_format", "_pretty"})
 #: The result parameters the research view answers (no `_sort`: order would reveal real values);
 #: also what a search link shows of them.
-RESEARCH_RESULT_PARAMS = ("_count", "_total", "_summary", "_include")
+RESEARCH_RESULT_PARAMS = ("_count", "_total", "_summary", "_include", "_revinclude", "_elements")
+#: Parameters a `_typeFilter` query may not hold: they shape a search's result, they filter nothing.
+_NOT_FILTERS = frozenset({*search.RESULT_PARAMS, "_elements", "_revinclude", "_contained", "_containedType"})
 #: Stands for a pseudonym that resolves to nothing: no stored id can contain "~".
 _NOTHING = "~"
 _COMPARTMENT_TYPES = frozenset({"Patient", *COMPARTMENT})
@@ -271,39 +283,86 @@ class Release:
     def translate(self, conn: Connection, resource_type: str, args: Sequence[tuple[str, str]]
                   ) -> list[tuple[str, str]]:
         """Check research search parameters and turn the pseudonyms in them into stored ids."""
-        known = params_for(resource_type)
         out: list[tuple[str, str]] = []
         for raw_name, value in args:
             name, _, modifier = raw_name.partition(":")
             if name in _RESULT_PARAMS:
-                if name == "_include":
-                    self._check_include(known, value)
+                if name in ("_include", "_revinclude"):
+                    self._check_include(value)
                 out.append((raw_name, value))
                 continue
             if name == "_sort":
                 raise Forbidden("_sort is not available on the research view: sort order would reveal real values")
-            param = known.get(name)
-            if param is None:
-                out.append((raw_name, value))  # the parser reports it
-                continue
-            if not research_param_allowed(param):
-                raise Forbidden(f"Search parameter {name!r} is not available on the research view: it would "
-                                "reveal identifying or date-shifted values")
-            if name == "_id":
-                out.append((raw_name, ",".join(self.real_ids(conn, resource_type, value.split(",")))))
-            elif param.kind == "reference" and modifier != "missing":
-                out.append((raw_name, ",".join(self._real_references(conn, param.target, modifier, value))))
+            if name == "_has":
+                out.append((raw_name, self._has_value(conn, resource_type, raw_name, value)))
+            elif "." in raw_name:
+                out.append((raw_name, self._chained_value(conn, resource_type, raw_name, value)))
             else:
-                out.append((raw_name, value))
+                out.append((raw_name, self._filter_value(conn, resource_type, name, modifier, value)))
         return out
 
-    def _check_include(self, known: dict[str, SearchParam], value: str) -> None:
-        """Refuse an `_include` whose target type the project may not receive (either form)."""
+    def _filter_value(self, conn: Connection, resource_type: str, name: str, modifier: str, value: str) -> str:
+        """One filter's value as the parser gets it: refused if the research view may not search
+        by it (`research_param_allowed`, `_WITHHELD_MODIFIERS`), its pseudonyms turned into stored ids."""
+        param = params_for(resource_type).get(name)
+        if param is None:
+            return value  # the parser reports it
+        if not research_param_allowed(param):
+            raise Forbidden(f"Search parameter {name!r} is not available on the research view: it would "
+                            "reveal identifying or date-shifted values")
+        if modifier in _WITHHELD_MODIFIERS:
+            raise Forbidden(f"Modifier :{modifier} ({name}:{modifier}) is not available on the research view: "
+                            f"{_WITHHELD_MODIFIERS[modifier]}")
+        if param.kind == "reference" and modifier == "missing":
+            raise Forbidden(f"{name}:missing is not available on the research view: it would reveal references "
+                            "to resources the project does not receive")
+        if name == "_id":
+            return ",".join(self.real_ids(conn, resource_type, value.split(",")))
+        if param.kind == "reference" and (not modifier or modifier[:1].isupper()):
+            return ",".join(self._real_references(conn, param.target, modifier, value))
+        return value
+
+    def _chained_value(self, conn: Connection, resource_type: str, raw_name: str, value: str) -> str:
+        """A chain (`subject:Patient.gender`) to a type the project receives, by a parameter the research
+        view allows on that type; the parser narrows the resources it reaches by the consent filter."""
+        head, _, rest = raw_name.partition(".")
+        name, _, type_name = head.partition(":")
+        param = params_for(resource_type).get(name)
+        if param is None or param.kind != "reference" or "." in rest:
+            return value  # the parser reports it
+        if not research_param_allowed(param):
+            raise Forbidden(f"Search parameter {name!r} is not available on the research view")
+        target = type_name or param.target
+        if not target:
+            raise InvalidRequest(f"{raw_name}: name the type the chain reaches on the research view "
+                                 f"({name}:Type.{rest})", expression=raw_name)
+        self.require_type(target)
+        chained, _, modifier = rest.partition(":")
+        return self._filter_value(conn, target, chained, modifier, value)
+
+    def _has_value(self, conn: Connection, resource_type: str, raw_name: str, value: str) -> str:
+        """A `_has` over a type the project receives, by parameters the research view allows on it;
+        the parser narrows the referring resources by the consent filter."""
+        parts = raw_name.split(":")
+        if len(parts) not in (4, 5) or "." in parts[3] or parts[3] == "_has":
+            return value  # the parser reports it
+        self.require_type(parts[1])
+        param = params_for(parts[1]).get(parts[2])
+        if param is not None and not research_param_allowed(param):
+            raise Forbidden(f"Search parameter {parts[2]!r} is not available on the research view")
+        return self._filter_value(conn, parts[1], parts[3], parts[4] if len(parts) == 5 else "", value)
+
+    def _check_include(self, value: str) -> None:
+        """Refuse an `_include` or `_revinclude` (`:iterate` alike) that starts from, or reaches, a type
+        the project may not receive (what it brings is then filtered as matches are: search.py)."""
         parts = value.split(":")
-        param = known.get(parts[1]) if len(parts) in (2, 3) else None
+        if len(parts) not in (2, 3) or not all(parts) or model_for(parts[0]) is None:
+            return  # malformed: the parser refuses it
+        param = params_for(parts[0]).get(parts[1])
         target = parts[2] if len(parts) == 3 else (param.target if param else None)
-        if target and target not in self.types:
-            raise Forbidden(f"Project {self.project.project_id} may not receive {target} resources")
+        for named in (parts[0], target):
+            if named and named not in self.types:
+                raise Forbidden(f"Project {self.project.project_id} may not receive {named} resources")
 
     def _real_references(self, conn: Connection, target: str | None, modifier: str, value: str) -> list[str]:
         refs = []
@@ -328,7 +387,7 @@ class Release:
         """A searchset Bundle of what this project may see, `_include`d resources filtered alike."""
         self.require_type(resource_type)
         echo = [(k, v) for k, v in args if k.partition(":")[0] not in ("_cursor", "_pretty") and
-                (k.partition(":")[0] not in search.RESULT_PARAMS or k in RESEARCH_RESULT_PARAMS)]
+                (k.partition(":")[0] not in search.RESULT_PARAMS or k.partition(":")[0] in RESEARCH_RESULT_PARAMS)]
         released: list[Any] = []
         with self._read() as conn:
             real = self.translate(conn, resource_type, args)
@@ -386,10 +445,51 @@ class Release:
             if not project_groups.available(conn, self.project.project_id, group_id):
                 raise NotFound(f"Group/{group_id} is not known")
 
+    def export_criteria(self, resource_type: str, queries: Sequence[str]) -> Any:
+        """The condition `_typeFilter` queries of one type stand for (a row matching any of them),
+        each held to the research search rules as on /research/fhir (`translate`: withheld and
+        identifying parameters are refused, pseudonyms become stored ids); None without queries."""
+        if not queries:
+            return None
+        alternatives = []
+        with db.read() as conn:
+            for text in queries:
+                args = parse_qsl(text, keep_blank_values=True)
+                shaping = sorted({name for name, _ in args if name.partition(":")[0] in _NOT_FILTERS})
+                if shaping or not args:
+                    raise InvalidRequest(f"_typeFilter {resource_type}?{text}: "
+                                         + (f"{shaping[0]} is not a search filter" if shaping else "no filter"),
+                                         expression="_typeFilter")
+                query = search.parse(resource_type, self.translate(conn, resource_type, args), default_count=1,
+                                     max_count=1)
+                alternatives.append(and_(*search.conditions(query, self.rows_filter())))
+        return or_(*alternatives)
+
+    def export_patients(self, references: Sequence[str], group_id: str | None) -> list[str]:
+        """The stored ids behind the `patient` references of an export (`Patient/<pseudonym>`), each of a
+        patient this project may receive now (and a member of the Group, for a Group export). Any other,
+        unknown or not, is refused with the same answer, so a refusal tells nothing about who exists."""
+        found = []
+        with db.read() as conn:
+            members = None
+            if group_id is not None:
+                members = set(conn.execute(project_groups.members(self.project.project_id, group_id)).scalars())
+            for reference in references:
+                parsed = parse_reference(reference)
+                real = (self.real_ids(conn, "Patient", [parsed[1]])[0]
+                        if parsed and parsed[0] in ("Patient", None) else _NOTHING)
+                if real == _NOTHING or (members is not None and real not in members):
+                    raise InvalidRequest(f"patient {reference!r} is not a patient of this export",
+                                         expression="patient")
+                found.append(real)
+        return found
+
     def export_rows(self, resource_type: str, *, after: int, until: int, since: int | None, group_id: str | None,
-                    limit: int) -> list[tuple[jobs.Line, dict[str, Any]]]:
+                    limit: int, criteria: Any = None, patients: Sequence[str] | None = None
+                    ) -> list[tuple[jobs.Line, dict[str, Any]]]:
         """The next batch of an export: at most `limit` rows of one type past row number `after`, last
-        written in (`since`, `until`], of the members of an available Group when `group_id` is given;
+        written in (`since`, `until`], of the members of an available Group when `group_id` is given,
+        of the `patients` when given (stored ids), matching `criteria` (`export_criteria`) when given;
         each de-identified and keyed by what its line holds (row, version, patient)."""
         self.require_type(resource_type)
         statement = (select(*search.ROW_COLUMNS, resources.c.version)
@@ -400,11 +500,50 @@ class Release:
         if group_id is not None:
             statement = statement.where(resources.c.patient_id.in_(
                 project_groups.members(self.project.project_id, group_id)))
+        if patients is not None:
+            statement = statement.where(resources.c.patient_id.in_(list(patients)))
+        if criteria is not None:
+            statement = statement.where(criteria)
         with db.read() as conn:
             rows = conn.execute(self.rows_filter()(statement).order_by(resources.c.pk).limit(limit)).all()
             released = self.deidentify(conn, rows)
         return [((row.pk, row.version, row.patient_id), resource)
                 for row, resource in zip(rows, released, strict=True)]
+
+    def export_deleted(self, resource_type: str, *, after: int, until: int, since: int, group_id: str | None,
+                       limit: int, patients: Sequence[str] | None = None) -> list[tuple[jobs.Line, dict[str, Any]]]:
+        """The next batch of deletions for an export's `deleted` files: at most `limit` rows of one type
+        past row number `after`, deleted in (`since`, `until`], each as a transaction Bundle of one
+        DELETE entry naming its pseudonym.
+
+        Only deletions the project may learn of: of a resource whose version current at `since` (the
+        earlier export's transactionTime) was live and passes the consent filter now, judged on that
+        version (its patient, sensitivity, class and clinical dates) — a resource the earlier export
+        could have carried, judged by what the project may receive today. The line is keyed by that
+        version, so a download judges it again (`export_file`). A resource created after `since` is
+        left out, as is one whose version at `since` the project may not receive now; so are
+        deletion times (they are real write times).
+        """
+        self.require_type(resource_type)
+        at_since = (select(func.max(history.c.version)).where(history.c.resource_pk == resources.c.pk,
+                                                               history.c.last_updated <= since)
+                    .correlate(resources).scalar_subquery())
+        statement = (select(resources.c.pk, history.c.version, history.c.patient_id)
+                     .join(history, history.c.resource_pk == resources.c.pk)
+                     .where(resources.c.type == resource_type, resources.c.deleted == true(), resources.c.pk > after,
+                            resources.c.last_updated > since, resources.c.last_updated <= until,
+                            history.c.version == at_since, history.c.deleted == false()))
+        if group_id is not None:
+            statement = statement.where(history.c.patient_id.in_(
+                project_groups.members(self.project.project_id, group_id)))
+        if patients is not None:
+            statement = statement.where(history.c.patient_id.in_(list(patients)))
+        with db.read() as conn:
+            rows = conn.execute(self.rows_filter(table=Judged.version())(statement)
+                                .order_by(resources.c.pk).limit(limit)).all()
+        return [((row.pk, row.version, row.patient_id), {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"request": {"method": "DELETE", "url": f"{resource_type}/{self.key.pseudonym(resource_type, row.pk)}"}}]})
+            for row in rows]
 
     def export_file(self, job_id: str, file_no: int) -> Iterator[bytes]:
         """One NDJSON file of this project's completed export, holding only the lines it may receive now.

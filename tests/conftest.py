@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fhirpy import SyncFHIRClient
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
@@ -129,6 +130,12 @@ def base_url(app: Flask) -> Iterator[str]:
         server.shutdown()
         thread.join(timeout=10)
         server.server_close()
+
+
+@pytest.fixture
+def fhirpy(base_url: str, custodian_token: str) -> SyncFHIRClient:
+    """fhirpy's synchronous client on the live custodian API, with a custodian's token."""
+    return SyncFHIRClient(f"{base_url}/fhir", authorization=f"Bearer {custodian_token}")
 
 
 @pytest.fixture

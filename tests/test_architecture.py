@@ -7,6 +7,7 @@ layer.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -18,5 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("contract", ["research-through-the-gate", "pure-consent-engine", "policies-know-no-http"])
 def test_the_import_contract_is_kept(contract: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
+    # import-linter's CLI configures logging with dictConfig, which disables every logger that
+    # exists (the request log included) for the rest of this test process: restore them after.
+    for logger in logging.Logger.manager.loggerDict.values():
+        if isinstance(logger, logging.Logger):
+            monkeypatch.setattr(logger, "disabled", logger.disabled)
     assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), limit_to_contracts=(contract,),
                         no_cache=True, no_logo=True) == 0

@@ -131,6 +131,13 @@ RULES: dict[str, Row | dict[str, Row]] = {
     "custodian.create": custodian_api(201, 403),
     "custodian.update": custodian_api(200, 403),
     "custodian.delete": custodian_api(204, 403),
+    "custodian.conditional_update": custodian_api(400, 403),  # no search on the URL: refused, changes nothing
+    "custodian.conditional_delete": custodian_api(400, 403),  # likewise
+    "custodian.patch_instance": custodian_api(200, 403),  # a JSON Patch `test` of the id
+    "custodian.conditional_patch": custodian_api(400, 403),  # no search on the URL
+    "custodian.history_type": custodian_api(200, 200),
+    "custodian.history_system": custodian_api(200, 403),  # every type: the narrowed token has Patient only
+    "custodian.patient_everything": custodian_api(200, 403),
     "custodian.bundle": custodian_api(200, 200),  # a batch reading one Patient
     "custodian.audit_event_search": custodian_api(200, 403),  # the narrowed token has no AuditEvent scope
     "custodian.audit_event_read": custodian_api(200, 403),
@@ -361,6 +368,7 @@ def _variables(stage: Stage, route: Route, view: str) -> dict[str, str]:
         "filename": "swagger-ui.css" if route.endpoint.startswith("openapi.") else "portal.css",
         "_rest": "any/path",
         "event_id": own["audit_event"],
+        "patient_id": own["patient"],
     }
 
 
@@ -395,6 +403,8 @@ def _request(stage: Stage, route: Route, caller: str) -> dict[str, Any]:
         kwargs["json"] = {"resourceType": "Patient", "gender": "unknown"}
     elif endpoint == "custodian.update":
         kwargs["json"] = {"resourceType": "Patient", "id": own["scratch"], "gender": "other"}
+    elif endpoint == "custodian.patch_instance":
+        kwargs["json"] = [{"op": "test", "path": "/id", "value": own["patient"]}]
     elif endpoint == "custodian.bundle":
         kwargs["json"] = {"resourceType": "Bundle", "type": "batch", "entry": [
             {"request": {"method": "GET", "url": f"Patient/{own['patient']}"}}]}
@@ -414,6 +424,9 @@ def _request(stage: Stage, route: Route, caller: str) -> dict[str, Any]:
     elif endpoint in KICK_OFFS:
         headers["Prefer"] = "respond-async"
         stage.worker.beat()  # a kick-off needs a worker that beat lately
+        if method == "POST":
+            kwargs["json"] = {"resourceType": "Parameters", "parameter": [{"name": "_type",
+                                                                           "valueString": "Observation"}]}
     elif method == "POST":
         kwargs["data"] = {}
     kwargs["path"] = _url(stage, route, view)

@@ -182,9 +182,9 @@ def test_a_wrong_content_type_is_415(client, custodian_headers):
     assert issue(response)["code"] == "not-supported"
 
 
-def test_asking_for_xml_is_415(client, custodian_headers):
+def test_asking_for_xml_is_406(client, custodian_headers):
     response = client.get("/fhir/Patient?_format=xml", headers=custodian_headers)
-    assert response.status_code == 415
+    assert response.status_code == 406
 
 
 def test_a_body_over_the_limit_is_413(app, client, custodian_headers):
@@ -215,7 +215,7 @@ def test_prefer_return_minimal_sends_no_body(client, custodian_headers):
 
 def test_an_unsupported_method_is_405_operation_outcome(client, custodian_headers):
     created = create(client, custodian_headers, patient())
-    response = client.patch(f"/fhir/Patient/{created['id']}", json=[], headers=custodian_headers)
+    response = client.post(f"/fhir/Patient/{created['id']}", json=patient(), headers=custodian_headers)
     assert response.status_code == 405
     assert issue(response)["code"] == "not-supported"
 

@@ -468,14 +468,22 @@ def test_resource_id_is_the_pseudonym_of_its_row(deid: Deidentifier, key: Pseudo
 @pytest.mark.parametrize(("reference", "expected_suffix"), [
     ("Patient/p1", ""),
     ("Patient/p1/_history/2", "/_history/2"),
-    ("http://ehr.example/fhir/Patient/p1", ""),
-    ("https://ehr.example/base/fhir/Patient/p1/_history/7", "/_history/7"),
 ])
 def test_every_reference_form_is_rewritten_to_the_targets_pseudonym(deid: Deidentifier, key: PseudonymKey,
                                                                     reference: str, expected_suffix: str) -> None:
     source = {**observation(), "subject": {"reference": reference}}
     released = deid.apply(source, 701, "p1")
     assert released["subject"] == {"reference": f"Patient/{key.pseudonym('Patient', 101)}{expected_suffix}"}
+
+
+@pytest.mark.parametrize("reference", ["http://ehr.example/fhir/Patient/p1",
+                                       "https://ehr.example/base/fhir/Patient/p1/_history/7"])
+def test_an_absolute_reference_names_another_servers_resource_and_is_removed(deid: Deidentifier,
+                                                                            reference: str) -> None:
+    """This server stores references to its own base as relative ones (service/references.py): an
+    absolute URL names another server's resource, never the local one with the same type and id."""
+    released = deid.apply({**observation(), "subject": {"reference": reference}}, 701, "p1")
+    assert "subject" not in released
 
 
 def test_a_reference_can_be_followed_to_the_released_target(deid: Deidentifier) -> None:

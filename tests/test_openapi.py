@@ -42,7 +42,8 @@ def test_fhir_errors_are_operation_outcomes_and_portal_forms_are_form_bodies(cli
     assert read["responses"]["4XX"]["content"][FHIR_JSON]["schema"] == {"$ref": "#/components/schemas/OperationOutcome"}
     assert read["security"] == [{"bearer": []}]
     assert {p["name"]: p["in"] for p in read["parameters"]} == {"resource_type": "path", "resource_id": "path",
-                                                                "_format": "query"}
+                                                                "_format": "query", "If-None-Match": "header",
+                                                                "If-Modified-Since": "header"}
     explain = {p["name"]: p["required"] for p in paths["/fhir/Consent/$explain"]["get"]["parameters"]}
     assert explain == {"patient": True, "project": True}
     signin = paths["/consent/signin"]["post"]

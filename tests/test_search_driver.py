@@ -2,10 +2,8 @@
 about as many rows as it returns, and still returns every match exactly once."""
 from __future__ import annotations
 
-from sqlalchemy import event, text
-
-from service import db
 from tests.fhir_helpers import create, ids, observation, patient, search
+from tests.plans import assert_no_sort_step, paged_statements
 
 LOINC = "http://loinc.org"
 
@@ -21,22 +19,6 @@ def _walk(client, headers, url):
         found += ids(body)
         url = _link(body, "next")
     return found
-
-
-def _statement_of(app, client, headers, query):
-    captured = []
-
-    def capture(_conn, _cursor, statement, parameters, _context, _many):
-        if statement.lstrip().startswith("SELECT resources.pk") and "LIMIT" in statement:
-            captured.append((statement, parameters))
-
-    engine = app.extensions["passerelle.engine"]
-    event.listen(engine, "before_cursor_execute", capture)
-    try:
-        search(client, headers, query)
-    finally:
-        event.remove(engine, "before_cursor_execute", capture)
-    return captured
 
 
 def test_code_search_pages_through_every_match_once_in_row_order(client, custodian_headers):
@@ -80,18 +62,7 @@ def test_code_search_in_row_order_needs_no_sort_step(app, client, custodian_head
     subject = create(client, custodian_headers, patient())["id"]
     for i in range(3):
         create(client, custodian_headers, observation(subject, code="8867-4", value=60 + i))
-    [(statement, parameters)] = _statement_of(app, client, custodian_headers,
-                                              f"Observation?code={LOINC}|8867-4&_count=2")
-    with app.app_context(), db.read() as conn:
-        raw = conn.connection.dbapi_connection.cursor()
-        if conn.dialect.name == "sqlite":
-            raw.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)
-            plan = " / ".join(row[3] for row in raw.fetchall())
-            assert "TEMP B-TREE" not in plan, plan
-        else:
-            # With sorting priced out, a Sort node remains only if no plan can read the rows in order.
-            conn.execute(text("SET LOCAL enable_seqscan = off"))
-            conn.execute(text("SET LOCAL enable_sort = off"))
-            raw.execute(f"EXPLAIN {statement}", parameters)
-            plan = " / ".join(row[0] for row in raw.fetchall())
-            assert "Sort" not in plan, plan
+    [(statement, parameters)] = paged_statements(
+        app, "SELECT resources.pk",
+        lambda: search(client, custodian_headers, f"Observation?code={LOINC}|8867-4&_count=2"))
+    assert_no_sort_step(app, statement, parameters)

@@ -1,57 +1,163 @@
-"""The CapabilityStatements, generated from the search-parameter table and the operation table.
+"""The CapabilityStatements, generated from the route table, the search-parameter table and the
+operation table.
 
-Deriving them from `searchparams` means what the server advertises is exactly what the
-query builder accepts. Every operation of `OPERATIONS` is listed, with the canonical URL of
-its OperationDefinition, by the CapabilityStatement of the API that answers it; that API
-serves the definition (no token needed) at `<base>/OperationDefinition/<id>`.
+The interactions of each API are read from the app's route table (`answering`): an interaction
+is listed for a type when a request for it reaches a route of that shape that does not only
+refuse (its OpenAPI row answers nothing, `ok="none"`); conditional create and read follow the
+headers that route's OpenAPI row takes (`If-None-Exist`, `If-None-Match`, `If-Modified-Since`).
+The search parameters come from `searchparams`, the same table the query builder uses,
+filtered by what the API accepts; the result parameters from the parser's own list. Every
+operation of `OPERATIONS` is listed, with the canonical URL of its OperationDefinition, by the
+CapabilityStatement of the API that answers it; that API serves the definition (no token
+needed) at `<base>/OperationDefinition/<id>`. tests/test_capability.py asks the server for
+every interaction of FHIR R4's code lists and checks that exactly the declared ones are answered.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, Response
+from flask import Blueprint, Flask, Response, current_app
+from werkzeug.exceptions import HTTPException
 
+from service import patch
 from service.api.fhirjson import base_url, fhir_response
+from service.store import search
 from service.store.searchparams import SearchParam, params_for
 from service.validation import model_for
 
+if TYPE_CHECKING:
+    from service.api.openapi import Op
+
 SOFTWARE_VERSION = "0.1.0"
-FHIR_VERSION = "4.3.0"  # R4B: the models every resource is validated against
-_WRITE = ("create", "update", "delete")
-_READ = ("read", "vread", "history-instance", "search-type")
-#: What the research view answers: no history (it would list versions a project may not see).
-RESEARCH_READ = ("read", "vread", "search-type")
-#: Parameters that shape results, with their search-parameter types.
-RESULT_PARAMS = {"_count": "number", "_sort": "string", "_total": "token", "_summary": "token",
-                 "_include": "special"}
+FHIR_VERSION = "4.0.1"  # R4: what is stored validates against R4 (and the R4B models); see service/validation
+#: How each FHIR R4 interaction is asked for: the method and the route's shape below the API's
+#: base, `{}` standing for a path variable (the first one, for a resource type). The codes are
+#: those of R4's TypeRestfulInteraction and SystemRestfulInteraction value sets.
+TYPE_INTERACTIONS = {
+    "read": ("GET", "/{}/{}"),
+    "vread": ("GET", "/{}/{}/_history/{}"),
+    "update": ("PUT", "/{}/{}"),
+    "patch": ("PATCH", "/{}/{}"),
+    "delete": ("DELETE", "/{}/{}"),
+    "history-instance": ("GET", "/{}/{}/_history"),
+    "history-type": ("GET", "/{}/_history"),
+    "create": ("POST", "/{}"),
+    "search-type": ("GET", "/{}"),
+}
+SYSTEM_INTERACTIONS = {
+    "transaction": ("POST", ""),
+    "batch": ("POST", ""),
+    "search-system": ("GET", ""),
+    "history-system": ("GET", "/_history"),
+}
+#: Conditional update and delete: the search on the type's URL (`PUT /fhir/Patient?identifier=…`).
+#: A conditional delete matching several resources is refused (412): "single".
+_CONDITIONAL_UPDATE, _CONDITIONAL_DELETE = ("PUT", "/{}"), ("DELETE", "/{}")
+#: `conditionalRead` by the conditional headers the read route takes (its OpenAPI row).
+_CONDITIONAL_HEADERS = frozenset({"If-None-Match", "If-Modified-Since"})
+_CONDITIONAL_READ = {frozenset(): "not-supported", frozenset({"If-Modified-Since"}): "modified-since",
+                     frozenset({"If-None-Match"}): "not-match",
+                     frozenset({"If-None-Match", "If-Modified-Since"}): "full-support"}
+#: The FHIR search-parameter type of each result parameter the parser takes, and of `_has`
+#: (FHIR R4 §3.1.1.5); one missing here is listed as `special`.
+RESULT_PARAM_TYPES = {"_count": "number", "_sort": "string", "_total": "token", "_summary": "token",
+                      "_include": "special", "_revinclude": "special", "_elements": "string",
+                      "_has": "special"}
+#: Parameters the parser takes that are not part of the FHIR contract: paging and formatting
+#: (`_cursor` is only ever read from a `next` link), and fhirpy's alias of `_total`.
+_UNLISTED = frozenset({"_cursor", "_format", "_pretty", "_totalMethod"})
+#: The custodian API's result parameters: those the search parser takes.
+RESULT_PARAMS = tuple(sorted(search.RESULT_PARAMS - _UNLISTED))
+#: The patch documents a PATCH takes (service/patch.py): JSON Patch, FHIRPath Patch, JSON Merge Patch.
+PATCH_FORMATS = (patch.JSON_PATCH, "application/fhir+json", patch.MERGE_PATCH)
+_VARIABLE = re.compile(r"<[^>]+>")
 _SMART_OAUTH = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 
 
 @cache
 def resource_types() -> tuple[str, ...]:
-    """Every FHIR R4B resource type: all of them can be stored, read and searched."""
+    """Every resource type of both FHIR R4 and R4B: all of them can be stored, read and searched."""
     from fhir.resources.R4B import fhirtypes  # slow to import: only when the list is first needed
 
     names = (name[:-4] for name in dir(fhirtypes) if name.endswith("Type") and name[:1].isupper())
     return tuple(sorted(n for n in names if model_for(n) is not None))
 
 
-def _resource(resource_type: str, writable: bool, accepts: Callable[[SearchParam], bool],
-              reads: tuple[str, ...], operations: list[dict[str, Any]]) -> dict[str, Any]:
+def _shape(rule: str, base: str, resource_type: str) -> str:
+    """A route below `base` as a shape: variables as `{}`, and so a literal type segment."""
+    shape = _VARIABLE.sub("{}", rule.removeprefix(base))
+    return re.sub(rf"^/{resource_type}(?=/|$)", "/{}", shape) if resource_type else shape
+
+
+def answering(app: Flask, api: str, method: str, shape: str, resource_type: str = "") -> Op | None:
+    """The OpenAPI row of the route that answers `method` on `shape` (for `resource_type`) in
+    `api`: None unless the route the request reaches has that shape and does not only refuse."""
+    from service.api import openapi  # it imports this module
+
+    base = API_PATHS[api]
+    path = base + shape.replace("{}", resource_type, 1).replace("{}", "1")
+    try:
+        rule, _ = app.url_map.bind("localhost").match(path, method, return_rule=True)
+    except HTTPException:  # no route, another method only, or a redirect
+        return None
+    op = openapi.OPERATIONS.get((method, openapi.openapi_path(rule)))
+    return op if _shape(rule.rule, base, resource_type) == shape and op is not None and op.ok != "none" else None
+
+
+def answers(app: Flask, api: str, method: str, shape: str, resource_type: str = "") -> bool:
+    """Whether `api` answers `method` on `shape` (for `resource_type`)."""
+    return answering(app, api, method, shape, resource_type) is not None
+
+
+def _interactions(app: Flask, api: str, resource_type: str) -> dict[str, Any]:
+    """The interactions and conditional flags of one type, as the route table shows them (read
+    once per app: its routes do not change once it serves)."""
+    known = app.extensions.setdefault("passerelle.capability", {})
+    if (api, resource_type) not in known:
+        known[api, resource_type] = _read_interactions(app, api, resource_type)
+    return known[api, resource_type]
+
+
+def _read_interactions(app: Flask, api: str, resource_type: str) -> dict[str, Any]:
+    routes = {code: answering(app, api, method, shape, resource_type)
+              for code, (method, shape) in TYPE_INTERACTIONS.items()}
+    codes = [code for code, op in routes.items() if op is not None]
+    read, create = routes["read"], routes["create"]
+    return {
+        "interaction": [{"code": code} for code in codes],
+        "versioning": "versioned",
+        "readHistory": "vread" in codes,
+        "updateCreate": "update" in codes,  # PUT to an id that does not exist creates it
+        "conditionalCreate": create is not None and "If-None-Exist" in create.headers,
+        "conditionalRead": _CONDITIONAL_READ[frozenset(read.headers if read else ()) & _CONDITIONAL_HEADERS],
+        "conditionalUpdate": answers(app, api, *_CONDITIONAL_UPDATE, resource_type),
+        "conditionalDelete": "single" if answers(app, api, *_CONDITIONAL_DELETE, resource_type) else "not-supported",
+    }
+
+
+def _reverse_includes(types: Iterable[str], accepts: Callable[[SearchParam], bool]) -> dict[str, list[str]]:
+    """For each type, the `Source:param` a `_revinclude` may name: the reference parameters of the
+    listed types that can point to it (an untyped one to any type)."""
+    chosen = tuple(types)
+    found: dict[str, list[str]] = {t: [] for t in chosen}
+    for source in chosen:
+        for param in params_for(source).values():
+            if param.kind == "reference" and accepts(param):
+                for target in ([param.target] if param.target in found else [] if param.target else chosen):
+                    found[target].append(f"{source}:{param.name}")
+    return found
+
+
+def _resource(app: Flask, api: str, resource_type: str, accepts: Callable[[SearchParam], bool],
+              reverse: list[str], operations: list[dict[str, Any]]) -> dict[str, Any]:
     params = {name: p for name, p in params_for(resource_type).items() if accepts(p)}
-    interactions = reads + (_WRITE if writable else ())
     entry: dict[str, Any] = {
         "type": resource_type,
-        "interaction": [{"code": code} for code in interactions],
-        "versioning": "versioned",
-        "readHistory": "vread" in reads,
-        "updateCreate": writable,
-        "conditionalCreate": writable,
-        "conditionalUpdate": False,
-        "conditionalDelete": "not-supported",
+        **_interactions(app, api, resource_type),
         "searchParam": [{"name": p.name, "type": p.kind, **({"documentation": p.documentation}
                                                                if p.documentation else {})}
                         for p in params.values()],
@@ -59,39 +165,49 @@ def _resource(resource_type: str, writable: bool, accepts: Callable[[SearchParam
     includes = [f"{resource_type}:{p.name}" for p in params.values() if p.kind == "reference"]
     if includes:
         entry["searchInclude"] = includes
+    if reverse:
+        entry["searchRevInclude"] = reverse
     if operations:
         entry["operation"] = operations
     return entry
 
 
-def statement(base: str, *, writable: bool = True, types: tuple[str, ...] | None = None,
+def statement(base: str, *, types: tuple[str, ...] | None = None,
               description: str = "Passerelle custodian FHIR API",
               accepts: Callable[[SearchParam], bool] = lambda _: True,
-              reads: tuple[str, ...] = _READ, result_params: Iterable[str] = tuple(RESULT_PARAMS),
-              api: str = "custodian") -> dict[str, Any]:
-    """A CapabilityStatement for a FHIR base URL (`writable` False for the read-only research view).
+              result_params: Iterable[str] = RESULT_PARAMS, api: str = "custodian") -> dict[str, Any]:
+    """A CapabilityStatement for the FHIR base URL `base` of `api` ("custodian" or "research").
 
-    `accepts` chooses the search parameters advertised, `result_params` the result
-    parameters, `reads` the read interactions and `api` the operations (those `OPERATIONS`
-    gives to that API), so each API lists exactly what it answers.
+    The interactions are those the route table routes to `api`'s views (`answers`); `accepts`
+    chooses the search parameters advertised, `result_params` the result parameters, and the
+    operations are those `OPERATIONS` gives to `api`, so each API lists exactly what it answers.
     """
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
     chosen = types if types is not None else resource_types()
     system_operations, type_operations = _operations(base, api)
+    reverse = _reverse_includes(chosen, accepts)
     server_base = base.rsplit("/fhir", 1)[0].rsplit("/research", 1)[0]
+    system = [code for code, (method, shape) in SYSTEM_INTERACTIONS.items() if answers(app, api, method, shape)]
+    entries = [_resource(app, api, t, accepts, reverse[t], type_operations.get(t, [])) for t in chosen]
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
-        "date": "2026-11-29",
+        "date": "2026-11-30",
         "publisher": "Passerelle",
         "kind": "instance",
         "software": {"name": "Passerelle", "version": SOFTWARE_VERSION},
         "implementation": {"description": description, "url": base},
         "fhirVersion": FHIR_VERSION,
         "format": ["application/fhir+json", "json"],
+        **({"patchFormat": list(PATCH_FORMATS)} if any({"code": "patch"} in r["interaction"] for r in entries)
+           else {}),
         "rest": [{
             "mode": "server",
             "documentation": "Search parameters are listed per type; unknown parameters are refused "
-                             "unless the request says Prefer: handling=lenient.",
+                             "unless the request says Prefer: handling=lenient. Chained parameters "
+                             "(one level, `subject:Patient.name=…`) and `_has` (one level) work on the "
+                             "reference parameters listed; `_include:iterate` and `_revinclude:iterate` "
+                             "follow a bounded number of rounds.",
             "security": {
                 "cors": False,
                 "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
@@ -101,9 +217,10 @@ def statement(base: str, *, writable: bool = True, types: tuple[str, ...] | None
                 "extension": [{"url": _SMART_OAUTH, "extension": [
                     {"url": "token", "valueUri": f"{server_base}/auth/token"}]}],
             },
-            "resource": [_resource(t, writable, accepts, reads, type_operations.get(t, [])) for t in chosen],
-            **({"interaction": [{"code": "transaction"}, {"code": "batch"}]} if writable else {}),
-            "searchParam": [{"name": name, "type": RESULT_PARAMS[name]} for name in result_params],
+            "resource": entries,
+            **({"interaction": [{"code": code} for code in system]} if system else {}),
+            "searchParam": [{"name": name, "type": RESULT_PARAM_TYPES.get(name, "special")}
+                            for name in (*result_params, "_has")],
             **({"operation": system_operations} if system_operations else {}),
         }],
     }
@@ -167,6 +284,14 @@ OPERATIONS: tuple[Operation, ...] = (
                   _param("period", "out", "Period", "The period of data the consent covers."),
                   _param("valid", "out", "Period", "When the decision is valid."),
                   _param("basis", "out", "string", "One line of the decision's basis.", max_="*"))),
+    Operation("passerelle-everything", "custodian", "everything", "Everything about a patient",
+              "The patient and every current resource of their compartment, paged (FHIR Patient-everything; "
+              "resources outside the compartment that these refer to are not added).", instances=("Patient",),
+              parameters=(
+                  _param("_since", "in", "instant", "Only resources updated at or after this instant."),
+                  _param("_type", "in", "string", "Comma-separated resource types to return.", max_="*"),
+                  _param("_count", "in", "integer", "The page size."),
+                  _param("return", "out", "Bundle", "The searchset Bundle of the page.", min_=1))),
     Operation("passerelle-budget", "custodian", "budget", "A project's privacy budget",
               "GET reads a project's privacy budget and its history; POST raises its total ε (never "
               "lowers it), audited.", instances=("ResearchStudy",), affects_state=True, parameters=(

@@ -50,8 +50,9 @@ class Op:
     ok: str = "resource"  # a name in SUCCESS
 
 
-_SEARCH = ("_count", "_sort", "_total", "_summary", "_include", "_revinclude", "_format")
-_EXPORT = ("_outputFormat", "_since", "_type", "_typeFilter")
+_SEARCH = ("_count", "_sort", "_total", "_summary", "_include", "_revinclude", "_elements", "_format")
+_EXPORT = ("_outputFormat", "_since", "_type", "_typeFilter", "patient")
+_HISTORY = ("_count", "_since", "_at", "_lastUpdated")
 _AUDIT = ("date", "agent", "patient", "entity-type", "subtype", "outcome", "_count")
 
 OPERATIONS: dict[tuple[str, str], Op] = {
@@ -71,17 +72,32 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/fhir/"): Op("A transaction or batch Bundle", body="bundle"),
     ("GET", "/fhir/{resource_type}"): Op("Search a type", query=_SEARCH),
     ("POST", "/fhir/{resource_type}/_search"): Op("Search a type (parameters in a form body)", body="search"),
-    ("POST", "/fhir/{resource_type}"): Op("Create a resource", body="resource", ok="created"),
-    ("GET", "/fhir/{resource_type}/{resource_id}"): Op("Read a resource", query=("_format",)),
+    ("POST", "/fhir/{resource_type}"): Op("Create a resource; conditional with If-None-Exist or a search on the URL",
+                                          headers=("If-None-Exist",), body="resource", ok="created"),
+    ("GET", "/fhir/{resource_type}/{resource_id}"): Op("Read a resource (304 when not modified)", query=("_format",),
+                                                       headers=("If-None-Match", "If-Modified-Since")),
     ("PUT", "/fhir/{resource_type}/{resource_id}"): Op("Update (or create) a resource", headers=("If-Match",),
                                                        body="resource", ok="created"),
     ("DELETE", "/fhir/{resource_type}/{resource_id}"): Op("Delete a resource", headers=("If-Match",), ok="empty"),
+    ("PUT", "/fhir/{resource_type}"): Op("Conditional update: the search on the URL matches none (create), one "
+                                         "(update) or several (412)", headers=("If-Match",), body="resource",
+                                         ok="created"),
+    ("DELETE", "/fhir/{resource_type}"): Op("Conditional delete: the one resource the search on the URL matches "
+                                            "(several: 412)", headers=("If-Match",), ok="empty"),
+    ("PATCH", "/fhir/{resource_type}/{resource_id}"): Op("Patch a resource: JSON Patch, FHIRPath Patch or JSON "
+                                                         "Merge Patch", headers=("If-Match",), body="patch"),
+    ("PATCH", "/fhir/{resource_type}"): Op("Conditional patch: the one resource the search on the URL matches",
+                                           headers=("If-Match",), body="patch"),
+    ("GET", "/fhir/{resource_type}/_history"): Op("The history of a type", query=_HISTORY),
+    ("GET", "/fhir/_history"): Op("The history of every type", query=_HISTORY),
+    ("GET", "/fhir/Patient/{patient_id}/$everything"): Op("$everything: the patient's compartment, paged",
+                                                          query=("_since", "_type", "start", "end", "_count")),
     ("GET", "/fhir/AuditEvent"): Op("Search the audit log as AuditEvents", query=_AUDIT),
     ("POST", "/fhir/AuditEvent/_search"): Op("Search the audit log (form body)", body="search"),
     ("GET", "/fhir/AuditEvent/{event_id}"): Op("Read one audit entry as an AuditEvent"),
     **{(method, path): Op("Refused: the audit log is read-only (405)", body="resource", ok="none")
        for path in ("/fhir/AuditEvent", "/fhir/AuditEvent/{_rest}") for method in ("POST", "PUT", "DELETE", "PATCH")},
-    ("GET", "/fhir/{resource_type}/{resource_id}/_history"): Op("A resource's history", query=("_count",)),
+    ("GET", "/fhir/{resource_type}/{resource_id}/_history"): Op("A resource's history", query=_HISTORY),
     ("GET", "/fhir/{resource_type}/{resource_id}/_history/{version}"): Op("Read one version of a resource"),
     ("GET", "/fhir/Consent/$explain"): Op("$explain: why a patient's data is (or is not) released to a project",
                                           query=("patient", "project")),
@@ -104,6 +120,11 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                                   headers=("Prefer",), ok="accepted"),
     ("GET", "/research/fhir/Group/{group_id}/$export"): Op("$export of a group", query=_EXPORT,
                                                           headers=("Prefer",), ok="accepted"),
+    **{("POST", path): Op(f"{summary} (parameters in a Parameters body)", headers=("Prefer",), body="parameters",
+                          ok="accepted")
+       for path, summary in (("/research/fhir/$export", "$export of the project's data"),
+                             ("/research/fhir/Patient/$export", "$export of the project's patients"),
+                             ("/research/fhir/Group/{group_id}/$export", "$export of a group"))},
     ("GET", "/research/fhir/$budget"): Op("$budget: the caller's project budget and history (spends nothing)"),
     ("GET", "/research/fhir/_export/{job_id}"): Op("An export job's status, or its manifest", ok="manifest"),
     ("DELETE", "/research/fhir/_export/{job_id}"): Op("Cancel an export job", ok="accepted"),
@@ -139,11 +160,16 @@ QUERY: dict[str, dict[str, Any]] = {
     "_summary": {"enum": ["true", "false", "count", "text", "data"]},
     "_include": _STRING,
     "_revinclude": _STRING,
+    "_elements": _STRING,
     "_format": {"enum": ["json", "application/json", "application/fhir+json"]},
     "_outputFormat": {"enum": ["application/fhir+ndjson", "application/ndjson", "ndjson"]},
     "_since": {"type": "string", "format": "date-time"},
     "_type": _STRING,
     "_typeFilter": _STRING,
+    "_at": _STRING,
+    "start": _STRING,
+    "end": _STRING,
+    "_lastUpdated": _STRING,
     "patient": _STRING,
     "project": _STRING,
     "date": _STRING,
@@ -157,6 +183,9 @@ REQUIRED_QUERY = {("/fhir/Consent/$explain", "patient"), ("/fhir/Consent/$explai
 HEADERS: dict[str, tuple[dict[str, Any], bool]] = {  # name: (schema, required)
     "If-Match": ({"type": "string", "pattern": '^W/"[0-9]+"$'}, False),
     "Idempotency-Key": (_STRING, False),
+    "If-None-Exist": (_STRING, False),
+    "If-None-Match": (_STRING, False),
+    "If-Modified-Since": (_STRING, False),
     "Prefer": ({"const": "respond-async"}, True),
 }
 
@@ -176,6 +205,8 @@ BODIES: dict[str, dict[str, Any]] = {
     "resource": {_FHIR_JSON: {"schema": _ref("Resource")}},
     "bundle": {_FHIR_JSON: {"schema": _ref("Bundle")}},
     "parameters": {_FHIR_JSON: {"schema": _ref("Parameters")}},
+    "patch": {"application/json-patch+json": {"schema": {"type": "array", "items": {"type": "object"}}},
+              _FHIR_JSON: {"schema": _ref("Parameters")}},
     "search": {_FORM: {"schema": {"type": "object", "additionalProperties": _STRING}}},
     "token": _form({"grant_type": {"const": "client_credentials"}, "scope": _STRING,
                     "client_assertion_type": _STRING, "client_assertion": _STRING,

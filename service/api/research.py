@@ -42,9 +42,9 @@ def _records() -> Release:
 
 @bp.get("/metadata")
 def metadata() -> Response:
-    return fhir_response(capability.statement(_base(), writable=False, types=research_capability_types(),
+    return fhir_response(capability.statement(_base(), types=research_capability_types(),
                                               description="Passerelle research view: consented, de-identified",
-                                              accepts=research_param_allowed, reads=capability.RESEARCH_READ,
+                                              accepts=research_param_allowed,
                                               result_params=RESEARCH_RESULT_PARAMS, api="research"))
 
 
@@ -103,24 +103,29 @@ def budget_operation() -> Response:
 
 
 def _kick_off(kind: str, group_id: str | None = None) -> Response:
+    """A GET kick-off takes its parameters from the query; a POST one from a Parameters body (the
+    manifest's `request` is then the URL without them, as the Bulk Data IG says)."""
     if "respond-async" not in request.headers.get("Prefer", ""):
         raise InvalidRequest("$export runs asynchronously: send the header Prefer: respond-async")
     params = [(k, v) for k, v in request.args.items(multi=True) if k != "_format"]
-    job_id = export.kick_off(_records(), kind=kind, group_id=group_id, params=params, request_url=request.url)
+    if request.method == "POST":
+        params += export.parameters(parse_body())
+    job_id = export.kick_off(_records(), kind=kind, group_id=group_id, params=params, request_url=request.url,
+                             lenient="handling=lenient" in request.headers.get("Prefer", ""))
     return fhir_response(b"", 202, headers={"Content-Location": f"{_base()}/_export/{job_id}"})
 
 
-@bp.get("/$export")
+@bp.route("/$export", methods=["GET", "POST"])
 def export_system() -> Response:
     return _kick_off("system")
 
 
-@bp.get("/Patient/$export")
+@bp.route("/Patient/$export", methods=["GET", "POST"])
 def export_patients() -> Response:
     return _kick_off("patient")
 
 
-@bp.get("/Group/<group_id>/$export")
+@bp.route("/Group/<group_id>/$export", methods=["GET", "POST"])
 def export_group(group_id: str) -> Response:
     return _kick_off("group", group_id)
 

@@ -9,7 +9,9 @@ every request (service/app.py) and refuses an endpoint the table does not declar
 tests/test_scopes.py fails for one too.
 
 A request needs `r` on every type its `_include` or `_revinclude` parameters can bring
-in (the custodian's and the research API's searches alike, `POST …/_search` included).
+in, and `s` on every type its `_has` parameters and chains (`subject:Patient.gender`) search
+(the custodian's and the research API's searches alike, `POST …/_search` and the searches of
+conditional interactions, `If-None-Exist` included).
 The entries of a custodian Bundle are checked one by one, as their own interactions
 (`require_bundle_entries`).
 """
@@ -79,6 +81,13 @@ ROUTES: dict[str, Access] = {
     "custodian.create": _custodian("c"),
     "custodian.update": _custodian("u"),  # update-as-create included
     "custodian.delete": _custodian("d"),
+    "custodian.conditional_update": _custodian("u"),  # update-as-create included, as PUT Type/id
+    "custodian.conditional_delete": _custodian("d"),
+    "custodian.patch_instance": _custodian("u"),
+    "custodian.conditional_patch": _custodian("u"),
+    "custodian.history_type": _custodian("rs"),
+    "custodian.history_system": _custodian("rs", EVERY_TYPE),
+    "custodian.patient_everything": _custodian("rs", EVERY_TYPE),
     "custodian.bundle": _custodian(""),  # each entry as its own interaction: require_bundle_entries
     "custodian.audit_event_search": _custodian("s", "AuditEvent"),
     "custodian.audit_event_read": _custodian("r", "AuditEvent"),
@@ -122,7 +131,11 @@ def enforce() -> None:
     g.principal = auth.authenticate(access.role)
     if access.permission:
         require(access.resource_type(request.view_args or {}), access.permission)
-    _require_included(limits.request_params())
+    resource_type = (request.view_args or {}).get("resource_type")
+    _require_included(limits.request_params(), resource_type)
+    if_none_exist = request.headers.get("If-None-Exist")
+    if if_none_exist:
+        _require_included(parse_qsl(if_none_exist.lstrip("?"), keep_blank_values=True), resource_type)
 
 
 def require(resource_type: str, permission: str) -> None:
@@ -146,7 +159,9 @@ def require_bundle_entries(body: Any) -> None:
         parts = path.strip("/").split("/")
         if parts[0]:
             require(parts[0], _entry_letter(str(req.get("method")), len(parts) > 1))
-        _require_included(parse_qsl(query, keep_blank_values=True))
+        _require_included(parse_qsl(query, keep_blank_values=True), parts[0] or None)
+        if isinstance(req.get("ifNoneExist"), str):
+            _require_included(parse_qsl(req["ifNoneExist"].lstrip("?"), keep_blank_values=True), parts[0] or None)
 
 
 _LETTER_OF_METHOD = {"GET": "r", "HEAD": "r", "POST": "c", "PUT": "u", "DELETE": "d"}
@@ -159,11 +174,32 @@ def _entry_letter(method: str, has_id: bool) -> str:
     return _LETTER_OF_METHOD.get(method, "u")
 
 
-def _require_included(params: Iterable[tuple[str, str]]) -> None:
+def _require_included(params: Iterable[tuple[str, str]], resource_type: str | None) -> None:
+    """`r` on what includes bring in; `s` on what `_has` and chains search (of a search on `resource_type`)."""
     for name, value in params:
         kind = name.partition(":")[0]
         if kind in ("_include", "_revinclude"):
             require(_included_type(kind, value), "r")
+        elif kind == "_has":
+            require(_has_type(name), "s")
+        elif "." in name:
+            require(_chained_type(resource_type, name), "s")
+
+
+def _has_type(name: str) -> str:
+    """The type `_has:Observation:subject:code` searches (Observation); `*` when unclear."""
+    parts = name.split(":")
+    return parts[1] if len(parts) > 2 and parts[1] else EVERY_TYPE
+
+
+def _chained_type(resource_type: str | None, name: str) -> str:
+    """The type a chain searches: its type modifier's (`subject:Patient.gender`), else the declared
+    target of its parameter (`patient.gender`: Patient); `*` when it can be several or is unclear."""
+    param_name, _, type_name = name.partition(".")[0].partition(":")
+    if type_name:
+        return type_name
+    param = params_for(resource_type).get(param_name) if resource_type else None
+    return param.target if param is not None and param.kind == "reference" and param.target else EVERY_TYPE
 
 
 def _included_type(kind: str, value: str) -> str:

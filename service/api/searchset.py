@@ -87,10 +87,25 @@ def bundle(page: Page, query: Query, *, base: str, view: str, path: str, request
     if page.total is not None:
         result["total"] = page.total
     result["link"] = links
-    entries = render(page.rows, "match") + render(page.included, "include")
+    entries = (_subsetted(render(page.rows, "match"), page.rows, query, match=True)
+               + _subsetted(render(page.included, "include"), page.included, query, match=False))
     if entries:
         result["entry"] = entries
     return result
+
+
+def _subsetted(entries: list[dict[str, Any]], rows: list[Any], query: Query, *, match: bool
+               ) -> list[dict[str, Any]]:
+    """The entries with their resources subsetted as `_summary`/`_elements` ask (service/subsetting.py),
+    after rendering: on the research view, after de-identification."""
+    if query.subset is None or not query.subset.applies(match=match):
+        return entries
+    for entry, row in zip(entries, rows, strict=True):
+        resource = entry["resource"]
+        if isinstance(resource, orjson.Fragment):  # the stored JSON, embedded as is
+            resource = orjson.loads(row.json)
+        entry["resource"] = query.subset.apply(resource, match=match)
+    return entries
 
 
 def run_search(conn: Any, resource_type: str, args: list[tuple[str, str]], *, base: str, view: str,

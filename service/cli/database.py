@@ -1,6 +1,7 @@
 """`init-db`: create or migrate the schema and the master key (idempotent), record the master
 key's fingerprint and, in a new database, the consent default regime; classify the stored
-resources again when the sensitivity classifier changed since they were classified.
+resources again when the sensitivity classifier changed since they were classified, and index
+them again when the search index changed since they were indexed (`service/store/reindex.py`).
 
 `init-db` never overwrites a recorded fingerprint: on a database initialised with another
 master key it refuses, unless `--replace-master-key` says the change is deliberate
@@ -20,7 +21,8 @@ from policies.keys import MasterKeyError, ensure_master_key
 from policies.sensitivity import VERSION as CLASSIFIER_VERSION
 from service import db, keyring
 from service.health import consent_default_drift
-from service.store import masks
+from service.store import masks, reindex
+from service.store.indexer import VERSION as INDEX_VERSION
 
 
 def record_settings(conn: Connection, *, replace_master_key: bool = False) -> tuple[bool, bool]:
@@ -56,6 +58,8 @@ def init_db_command(replace_master_key: bool) -> None:
             ensure_budget(conn, project.project_id, project.epsilon, project.delta, actor="init-db")
         decisions = refresh(conn)
         reclassified = masks.refresh(conn) if masks.stored_version(conn) != CLASSIFIER_VERSION else None
+        outdated_index = reindex.stored_version(conn) != INDEX_VERSION
+    indexed = reindex.reindex(db.engine()) if outdated_index else None
     click.echo(f"Database ready (schema version {version}); consent default {default!r}"
                f"{' (recorded now)' if seeded else ''}; {decisions} consent decisions materialised.", err=True)
     if warning := consent_default_drift(default):
@@ -63,6 +67,8 @@ def init_db_command(replace_master_key: bool) -> None:
     if reclassified:
         click.echo(f"Sensitivity classifier {CLASSIFIER_VERSION}: {reclassified['resources']} resources classified, "
                    f"{reclassified['changed']} masks changed.", err=True)
+    if indexed:
+        click.echo(f"Search index {INDEX_VERSION}: {indexed} resources indexed again.", err=True)
     if created:
         click.echo(f"Created master key {current_app.config['MASTER_KEY_FILE']} (mode 0600).", err=True)
     if recorded:

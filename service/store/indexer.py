@@ -5,19 +5,36 @@ from these rows, never by scanning stored JSON.
 """
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from policies.fhirdates import MAX_US, MIN_US, DateFormatError, date_range
 from policies.sensitivity import NOT_INHERITED, SHARED_TYPES
-from service.store.searchparams import CLINICAL_DATE, COMPARTMENT, SearchParam, indexed_params
+from service.store.searchparams import (
+    CLINICAL_DATE,
+    COMPARTMENT,
+    SearchParam,
+    identifier_index,
+    identifier_index_of,
+    indexed_params,
+    of_type_index,
+    text_index,
+)
 
 Rows = dict[str, list[dict[str, Any]]]
+#: Changes whenever `extract` yields other rows for the same resource, so that `init-db`
+#: indexes the stored resources again (`service/store/reindex.py`). 2: token text,
+#: identifier types and reference identifiers. 3: only relative references (`LOCAL_REFERENCE`)
+#: are indexed as references to this server's resources.
+VERSION = "3"
 
 
 def normalise(text: str) -> str:
     """Case- and accent-insensitive form used for string search (`Müller` → `muller`)."""
+    if text.isascii():  # nothing to decompose (the common case, at ingest)
+        return text.casefold()[:255]
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()[:255]
 
@@ -44,18 +61,21 @@ def walk(node: Any, steps: tuple[tuple[str, str | None, str | None], ...]) -> It
             yield from walk(value, rest)
 
 
+#: A literal reference to a resource of this server as it is stored: `Type/id` or `Type/id/_history/v`.
+#: (An id outside FHIR's id syntax names nothing stored: such a reference resolves to nothing.)
+LOCAL_REFERENCE = re.compile(r"([A-Z][A-Za-z]{0,63})/([^/?#:\s]{1,64})(?:/_history/[^/?#:\s]{1,64})?")
+_BARE_ID = re.compile(r"[^/?#:\s]{1,64}")
+
+
 def parse_reference(ref: str) -> tuple[str | None, str] | None:
-    """`Patient/1`, `Patient/1/_history/2`, `http://x/fhir/Patient/1` → ("Patient", "1")."""
-    if not ref or ref.startswith("#") or ref.startswith("urn:"):
-        return None
-    parts = ref.split("?", 1)[0].rstrip("/").split("/")
-    if len(parts) >= 4 and parts[-2] == "_history":
-        parts = parts[:-2]
-    if len(parts) >= 2 and parts[-2][:1].isupper():
-        return parts[-2], parts[-1]
-    if len(parts) == 1:
-        return None, parts[0]
-    return None
+    """`Patient/1` or `Patient/1/_history/2` → ("Patient", "1"); a bare id `1` (a search value) →
+    (None, "1"); anything else → None: contained (`#x`), `urn:` and conditional references,
+    absolute URLs (another server's: the write path stores references to this server's own base
+    as relative ones, service/references.py) and odd spellings (`./Patient/1`, `Patient/1/`)."""
+    match = LOCAL_REFERENCE.fullmatch(ref)
+    if match:
+        return match[1], match[2]
+    return (None, ref) if _BARE_ID.fullmatch(ref) else None
 
 
 def _tokens(value: Any, contact: bool) -> Iterable[tuple[str | None, str]]:
@@ -75,6 +95,52 @@ def _tokens(value: Any, contact: bool) -> Iterable[tuple[str | None, str]]:
     elif "value" in value:
         # A ContactPoint's `system` is a kind (phone, email), not a namespace: match on the value.
         yield (None if contact else value.get("system")), value["value"]
+
+
+def _token_texts(value: Any) -> Iterable[str]:
+    """The text `:text` searches: CodeableConcept.text, Coding.display, Identifier.type.text."""
+    if not isinstance(value, dict):
+        return
+    if isinstance(value.get("text"), str):
+        yield value["text"]
+    codings = value.get("coding") if isinstance(value.get("coding"), list) else [value]
+    for coding in codings:
+        if isinstance(coding, dict) and isinstance(coding.get("display"), str):
+            yield coding["display"]
+    kind = value.get("type")
+    if isinstance(kind, dict) and isinstance(kind.get("text"), str):
+        yield kind["text"]
+
+
+def _identifier_types(value: Any) -> Iterable[tuple[str | None, str]]:
+    """(type system, `type-code|value`) of an Identifier with a coded type (`:of-type`)."""
+    if not isinstance(value, dict) or not isinstance(value.get("value"), str):
+        return
+    kind = value.get("type")
+    for coding in kind.get("coding", ()) if isinstance(kind, dict) else ():
+        if isinstance(coding, dict) and coding.get("code") is not None:
+            yield coding.get("system"), f"{coding['code']}|{value['value']}"
+
+
+#: A resource type's name (the longest in R4 has 30 letters): what a derived index name may
+#: end with and still fit its column (`searchparams.identifier_index_of`).
+_TYPE_NAME = re.compile(r"[A-Z][A-Za-z]{0,29}")
+
+
+def _reference_identifiers(value: Any, target: str | None) -> Iterable[tuple[str | None, str, str | None]]:
+    """(system, value, target type if known) of a Reference's identifier (`:identifier`)."""
+    if not isinstance(value, dict):
+        return
+    identifier = value.get("identifier")
+    if not isinstance(identifier, dict) or not isinstance(identifier.get("value"), str):
+        return
+    declared = value.get("type") if isinstance(value.get("type"), str) else None
+    parsed = parse_reference(value["reference"]) if isinstance(value.get("reference"), str) else None
+    kind = declared or (parsed[0] if parsed else None) or target
+    if kind is not None and not _TYPE_NAME.fullmatch(kind):
+        kind = None  # e.g. the absolute URL of a logical model: no resource type to index it under
+    if target is None or kind == target:
+        yield identifier.get("system"), identifier["value"], kind
 
 
 def _strings(value: Any) -> Iterable[str]:
@@ -120,6 +186,13 @@ def _rows_for(param: SearchParam, resource: dict[str, Any]) -> Iterator[tuple[st
                     value = True  # a death date means deceased
                 for system, code in _tokens(value, steps[0][0] == "telecom"):
                     yield "idx_token", {"param": name, "system": system, "code": str(code)[:255]}
+                if isinstance(value, dict):
+                    for text in _token_texts(value):
+                        yield "idx_string", {"param": text_index(param), "value": normalise(text),
+                                             "exact": text[:255]}
+                    if "type" in value:
+                        for system, code in _identifier_types(value):
+                            yield "idx_token", {"param": of_type_index(param), "system": system, "code": code[:255]}
             elif param.kind == "string":
                 for text in _strings(value):
                     yield "idx_string", {"param": name, "value": normalise(text), "exact": text[:255]}
@@ -135,6 +208,12 @@ def _rows_for(param: SearchParam, resource: dict[str, Any]) -> Iterator[tuple[st
             else:
                 for target_type, target_id in _references(value, param.target):
                     yield "idx_reference", {"param": name, "target_type": target_type, "target_id": target_id}
+                for system, code, target_type in (_reference_identifiers(value, param.target)
+                                                  if isinstance(value, dict) and "identifier" in value else ()):
+                    yield "idx_token", {"param": identifier_index(param), "system": system, "code": code[:255]}
+                    if target_type and not param.target:
+                        yield "idx_token", {"param": identifier_index_of(name, target_type), "system": system,
+                                            "code": code[:255]}
 
 
 #: The `idx_reference` rows under this name list what a resource may inherit sensitive

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -27,6 +27,12 @@ Line = tuple[int, int, str | None]
 _FORGET_WORKERS_US = 24 * 3600 * 1_000_000
 #: States whose manifest was published (an expired job's files are gone, its manifest is not).
 _PUBLISHED = ("completed", "expired")
+#: The type recorded for a file of deletions (the manifest's `deleted` array): NDJSON of
+#: transaction Bundles, each holding DELETE entries. No export ever has Bundle files of its own.
+DELETED = "Bundle"
+#: Progress as a job's status answers it (`X-Progress`): a percentage first, as clients display it.
+QUEUED = "0% (queued)"
+STARTING = "0% (starting)"
 
 
 @dataclass(frozen=True)
@@ -45,26 +51,45 @@ class Job:
     transaction_time: int
     progress: str
     error: str | None
+    #: `_typeFilter` queries by type, as the client sent them (a type without any is exported whole).
+    type_filters: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: The stored ids of the patients a `patient` parameter named (None: every patient).
+    patients: tuple[str, ...] | None = None
 
 
 def _job(row: Any) -> Job:
-    return Job(row.job_id, row.project_id, row.client_id, row.kind, row.group_id, tuple(json.loads(row.types)),
-               row.since, row.request, row.state, row.transaction_time, row.progress, row.error)
+    selection = json.loads(row.types)
+    if isinstance(selection, list):  # the types alone (a job without _typeFilter or patient)
+        selection = {"types": selection}
+    patients = selection.get("patients")
+    return Job(row.job_id, row.project_id, row.client_id, row.kind, row.group_id, tuple(selection["types"]),
+               row.since, row.request, row.state, row.transaction_time, row.progress, row.error,
+               {t: tuple(queries) for t, queries in selection.get("typeFilter", {}).items()},
+               None if patients is None else tuple(patients))
 
 
 # -- what clients ask ----------------------------------------------------------------------------
 
 
 def create(*, project_id: str, client_id: str, kind: str, group_id: str | None, types: Sequence[str],
-           since: int | None, request: str) -> str:
-    """Queue a job whose transaction time is now; returns its id."""
+           since: int | None, request: str, type_filters: Mapping[str, Sequence[str]] | None = None,
+           patients: Sequence[str] | None = None) -> str:
+    """Queue a job whose transaction time is now; returns its id.
+
+    The `types` column holds what the job selects as JSON: the list of types, or, with
+    `_typeFilter` queries or a `patient` list, an object {"types", "typeFilter", "patients"}.
+    """
     job_id = str(uuid.uuid4())
     now = db.now_us()
+    selection: Any = list(types)
+    if type_filters or patients is not None:
+        selection = {"types": list(types), "typeFilter": {t: list(q) for t, q in (type_filters or {}).items()},
+                     "patients": None if patients is None else list(patients)}
     with db.write() as conn:
         conn.execute(insert(export_jobs).values(
             job_id=job_id, project_id=project_id, client_id=client_id, kind=kind, group_id=group_id,
-            types=json.dumps(list(types)), since=since, request=request, state="accepted", transaction_time=now,
-            progress="queued", created=now))
+            types=json.dumps(selection), since=since, request=request, state="accepted", transaction_time=now,
+            progress=QUEUED, created=now))
     return job_id
 
 
@@ -91,7 +116,7 @@ def note_poll(job_id: str, min_interval_us: int) -> bool:
 
 
 def files(job_id: str) -> list[Any]:
-    """The files of a job: (file_no, resource_type, count), in order."""
+    """The files of a job: (file_no, resource_type, count), in order (deletions have type `DELETED`)."""
     with db.read() as conn:
         return list(conn.execute(select(export_files.c.file_no, export_files.c.resource_type, export_files.c.count)
                                  .where(export_files.c.job_id == job_id).order_by(export_files.c.file_no)))
@@ -161,7 +186,7 @@ def claim(owner: str, lease_us: int, silent_us: int) -> str | None:
         if job_id is None:
             return None
         taken = conn.execute(update(export_jobs).where(export_jobs.c.job_id == job_id, claimable).values(
-            state="in-progress", owner=owner, lease_until=now + lease_us, progress="starting"))
+            state="in-progress", owner=owner, lease_until=now + lease_us, progress=STARTING))
         return job_id if taken.rowcount == 1 else None
 
 

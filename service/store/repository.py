@@ -46,12 +46,19 @@ class Current:
 
 @dataclass(frozen=True)
 class Change:
-    """One version to write: `resource` None means delete."""
+    """One version to write: `resource` None means delete. `method` is the HTTP method history records
+    (POST, PUT, PATCH, DELETE); by default DELETE for a deletion, PUT over a stored resource, else POST."""
 
     type: str
     id: str
     resource: dict[str, Any] | None
     current: Current | None = None
+    method: str | None = None
+
+    def recorded_method(self) -> str:
+        if self.method:
+            return self.method
+        return "DELETE" if self.resource is None else ("PUT" if self.current else "POST")
 
 
 @dataclass(frozen=True)
@@ -134,7 +141,7 @@ def write(conn: Connection, changes: Sequence[Change]) -> list[Stored]:
     resolved, recomputed = masks.resolve(conn, nodes, [(c.type, c.id) for c in changes if c.resource is None])
     for position, (change, row) in enumerate(zip(changes, new_rows, strict=True)):
         version = row["version"]
-        method = "DELETE" if change.resource is None else ("PUT" if change.current else "POST")
+        method = change.recorded_method()
         if change.resource is not None:
             row["sensitive_mask"] = resolved[(change.type, change.id)]
         if change.current is None:
@@ -152,7 +159,8 @@ def write(conn: Connection, changes: Sequence[Change]) -> list[Stored]:
         except IntegrityError as exc:
             raise Conflict("A resource with this id was created concurrently; retry the request") from exc
         for (position, row), pk in zip(fresh, pks, strict=True):
-            stored[position] = Stored(pk, row["type"], row["id"], 1, now, False, row["json"], row["patient_id"], "POST")
+            stored[position] = Stored(pk, row["type"], row["id"], 1, now, False, row["json"], row["patient_id"],
+                                      changes[position].recorded_method())
     done = [s for s in stored if s is not None]
     rows = [row for _, row in sorted([*fresh, *((p, r) for p, r in judged.items())])]
     _insert_rows(conn, history, _HISTORY_COLUMNS, [
@@ -269,18 +277,38 @@ def vread(conn: Connection, resource_type: str, resource_id: str, version: int) 
     return Stored(*row)
 
 
-def instance_history(conn: Connection, resource_type: str, resource_id: str) -> list[Stored]:
-    """Every version, newest first; NotFound if the resource never existed."""
-    rows = conn.execute(
+@dataclass(frozen=True)
+class Version:
+    """One entry of a history: the stored version, and whether it created the resource (its first
+    version, or the first after a deletion)."""
+
+    stored: Stored
+    created: bool
+
+
+def versions(conn: Connection, *, where: Sequence[ColumnElement[bool]] = (), at: tuple[int, int] | None = None,
+             limit: int | None = None, offset: int = 0) -> list[Version]:
+    """Versions newest first (by last update, then resource and version) that satisfy `where` (clauses
+    on `history` and `resources`); with `at` (low, high µs), only those current at some instant of it."""
+    previous, following = history.alias("previous"), history.alias("following")
+    statement = (
         select(history.c.resource_pk, resources.c.type, resources.c.id, history.c.version,
-               history.c.last_updated, history.c.deleted, history.c.json, history.c.patient_id, history.c.method)
+               history.c.last_updated, history.c.deleted, history.c.json, history.c.patient_id, history.c.method,
+               previous.c.deleted.label("previous_deleted"))
         .join(resources, resources.c.pk == history.c.resource_pk)
-        .where(resources.c.type == resource_type, resources.c.id == resource_id)
-        .order_by(history.c.version.desc())
-    ).all()
-    if not rows:
-        raise NotFound(f"{resource_type}/{resource_id} is not known")
-    return [Stored(*row) for row in rows]
+        .outerjoin(previous, and_(previous.c.resource_pk == history.c.resource_pk,
+                                  previous.c.version == history.c.version - 1))
+        .where(*where)
+        .order_by(history.c.last_updated.desc(), history.c.resource_pk.desc(), history.c.version.desc())
+        .offset(offset))
+    if at is not None:
+        statement = statement.outerjoin(following, and_(following.c.resource_pk == history.c.resource_pk,
+                                                        following.c.version == history.c.version + 1)).where(
+            history.c.last_updated <= at[1], or_(following.c.version.is_(None), following.c.last_updated > at[0]))
+    if limit is not None:
+        statement = statement.limit(limit)
+    return [Version(Stored(*row[:9]), row.previous_deleted is None or bool(row.previous_deleted))
+            for row in conn.execute(statement)]
 
 
 def create(conn: Connection, resource_type: str, resource: dict[str, Any]) -> Stored:
@@ -289,8 +317,9 @@ def create(conn: Connection, resource_type: str, resource: dict[str, Any]) -> St
 
 
 def update(conn: Connection, resource_type: str, resource_id: str, resource: dict[str, Any],
-           if_match: int | None = None) -> tuple[Stored, bool]:
-    """Store the next version (or create with the client's id); returns (stored, created)."""
+           if_match: int | None = None, method: str = "PUT") -> tuple[Stored, bool]:
+    """Store the next version (or create with the client's id); returns (stored, created). `method`
+    is what history records (PUT, or PATCH)."""
     check_id(resource_id)
     if resource.get("id") != resource_id:
         raise InvalidRequest(f"The resource id {resource.get('id')!r} must equal the id in the URL "
@@ -300,7 +329,7 @@ def update(conn: Connection, resource_type: str, resource_id: str, resource: dic
         have = "does not exist" if existing is None else f"is at version {existing.version}"
         raise PreconditionFailed(f"If-Match expected version {if_match} but {resource_type}/{resource_id} {have}")
     created = existing is None or existing.deleted
-    return write(conn, [Change(resource_type, resource_id, resource, existing)])[0], created
+    return write(conn, [Change(resource_type, resource_id, resource, existing, method)])[0], created
 
 
 def remove(conn: Connection, resource_type: str, resource_id: str, if_match: int | None = None) -> Stored | None:

@@ -70,6 +70,8 @@ history = Table(
     Column("clinical_high", BigInteger),
     Column("json", LargeBinary),
     PrimaryKeyConstraint("resource_pk", "version", name="pk_history"),
+    # Type and system history read versions newest first: a page walks this index, never sorts.
+    Index("ix_history_last_updated", "last_updated", "resource_pk", "version"),
 )
 
 idx_token = Table(

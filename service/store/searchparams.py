@@ -26,6 +26,9 @@ class SearchParam:
     #: For references: the only resource type this parameter may point to.
     target: str | None = None
     documentation: str = ""
+    #: For tokens: the value a resource without the element has (the parameter's FHIRPath
+    #: expression yields it then), e.g. `false` for `Patient.deceased`.
+    missing_means: str | None = None
     steps: tuple[tuple[tuple[str, str | None, str | None], ...], ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -46,8 +49,8 @@ def _compile(path: str) -> tuple[tuple[str, str | None, str | None], ...]:
     return tuple(steps)
 
 
-def _t(name: str, *paths: str) -> SearchParam:
-    return SearchParam(name, "token", paths)
+def _t(name: str, *paths: str, missing_means: str | None = None) -> SearchParam:
+    return SearchParam(name, "token", paths, missing_means=missing_means)
 
 
 def _s(name: str, *paths: str) -> SearchParam:
@@ -101,7 +104,8 @@ _BY_TYPE: dict[str, tuple[SearchParam, ...]] = {
         *_PERSON,
         _d("birthdate", "birthDate"),
         _d("death-date", "deceasedDateTime"),
-        _t("deceased", "deceasedBoolean", "deceasedDateTime"),
+        # R4: `Patient.deceased.exists() and Patient.deceased != false`, so no deceased[x] is false.
+        _t("deceased", "deceasedBoolean", "deceasedDateTime", missing_means="false"),
         _r("general-practitioner", "generalPractitioner"),
         _r("organization", "managingOrganization", target="Organization"),
         _t("language", "communication.language"),
@@ -291,6 +295,32 @@ CLINICAL_DATE: dict[str, str] = {
     "CareTeam": "date", "Goal": "start-date", "Claim": "created", "ExplanationOfBenefit": "created",
     "ImagingStudy": "started", "Provenance": "recorded", "Consent": "date",
 }
+
+
+def text_index(param: SearchParam) -> str:
+    """Where a token parameter's text is indexed (`:text`): CodeableConcept.text, Coding.display
+    and Identifier.type.text, as string rows."""
+    return f"{param.index_name}:text"
+
+
+def of_type_index(param: SearchParam) -> str:
+    """Where an identifier parameter's typed values are indexed (`:of-type`): token rows whose
+    system is the type's system and whose code is `type-code|value`."""
+    return f"{param.index_name}:of-type"
+
+
+def identifier_index(param: SearchParam) -> str:
+    """Where the identifiers of a reference parameter's references are indexed (`:identifier`):
+    token rows (system, value). An alias (`patient` over `subject`) reads the rows of references
+    whose type is known to be its target (`identifier_index_of`)."""
+    if param.target and param.index_name != param.name:
+        return identifier_index_of(param.index_name, param.target)
+    return f"{param.index_name}:identifier"
+
+
+def identifier_index_of(index_name: str, target_type: str) -> str:
+    """The `:identifier` rows of references known to point at `target_type`."""
+    return f"{index_name}:identifier:{target_type}"
 
 
 def params_for(resource_type: str) -> dict[str, SearchParam]:
