@@ -10,12 +10,14 @@ import contextlib
 import hashlib
 import http.client
 import os
+import re
 import resource
 import secrets
 import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -26,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import orjson
 
@@ -536,46 +538,93 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: The shipped settings (deploy/gunicorn.conf.py), with the app preloaded and warmed up in the master, so
+#: that the workers it forks (at start, or to replace a killed one) serve at once: a cold worker's start
+#: costs seconds of CPU. A forked worker must not use the master's database connections: it drops them
+#: from its pool without closing them.
+PRELOADED = """
+exec(open("deploy/gunicorn.conf.py").read())
+preload_app = True
+
+
+def on_starting(server):
+    import diffprivlib  # noqa: F401
+
+    from service.api.capability import resource_types
+
+    resource_types()
+
+
+def post_fork(server, worker):
+    server.app.wsgi().extensions["passerelle.engine"].dispose(close=False)
+"""
+
+
 class Gunicorn:
-    """`gunicorn -c deploy/gunicorn.conf.py wsgi:app` on a free loopback port, stopped on exit."""
+    """`gunicorn -c deploy/gunicorn.conf.py wsgi:app` (`preload`: those settings, preloaded, see `PRELOADED`)
+    serving `env` on a free loopback port, in a process group of its own; `with` starts it, waits until it
+    serves and stops it."""
 
-    def __init__(self, instance: Instance, workers: int = 2, **extra_env: str):
-        self.instance = instance
+    def __init__(self, env: dict[str, str], log: Path, workers: int = 2, preload: bool = False,
+                 port: int | None = None):
+        self.env = env
         self.workers = workers
-        self.extra_env = extra_env
-        self.port = 0
+        self.config = "deploy/gunicorn.conf.py"
+        if preload:
+            self.config = str(log.with_suffix(".conf.py"))
+            Path(self.config).write_text(PRELOADED)
+        self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
-        self.log = instance.dir / f"gunicorn-{secrets.token_hex(3)}.log"
+        self.log = log
+        base = env.get("PASSERELLE_BASE_URL", "")
+        #: The Host requests must name: the public one behind a proxy (PASSERELLE_BASE_URL), else loopback.
+        self.host = urlsplit(base).netloc if base else f"127.0.0.1:{self.port}"
 
-    def __enter__(self) -> Gunicorn:
-        self.port = free_port()
-        env = self.instance.env(PASSERELLE_BIND=f"127.0.0.1:{self.port}", PASSERELLE_WORKERS=str(self.workers),
-                                **self.extra_env)
+    @classmethod
+    def of(cls, instance: Instance, workers: int = 2, **extra_env: str) -> Gunicorn:
+        """A server of a benchmark's instance, its log in the instance's directory."""
+        return cls(instance.env(**extra_env), instance.dir / f"gunicorn-{secrets.token_hex(3)}.log", workers)
+
+    def start(self) -> Gunicorn:
+        """Start the server; it serves once `wait_ready` returns."""
+        env = {**self.env, "PASSERELLE_BIND": f"127.0.0.1:{self.port}", "PASSERELLE_WORKERS": str(self.workers)}
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                [str(BIN / "gunicorn"), "-c", "deploy/gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=env,
+                [str(BIN / "gunicorn"), "-c", self.config, "wsgi:app"], cwd=ROOT, env=env,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 90
+        return self
+
+    def wait_ready(self, seconds: float = 90) -> None:
+        """Until `/healthz` answers 200; raises (and stops the server) if it does not within `seconds`."""
+        assert self.process is not None
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {self.process.returncode}: {self.tail()}")
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/healthz")
+                conn.request("GET", "/healthz", headers={"Host": self.host})
                 if conn.getresponse().status == 200:
                     conn.close()
-                    return self
+                    return
                 conn.close()
             except OSError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.1)
         self.__exit__(None, None, None)
         raise RuntimeError(f"gunicorn did not become ready: {self.tail()}")
 
+    def __enter__(self) -> Gunicorn:
+        self.start().wait_ready()
+        return self
+
+    def worker_pids(self) -> list[int]:
+        assert self.process is not None
+        return child_pids(self.process.pid)
+
     def cpu_snapshot(self) -> dict[int, float]:
         """CPU seconds used so far by each worker process (the master does no request work)."""
-        assert self.process is not None
-        return {pid: cpu for pid in child_pids(self.process.pid) if (cpu := process_cpu(pid)) is not None}
+        return {pid: cpu for pid in self.worker_pids() if (cpu := process_cpu(pid)) is not None}
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -583,20 +632,227 @@ class Gunicorn:
         except OSError:
             return ""
 
+    def kill(self) -> None:
+        """SIGKILL the master and every worker at once, as a crashed machine would stop them."""
+        assert self.process is not None
+        # The group was created for this gunicorn (start_new_session): its master and workers only.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
     def __exit__(self, *_exc: Any) -> None:
         process = self.process
         if process is None or process.poll() is not None:
             return
-        process.send_signal(signal.SIGQUIT)  # quick shutdown: the measurements are over
+        process.send_signal(signal.SIGQUIT)  # quick shutdown: the work is over
         try:
             process.wait(timeout=40)
         except subprocess.TimeoutExpired:
-            # The group was created for this gunicorn (start_new_session): its master and workers only.
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+            self.kill()
+
+
+# -- nginx in front of nodes ---------------------------------------------------------------------
+
+#: The configuration a site deploys; `Nginx` runs it, not a configuration of its own.
+NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+#: The public name the shipped configuration serves (`server_name`), and the nodes' PASSERELLE_BASE_URL.
+PUBLIC_NAME = "fhir.example.org"
+
+
+def self_signed(directory: Path, name: str = PUBLIC_NAME) -> tuple[Path, Path]:
+    """A certificate for `name` signed by its own key, valid for a day; returns (certificate, key) paths."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def _upstream_servers(conf: str, ports: Sequence[int]) -> str:
+    """The `upstream passerelle` block with one `server` line per node port, each keeping the parameters
+    (max_fails, fail_timeout, …) of the shipped first line."""
+    block = re.search(r"(upstream\s+passerelle\s*\{)(.*?)(\n\s*\})", conf, re.S)
+    if block is None:
+        raise RuntimeError(f"{NGINX_CONF} has no `upstream passerelle {{ … }}` block")
+    lines = block.group(2).split("\n")
+    servers = [i for i, line in enumerate(lines) if re.match(r"\s*server\s+\S+", line)]
+    if not servers:
+        raise RuntimeError(f"{NGINX_CONF}: `upstream passerelle` names no server")
+    template = lines[servers[0]]
+    mine = [re.sub(r"(server\s+)\S+?(;|\s)", lambda m, p=port: f"{m.group(1)}127.0.0.1:{p}{m.group(2)}", template,
+                   count=1) for port in ports]
+    kept = [line for i, line in enumerate(lines) if i not in servers]
+    body = "\n".join(kept[:servers[0]] + mine + kept[servers[0]:])
+    return conf[:block.start(2)] + body + conf[block.end(2):]
+
+
+def nginx_conf(conf: str, upstreams: Sequence[int], http_port: int, https_port: int, certificate: Path,
+               key: Path, directory: Path, root: bool) -> str:
+    """The shipped configuration, changed only where a test machine differs from the site: the upstream
+    servers (these loopback ports), the listening addresses (loopback ports, no IPv6), the certificate
+    and key paths, the access log (in `directory`, where a test reads which node answered), the error
+    log (the file `-g` names for startup messages too) and, unless
+    nginx runs as `root`, where it buffers bodies (in `directory` too)."""
+    rewritten = _upstream_servers(conf, upstreams)
+    rewritten = re.sub(r"listen\s+\[::\]:(80|443)\b[^;]*;", "# (IPv6 listener left out)", rewritten)
+    rewrites = [(r"listen\s+80\s*;", f"listen 127.0.0.1:{http_port};"),
+                (r"listen\s+443(\s+[^;]*)?;", lambda m: f"listen 127.0.0.1:{https_port}{m.group(1) or ''};"),
+                (r"ssl_certificate\s+\S+;", f"ssl_certificate {certificate};"),
+                (r"ssl_certificate_key\s+\S+;", f"ssl_certificate_key {key};"),
+                (r"access_log\s+/\S+", f"access_log {directory / 'access.log'}"),
+                (r"error_log\s+/\S+", f"error_log {directory / 'error.log'}")]
+    for pattern, replacement in rewrites:
+        rewritten, found = re.subn(pattern, replacement, rewritten)
+        if not found:
+            raise RuntimeError(f"{NGINX_CONF} has no line matching {pattern!r}")
+    if not root:
+        paths = "".join(f"    {kind}_temp_path {directory / 'temp' / kind};\n"
+                        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        rewritten = re.sub(r"http\s*\{\n", lambda m: m.group(0) + paths, rewritten, count=1)
+    return rewritten
+
+
+class Nginx:
+    """nginx running the shipped `deploy/nginx.conf` (see `nginx_conf`) in front of nodes on loopback
+    ports, with a self-signed certificate for `PUBLIC_NAME`; `with` starts it and stops it."""
+
+    def __init__(self, directory: Path, upstreams: Sequence[int]):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.certificate, key = self_signed(self.dir)
+        self.http_port, self.https_port = free_port(), free_port()
+        self.conf = self.dir / "nginx.conf"
+        self.conf.write_text(nginx_conf(NGINX_CONF.read_text(), upstreams, self.http_port, self.https_port,
+                                        self.certificate, key, self.dir, os.geteuid() == 0))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _command(self, *extra: str) -> list[str]:
+        directives = f"pid {self.dir / 'nginx.pid'}; error_log {self.dir / 'error.log'} warn; daemon off;"
+        return [shutil.which("nginx") or "/usr/sbin/nginx", "-p", str(self.dir), "-c", str(self.conf),
+                "-g", directives, *extra]
+
+    def __enter__(self) -> Nginx:
+        checked = subprocess.run(self._command("-t"), capture_output=True, text=True, timeout=30)
+        if checked.returncode != 0:
+            raise RuntimeError(f"nginx -t refused the configuration: {checked.stderr}")
+        self.process = subprocess.Popen(self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nginx exited with {self.process.returncode}: {self.errors()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.https_port), timeout=1):
+                return self
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nginx did not listen: {self.errors()}")
+            time.sleep(0.05)
+
+    def endpoint(self) -> Endpoint:
+        """Where clients reach the service: TLS on the proxy's port, verified against the test certificate."""
+        context = ssl.create_default_context(cafile=str(self.certificate))
+        return Endpoint(self.https_port, PUBLIC_NAME, context)
+
+    def log_size(self) -> int:
+        """Where the access log ends now (see `answered_by`)."""
+        return (self.dir / "access.log").stat().st_size
+
+    def answered_by(self, since: int, ports: Sequence[int]) -> list[int]:
+        """How many of the requests logged after byte `since` of the access log each node port answered (the
+        last upstream nginx tried, from the shipped log format's `upstream`)."""
+        with (self.dir / "access.log").open("rb") as log:
+            log.seek(since)
+            last = Counter(orjson.loads(line)["upstream"].split(",")[-1].strip() for line in log.read().splitlines())
+        return [last[f"127.0.0.1:{port}"] for port in ports]
+
+    def errors(self) -> str:
+        try:
+            return "\n".join((self.dir / "error.log").read_text(errors="replace").splitlines()[-15:])
+        except OSError:
+            return ""
+
+    def __exit__(self, *_exc: Any) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # fast shutdown: the work is over
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
 
 
 # -- HTTP load ---------------------------------------------------------------------------------
+
+
+class _TLSConnection(http.client.HTTPConnection):
+    """HTTPS to a loopback port, naming `server_name` in SNI and checking the certificate against that name."""
+
+    default_port = 443
+
+    def __init__(self, port: int, server_name: str, context: ssl.SSLContext, timeout: float):
+        super().__init__("127.0.0.1", port, timeout=timeout)
+        self.server_name, self.tls = server_name, context
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock = self.tls.wrap_socket(self.sock, server_hostname=self.server_name)
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where requests go: a loopback port, over plain HTTP or TLS (`tls`, the certificate checked against
+    `host`); `host`, when given, is the Host every request names."""
+
+    port: int
+    host: str | None = None
+    tls: ssl.SSLContext | None = None
+
+    def connect(self, timeout: float = 300) -> http.client.HTTPConnection:
+        if self.tls is None:
+            return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        assert self.host is not None
+        return _TLSConnection(self.port, self.host, self.tls, timeout)
+
+    def headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {**({"Host": self.host} if self.host else {}), **(extra or {})}
+
+    def call(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+             timeout: float = 60) -> Reply:
+        """One request on a connection of its own."""
+        conn = self.connect(timeout)
+        try:
+            conn.request(method, path, body=body, headers=self.headers(headers))
+            response = conn.getresponse()
+            return Reply(response.status, response.headers, response.read())
+        finally:
+            conn.close()
 
 
 @dataclass
@@ -640,14 +896,16 @@ def path_with(path: str, params: Sequence[tuple[str, str]]) -> str:
     return f"{path}?{urlencode(params)}" if params else path
 
 
-def http_load(port: int, requests: Sequence[Request], concurrency: int, headers: dict[str, str],
+def http_load(target: int | Endpoint, requests: Sequence[Request], concurrency: int, headers: dict[str, str],
               keep_bodies: int = 0, server: Gunicorn | None = None, max_seconds: float | None = None
               ) -> LoadResult:
     """Send every request once over keep-alive connections from `concurrency` threads; time the whole run.
 
     With `max_seconds`, no request starts after that time (the result counts those done).
     With `server`, the CPU its workers spent during the run is measured too (from /proc).
+    `target`: a loopback port (plain HTTP) or an `Endpoint`.
     """
+    endpoint = target if isinstance(target, Endpoint) else Endpoint(target)
     lock = threading.Lock()
     position = iter(range(len(requests)))
     latencies: list[float] = []
@@ -658,7 +916,7 @@ def http_load(port: int, requests: Sequence[Request], concurrency: int, headers:
     deadline = [float("inf")]
 
     def worker() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        conn = endpoint.connect()
         local: list[float] = []
         local_status: Counter = Counter()
         size = 0
@@ -668,7 +926,7 @@ def http_load(port: int, requests: Sequence[Request], concurrency: int, headers:
             if index is None:
                 break
             item = requests[index]
-            merged = {**headers, **item.headers}
+            merged = endpoint.headers({**headers, **item.headers})
             for attempt in range(3):
                 start = time.perf_counter()
                 try:
@@ -679,7 +937,7 @@ def http_load(port: int, requests: Sequence[Request], concurrency: int, headers:
                 except (http.client.HTTPException, OSError):
                     # A worker recycled (max_requests) or a keep-alive connection timed out: reconnect.
                     conn.close()
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+                    conn = endpoint.connect()
                     if attempt == 2:
                         raise
             local.append((time.perf_counter() - start) * 1000)

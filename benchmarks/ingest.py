@@ -85,7 +85,7 @@ def _api_http(ctx: Context, organisations: list[bytes], bundles: list[bytes], cl
     instance = Instance(ctx.backend.new("ingest-http"), ctx.workdir / "ingest-http")
     try:
         credentials = instance.register("custodian")
-        with Gunicorn(instance) as server:
+        with Gunicorn.of(instance) as server:
             headers = {"Authorization": f"Bearer {http_token(server.port, credentials)}",
                        "Content-Type": "application/fhir+json"}
             first = http_load(server.port, [Request("POST", "/fhir", body) for body in organisations], 1, headers)

@@ -92,7 +92,7 @@ def run(ctx: Context) -> None:
         custodian = instance.register("custodian")
         partner = instance.register("research", project_id)
         # One client at full speed: the per-client research rate limit (service/limits.py) must not be what is measured.
-        with Gunicorn(instance, PASSERELLE_RESEARCH_RATE_LIMIT="100000000") as server:
+        with Gunicorn.of(instance, PASSERELLE_RESEARCH_RATE_LIMIT="100000000") as server:
             for kind in KINDS:
                 for surface, credentials, prefix, refs in (("custodian", custodian, "/fhir", None),
                                                            ("research", partner, "/research/fhir", mapped)):

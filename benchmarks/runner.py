@@ -30,10 +30,11 @@ from benchmarks.harness import (
     workdir,
 )
 
-SECTIONS = ("ingest", "search", "deid", "research", "export", "aggregate")
+SECTIONS = ("ingest", "search", "deid", "research", "export", "aggregate", "nodes")
 TITLES = {
     "ingest": "1. ingest", "search": "2. read/search", "deid": "3. de-identification",
     "research": "4. research vs custodian", "export": "5. $export", "aggregate": "6. $aggregate",
+    "nodes": "7. one node vs two behind nginx",
 }
 # `--quick` (make bench-quick): every guarded ratio at the quick scale, PostgreSQL when it answers;
 # of section 6 only its latency part (budget reservations and DP accuracy have no ratio to guard).
@@ -68,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also write every table and target to FILE as Markdown (make bench: "
                              "benchmarks/RESULTS.md)")
     parser.add_argument("--only", action="append", default=[], metavar="SECTION",
-                        help=f"run only these sections (repeatable or comma-separated; 1-6 or {', '.join(SECTIONS)})")
+                        help=f"run only these sections (repeatable or comma-separated; 1-{len(SECTIONS)} or "
+                             f"{', '.join(SECTIONS)})")
     parser.add_argument("--load-procs", type=int, default=2,
                         help="parallel `flask ingest` processes when building a dataset (default 2)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild cached datasets in benchmarks/out/")
@@ -97,7 +99,7 @@ def chosen(only: list[str]) -> list[str]:
     for item in (part.strip().lower() for value in only for part in value.split(",") if part.strip()):
         name = SECTIONS[int(item) - 1] if item.isdigit() and 1 <= int(item) <= len(SECTIONS) else item
         if name not in SECTIONS:
-            raise SystemExit(f"unknown section {item!r}; choose from 1-6 or {', '.join(SECTIONS)}")
+            raise SystemExit(f"unknown section {item!r}; choose from 1-{len(SECTIONS)} or {', '.join(SECTIONS)}")
         if name not in picked:
             picked.append(name)
     return [s for s in SECTIONS if s in picked]

@@ -134,7 +134,7 @@ def measure_database(ctx: Context, database: Database, label: str) -> dict[str, 
                 print(f"\n  plan on the {label} database, {kind}:")
                 for line in lines:
                     print(f"    {line}")
-        with Gunicorn(instance) as server:
+        with Gunicorn.of(instance) as server:
             for kind in KINDS:
                 progress(f"{label}: {kind}: up to {scale.http_requests:,} requests or {scale.http_seconds:.0f} s "
                          f"from {CONCURRENCY} clients, then up to {scale.latency_requests} sequential")

@@ -7,8 +7,6 @@ Every value can be overridden from the environment, so one file serves a laptop
     PASSERELLE_WORKERS     worker processes                 (default 2)
     PASSERELLE_THREADS     threads per worker               (default 4)
     PASSERELLE_TIMEOUT     seconds before a silent worker is restarted (default 120)
-    PASSERELLE_FORWARDED_ALLOW_IPS  proxies whose X-Forwarded-* headers are trusted
-                                    (default 127.0.0.1,::1)
     PASSERELLE_CONTROL_SOCKET       path of gunicorn's control socket for `gunicornc`
                                     (default: none, the socket is disabled)
 
@@ -44,8 +42,11 @@ keepalive = 5
 max_requests = 10_000
 max_requests_jitter = 1_000
 
-# Behind a reverse proxy: trust its X-Forwarded-Proto / -For only from these addresses.
-forwarded_allow_ips = os.environ.get("PASSERELLE_FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+# X-Forwarded-For/-Proto/-Host are applied by the app, from PASSERELLE_FORWARDED_ALLOW_IPS only
+# (service/proxy.py): gunicorn trusts no peer with them, so no header is read by two rules.
+forwarded_allow_ips = ""
+secure_scheme_headers: dict[str, str] = {}
+forwarder_headers = ""
 limit_request_line = 8190  # long FHIR search URLs
 
 # Logs go to stdout/stderr for the supervisor (systemd journal, container runtime).
@@ -86,3 +87,42 @@ def post_worker_init(worker: Any) -> None:
 
     resource_types()  # load every R4B model now, not on the first /metadata request
     start_worker(worker.wsgi)
+
+
+# Metrics (service/metrics.py, `GET /metrics`): each worker counts in files of one directory per
+# gunicorn instance, which a scrape sums over the workers. PROMETHEUS_MULTIPROC_DIR names it (emptied
+# at start: the counts restart with the instance), else a new one is made and removed at exit. A
+# worker reads it when it imports the app: with preload_app, set it in the environment instead.
+_made_metrics_dirs: list[str] = []
+
+
+def on_starting(server: Any) -> None:
+    """Give this instance's workers their metrics directory (see above)."""
+    import glob
+    import tempfile
+
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        for stale in glob.glob(os.path.join(directory, "*.db")):
+            os.remove(stale)
+    else:
+        directory = tempfile.mkdtemp(prefix="passerelle-metrics-",
+                                     dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        _made_metrics_dirs.append(directory)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker that exits stops counting in the live gauges (its pool's connections); its counts stay."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    import shutil
+
+    for directory in _made_metrics_dirs:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -125,25 +125,8 @@ if [[ "$HAS_PASSPHRASE" == no ]]; then
 fi
 
 answers() {  # answers: does the server answer GET /healthz with 200 on the address it binds?
-    "$PY" - "$BIND" "${PASSERELLE_BASE_URL:-}" <<'PY'
-import sys
-import urllib.parse
-import urllib.request
-
-bind, base = sys.argv[1].split(",")[0].strip(), sys.argv[2]
-host, _, port = bind.rpartition(":")
-host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
-# The Host the server accepts: its base URL's when it has one, else this loopback address.
-headers = {"Host": urllib.parse.urlsplit(base).netloc} if base else {}
-# Once gunicorn listens, the request waits in its backlog until a worker has warmed up.
-try:
-    with urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/healthz", headers=headers),
-                                timeout=30) as response:
-        ok = response.status == 200
-except (Exception, KeyboardInterrupt):  # not answering (yet), or 503; Ctrl-C is handled by the trap
-    ok = False
-sys.exit(0 if ok else 1)
-PY
+    # Once gunicorn listens, the request waits in its backlog until a worker has warmed up.
+    "$PY" deploy/healthcheck.py --timeout 30
 }
 
 step "Starting gunicorn on $BIND; the URLs follow once $BASE/healthz answers"

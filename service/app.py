@@ -20,10 +20,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     import consent.materialise  # noqa: F401 - registers decision materialisation on every write
     from consent import web as portal
-    from service import audit, auth, cli, export, headers, health, limits, logs
+    from service import audit, auth, cli, export, headers, health, limits, logs, metrics, proxy
     from service.api import capability, custodian, openapi, operations, research, scopes
     from service.api.fhirjson import check_host
 
+    app.request_class = limits.LimitedRequest  # every body within its limit, however it is sent and read
     audit.init_app(app)  # before all: every request, even one refused below, has its X-Request-ID
     # A node whose database, master key or schema is wrong answers 503 to everything (and starts
     # no export worker); checked until it passes once, so an app can be built before `init-db`
@@ -31,6 +32,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.before_request(health.refuse_until_ready)
     export.init_app(app)  # then: any request, even one refused below, starts this process's export worker
     logs.init_app(app)  # before the other hooks: its line is written last, with the final response
+    metrics.init_app(app)  # next: counted with the final status too
     headers.init_app(app)
     # In this order, before any blueprint's own checks: the Host, then the token and its scopes.
     app.before_request(check_host)
@@ -44,6 +46,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(research.bp, url_prefix="/research/fhir")
     app.register_blueprint(capability.bp)  # the operations' OperationDefinitions
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(metrics.bp)
     portal.init_app(app)
     cli.register(app)
+    proxy.init_app(app)  # outermost: every hook and view sees the client the trusted proxy names
     return app

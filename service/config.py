@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from service.proxy import parse_proxies
+
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Access tokens never live longer than this (SMART Backend Services caps them at 5 min).
@@ -80,6 +82,16 @@ def _trusted_hosts(env: dict[str, str], base_url: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _master_key_file(env: dict[str, str], instance: Path) -> str:
+    """PASSERELLE_MASTER_KEY_FILE; else `master.key` among the credentials systemd passes the service
+    (`LoadCredential=master.key:…` sets CREDENTIALS_DIRECTORY); else the instance directory's."""
+    if env.get("PASSERELLE_MASTER_KEY_FILE"):
+        return env["PASSERELLE_MASTER_KEY_FILE"]
+    if env.get("CREDENTIALS_DIRECTORY"):
+        return str(Path(env["CREDENTIALS_DIRECTORY"]) / "master.key")
+    return str(instance / "master.key")
+
+
 def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
     """Build the Flask config mapping from environment variables."""
     env = dict(os.environ if env is None else env)
@@ -98,15 +110,14 @@ def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "INSTANCE_DIR": str(instance),
         "DATABASE_URL": database_url,
-        "MASTER_KEY_FILE": env.get("PASSERELLE_MASTER_KEY_FILE", str(instance / "master.key")),
+        "MASTER_KEY_FILE": _master_key_file(env, instance),
         # Public base URL (scheme://host[:port]) of every link and token audience; without it, the
         # (loopback) request's own (service/api/fhirjson.py).
         "BASE_URL": base_url,
         # Further host names requests may use besides BASE_URL's (not Flask's TRUSTED_HOSTS: see fhirjson).
         "EXTRA_HOSTS": _trusted_hosts(env, base_url),
-        # The reverse proxies whose X-Forwarded-For names the client (gunicorn's forwarded_allow_ips too).
-        "FORWARDED_ALLOW_IPS": frozenset(item.strip() for item in env.get(
-            "PASSERELLE_FORWARDED_ALLOW_IPS", "127.0.0.1,::1").split(",") if item.strip()),
+        # The reverse proxies (networks) whose X-Forwarded-For/-Proto/-Host the app applies (service/proxy.py).
+        "FORWARDED_ALLOW_IPS": parse_proxies(env.get("PASSERELLE_FORWARDED_ALLOW_IPS", "127.0.0.1,::1")),
         "MAX_CONTENT_LENGTH": _int(env, "PASSERELLE_MAX_BODY_BYTES", 64 * 1024 * 1024),
         "TOKEN_LIFETIME": token_lifetime,
         "DEFAULT_PAGE_SIZE": _int(env, "PASSERELLE_PAGE_SIZE", 20),

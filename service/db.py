@@ -11,14 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flask import Flask, current_app
-from sqlalchemy import Connection, Engine, create_engine, event, insert, inspect, select
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-from service.store.schema import metadata, schema_migrations
-
-#: Bump when a migration step is added to MIGRATIONS.
-SCHEMA_VERSION = 5
+from service.store import migrations
 
 
 def now_us() -> int:
@@ -108,65 +105,37 @@ def write(eng: Engine | None = None) -> Iterator[Connection]:
             yield conn
 
 
-def migrate(eng: Engine) -> int:
-    """Create or migrate the schema; idempotent. Returns the schema version.
+@contextmanager
+def migration_lock(eng: Engine | None = None) -> Iterator[Connection]:
+    """One write transaction holding the migration lock (migrations.lock): a second one waits until
+    it ends. Raises migrations.MigrationBusy, having changed nothing, when that wait passes the busy
+    timeout (PASSERELLE_DB_BUSY_SECONDS)."""
+    waiting = True
+    try:
+        with write(eng) as conn:  # SQLite waits here (BEGIN IMMEDIATE), PostgreSQL in `lock`
+            migrations.lock(conn)
+            waiting = False
+            yield conn
+    except OperationalError as exc:
+        if waiting and is_contention(exc):
+            raise migrations.MigrationBusy() from None
+        raise
 
-    A new database gets the whole schema from the table definitions and every version
-    marked applied. An existing one runs, in order, the steps of each version it lacks
-    (columns and indexes added to existing tables), then gains any new table.
+
+def migrate(eng: Engine) -> str:
+    """Bring the schema to this code's newest revision (service/store/migrations); idempotent.
+    Returns that revision.
+
+    An up-to-date database costs one read. Otherwise one write transaction holds the migration
+    lock, so nodes running `init-db` at once migrate once: the others wait, then find nothing to do.
+    On PostgreSQL the revisions run in that transaction (all or nothing). Raises
+    migrations.MigrationRefused, changing nothing, for a database of a release older than the
+    baseline or newer than this code, and migrations.MigrationBusy when another node holds the lock
+    for longer than the busy timeout.
     """
-    with write(eng) as conn:
-        applied: set[int] = set()
-        if inspect(conn).has_table(schema_migrations.name):
-            applied = set(conn.scalars(select(schema_migrations.c.version)))
-        fresh = not applied  # every release records its versions when it creates its tables
-        if fresh:
-            metadata.create_all(conn, checkfirst=True)
-        for version in range(1, SCHEMA_VERSION + 1):
-            if version not in applied:
-                if not fresh:
-                    for step in MIGRATIONS.get(version, ()):
-                        conn.exec_driver_sql(step)
-                conn.execute(insert(schema_migrations).values(version=version, applied=now_us()))
-        metadata.create_all(conn, checkfirst=True)
-    return SCHEMA_VERSION
-
-
-#: Statements that bring a schema of version N-1 to version N (version 1 is the first
-#: release's tables). New tables need no step: `migrate` creates them from the metadata.
-#: Each step must run on SQLite and on PostgreSQL.
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    # Per-version consent attributes (old versions are judged on their own content).
-    2: ("ALTER TABLE history ADD COLUMN sensitive_mask BIGINT NOT NULL DEFAULT 0",
-        "ALTER TABLE history ADD COLUMN clinical_low BIGINT",
-        "ALTER TABLE history ADD COLUMN clinical_high BIGINT",
-        # Versions written before carry the current row's attributes; an older version's
-        # sensitivity is unknown, so it counts as every category (withheld from anyone who
-        # excluded one) until it is classified again.
-        "UPDATE history SET sensitive_mask = COALESCE((SELECT r.sensitive_mask FROM resources r "
-        "WHERE r.pk = history.resource_pk AND r.version = history.version), 31), "
-        "clinical_low = (SELECT r.clinical_low FROM resources r "
-        "WHERE r.pk = history.resource_pk AND r.version = history.version), clinical_high = "
-        "(SELECT r.clinical_high FROM resources r WHERE r.pk = history.resource_pk AND r.version = history.version)",
-        # Project keys are made with the project now, never on a research request's read path.
-        "INSERT INTO project_keys (project_id, version, created) SELECT p.project_id, 1, p.created "
-        "FROM projects p WHERE NOT EXISTS (SELECT 1 FROM project_keys k WHERE k.project_id = p.project_id)",
-        # Export files now record what each line holds, so a download is judged against consent
-        # again; earlier files cannot be, so they expire (and running jobs start again).
-        "ALTER TABLE export_parts ADD COLUMN lines TEXT",
-        "DELETE FROM export_parts",
-        "DELETE FROM export_files",
-        "UPDATE export_jobs SET state = 'expired' WHERE state = 'completed'",
-        "UPDATE export_jobs SET state = 'accepted', owner = NULL, lease_until = NULL WHERE state = 'in-progress'",
-        # Recorded $aggregate answers are versioned per project: its types' and decisions' newest writes.
-        "CREATE INDEX IF NOT EXISTS ix_resources_type_last_updated ON resources (type, last_updated)",
-        "CREATE INDEX IF NOT EXISTS ix_decisions_project_updated ON decisions (project_id, updated)",
-        ),
-    # The consent portal: projects in plain language (its own tables are new and need no step).
-    3: ("ALTER TABLE projects ADD COLUMN plain_language TEXT",
-        "ALTER TABLE projects ADD COLUMN ends VARCHAR(10)"),
-    # Accountability (issue 13): the audit's new facts travel in each entry's hashed `detail`.
-    4: (),
-    # Type- and system-level history (issue 14): pages of versions newest first, from an index.
-    5: ("CREATE INDEX IF NOT EXISTS ix_history_last_updated ON history (last_updated, resource_pk, version)",),
-}
+    with read(eng) as conn:
+        if migrations.up_to_date(conn):
+            return migrations.head()
+    with migration_lock(eng) as conn:
+        migrations.upgrade(conn)
+    return migrations.head()

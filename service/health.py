@@ -1,5 +1,6 @@
 """Whether this node may serve: its database answers, its master key is the one the database
-was initialised with, and the schema is at this code's version.
+was initialised with, and the schema is at this code's newest migration, or at a newer release's
+that keeps this code working (service/store/migrations: `schema: ahead-compatible`).
 
 `GET /healthz` answers 200 only then, else 503 naming each cause (`key: mismatch`); the
 same check refuses requests (`refuse_until_ready`), `flask` commands other than `init-db`
@@ -10,14 +11,13 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
-from sqlalchemy import Connection, func, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from consent.materialise import consent_default
 from policies.keys import MasterKeyError
 from service import db, keyring
 from service.errors import ServiceUnavailable
-from service.store.schema import schema_migrations
+from service.store import migrations
 
 bp = Blueprint("health", __name__)
 log = logging.getLogger("passerelle")
@@ -33,15 +33,9 @@ ADVICE = {
                          "deployment's key (deploy/README.md, \"Master key\")",
     ("key", "unregistered"): "the database records no master key fingerprint: run `flask --app wsgi init-db`",
     ("schema", "behind"): "the database schema is older than this code: run `flask --app wsgi init-db`",
-    ("schema", "ahead"): "the database schema is newer than this code: deploy the newer release",
+    ("schema", "ahead"): "the database schema is newer than this code and no longer works with it: deploy the "
+                         "newer release",
 }
-
-
-def _schema(conn: Connection) -> str:
-    if not inspect(conn).has_table(schema_migrations.name):
-        return "behind"
-    version = conn.scalar(select(func.max(schema_migrations.c.version))) or 0
-    return "ok" if version == db.SCHEMA_VERSION else "behind" if version < db.SCHEMA_VERSION else "ahead"
 
 
 def _key_file() -> str:
@@ -54,11 +48,12 @@ def _key_file() -> str:
 
 
 def state() -> dict[str, str]:
-    """{"database", "key", "schema"} → "ok" or the cause; read now (never cached)."""
+    """{"database", "key", "schema"} → "ok" (for the schema, any migrations.SERVING answer) or the cause;
+    read now (never cached)."""
     try:
         with db.read() as conn:
-            schema = _schema(conn)
-            key = keyring.key_status(conn) if schema == "ok" else _key_file()
+            schema = migrations.status(conn)
+            key = keyring.key_status(conn) if schema in migrations.SERVING else _key_file()
     except SQLAlchemyError:
         return {"database": "unreachable", "key": _key_file(), "schema": "unknown"}
     return {"database": "ok", "key": key, "schema": schema}
@@ -66,7 +61,8 @@ def state() -> dict[str, str]:
 
 def problems(found: dict[str, str]) -> list[str]:
     """Pure: the causes in `found` that stop a node, as `part: cause` ("unverified"/"unknown" follow another)."""
-    return [f"{part}: {cause}" for part, cause in found.items() if cause not in ("ok", "unverified", "unknown")]
+    return [f"{part}: {cause}" for part, cause in found.items()
+            if cause not in (*migrations.SERVING, "unverified", "unknown")]
 
 
 def refusal(found: dict[str, str]) -> str | None:

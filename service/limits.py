@@ -3,7 +3,7 @@ and refused with an OperationOutcome before the request does any work.
 
 | limit | config key | refusal |
 | --- | --- | --- |
-| body size | `MAX_CONTENT_LENGTH` | 413 (Werkzeug, while the body is read; service/errors.py words it) |
+| body size | `MAX_CONTENT_LENGTH` | 413 by Content-Length, or once read past it if none (`LimitedRequest`) |
 | JSON nesting depth | `MAX_JSON_DEPTH` | 400, before any validation (`check_depth`, from `parse_body`) |
 | query and form parameters | `MAX_SEARCH_PARAMS` | 400 (`check_parameters`, every request) |
 | Bundle entries | `MAX_BUNDLE_ENTRIES` | 413 (`check_bundle_entries`, transaction and batch) |
@@ -16,19 +16,52 @@ each window lasts `RATE_WINDOW_SECONDS`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 from urllib.parse import parse_qsl
 
-from flask import current_app, g, request
+from flask import Request, current_app, g, request
 from sqlalchemy import Connection, select
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.utils import cached_property
+from werkzeug.wsgi import LimitedStream
 
-from service import db, ratelimit
+from service import db, proxy, ratelimit
 from service.errors import InvalidRequest, PayloadTooLarge, TooManyRequests
 from service.store.schema import clients
 
 RATE_WINDOW_SECONDS = 60
 TOKEN_BUCKET = "token:"
 RESEARCH_BUCKET = "research:"
+
+
+class _BodyWithoutLength(LimitedStream):
+    """A request body without Content-Length, read up to `limit` bytes: a read past the limit,
+    or reading it all when more than `limit` bytes were sent, raises RequestEntityTooLarge."""
+
+    def __init__(self, stream: IO[bytes], limit: int) -> None:
+        super().__init__(stream, limit, is_max=True)
+        self._body = stream
+
+    def readall(self) -> bytes:
+        # Werkzeug's readall stops at the limit and returns what it read, as if it were the whole body.
+        data = super().readall()
+        if self.is_exhausted and self._body.read(1):
+            raise RequestEntityTooLarge()
+        return data
+
+
+class LimitedRequest(Request):
+    """The app's request class: its body, however a view or a form parser reads it, is refused
+    (413) past `max_content_length` (`MAX_CONTENT_LENGTH`, or the lower limit a blueprint sets
+    before reading it), with or without a Content-Length."""
+
+    @cached_property
+    def stream(self) -> IO[bytes]:
+        limit = self.max_content_length
+        if (self.shallow or limit is None or self.content_length is not None
+                or "wsgi.input_terminated" not in self.environ):
+            return super().stream  # Werkzeug checks Content-Length against the limit, or reads no body
+        return _BodyWithoutLength(self.environ["wsgi.input"], limit)
 
 
 def depth(value: Any) -> int:
@@ -103,12 +136,6 @@ def _throttle(who: Callable[[Connection, int], str], limit: int) -> None:
                               f"retry in {verdict.retry_after} s", headers={"Retry-After": str(verdict.retry_after)})
 
 
-def _address() -> str:
-    """The requesting client's address, as the trusted reverse proxies name it."""
-    return ratelimit.client_address(request.remote_addr, request.headers.getlist("X-Forwarded-For"),
-                                    current_app.config["FORWARDED_ALLOW_IPS"])
-
-
 def throttle_token(claimed: str | None) -> None:
     """Count one token request: of the client it names (`claimed`) when that client is registered,
     else of the requesting address (so unknown ids cannot open fresh buckets); 429 past
@@ -118,7 +145,7 @@ def throttle_token(claimed: str | None) -> None:
             return f"{TOKEN_BUCKET}client:{claimed}"
         # Addresses are unbounded (clients' buckets are not): closed ones are dropped on the way.
         ratelimit.prune(conn, f"{TOKEN_BUCKET}address:", RATE_WINDOW_SECONDS, now)
-        return f"{TOKEN_BUCKET}address:{_address()}"
+        return f"{TOKEN_BUCKET}address:{proxy.client_address()}"
 
     _throttle(who, current_app.config["TOKEN_RATE_LIMIT"])
 

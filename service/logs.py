@@ -36,10 +36,16 @@ def _start() -> None:
     g.log_started = time.perf_counter()
 
 
+def elapsed() -> float:
+    """Seconds since this request's hooks began (0 when a hook registered before them refused it):
+    the duration its log line and its metrics (service/metrics.py) give."""
+    started = g.get("log_started")
+    return 0.0 if started is None else time.perf_counter() - started
+
+
 def _finish(response: Response) -> Response:
     if log.isEnabledFor(logging.INFO):
-        seconds = time.perf_counter() - g.get("log_started", time.perf_counter())
-        log.info(json.dumps(fields(response, seconds), separators=(",", ":")))
+        log.info(json.dumps(fields(response, elapsed()), separators=(",", ":")))
     return response
 
 

@@ -2,12 +2,12 @@
 
 A bucket names what is counted (e.g. `portal-sign-in:<address>`); its window opens at its
 first hit and lasts `window_seconds`; the hit that opens a new window counts as its first.
-A client's address is the one the trusted reverse proxies name (`client_address`), so that
-behind a proxy each client is counted apart, and a client cannot choose its own.
+A client's address is the one the trusted reverse proxy names (`service.proxy.client_address`;
+an IPv6 client's /64), so that behind a proxy each client is counted apart, and a client cannot
+choose its own.
 """
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, case, delete
@@ -24,19 +24,6 @@ class Verdict:
     count: int
     #: Seconds until the bucket's window closes (at least 1).
     retry_after: int
-
-
-def client_address(peer: str | None, forwarded_for: Sequence[str], trusted: Collection[str]) -> str:
-    """The address a request came from: the connection's `peer`, or, while that address is a
-    trusted proxy (`*`: any peer, one hop only), the right-most X-Forwarded-For entry each proxy
-    appended. Entries left of the first untrusted address were written by the client: ignored."""
-    hops = [hop.strip() for header in forwarded_for for hop in header.split(",") if hop.strip()]
-    address = peer or "unknown"
-    if "*" in trusted:
-        return hops[-1] if hops else address
-    while address in trusted and hops:
-        address = hops.pop()
-    return address
 
 
 def hit(conn: Connection, bucket: str, limit: int, window_seconds: int, now_us: int) -> Verdict:

@@ -28,6 +28,7 @@ from service import db
 from service.app import create_app
 from service.cli import database
 from service.export import Worker
+from service.store import migrations
 from service.store.schema import metadata
 from tests.backends import admin_url, in_ci, postgres_problem, postgres_url
 from tests.deid_helpers import DEFAULT_PROFILE, MASTER
@@ -61,6 +62,23 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def pg_schema() -> Iterator[str]:
     """A private PostgreSQL schema, migrated once per test process and emptied before each test."""
+    yield from _new_schema()
+
+
+@pytest.fixture(scope="session")
+def pg_server_schema() -> Iterator[str]:
+    """Another private PostgreSQL schema (migrated once per test process), for servers that serve it while
+    other tests run: no fixture ever empties it."""
+    yield from _new_schema()
+
+
+@pytest.fixture
+def pg_unmigrated_schema() -> Iterator[str]:
+    """A new PostgreSQL schema no code has touched (no table), dropped after the test."""
+    yield from _new_schema(migrated=False)
+
+
+def _new_schema(migrated: bool = True) -> Iterator[str]:
     if _PG_PROBLEM:
         if IN_CI:
             pytest.fail(f"PostgreSQL tests must run in CI: {_PG_PROBLEM}")
@@ -71,9 +89,10 @@ def pg_schema() -> Iterator[str]:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     url = make_url(admin_url(PG_URL)).update_query_dict({"options": f"-csearch_path={schema}"})
     rendered = url.render_as_string(hide_password=False)
-    engine = db.make_engine(rendered)
-    db.migrate(engine)
-    engine.dispose()
+    if migrated:
+        engine = db.make_engine(rendered)
+        db.migrate(engine)
+        engine.dispose()
     try:
         yield rendered
     finally:
@@ -96,6 +115,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         # DELETE, not TRUNCATE: on tables this small it is many times faster.
         for table in reversed(metadata.sorted_tables):
             conn.execute(table.delete())
+        # The schema is at head; a test of the schema's health may have changed what it records.
+        conn.execute(text("DELETE FROM alembic_version"))
+        conn.execute(text("INSERT INTO alembic_version (version_num) VALUES (:head)"), {"head": migrations.head()})
     engine.dispose()
     yield url
 

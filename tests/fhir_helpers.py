@@ -6,6 +6,20 @@ from typing import Any
 from flask.testing import FlaskClient
 
 
+def identifying_values(resource: dict[str, Any]) -> set[str]:
+    """A resource's names, phones, identifiers and birth date (values of at least 4 characters): what
+    no log line or metric label may carry."""
+    found: set[str] = set()
+    names = resource.get("name") or ()
+    for name in [names] if isinstance(names, str) else names:  # an Organization's name is a string
+        found.update([name] if isinstance(name, str) else name.get("given") or ())
+        found.update([name["family"]] if isinstance(name, dict) and name.get("family") else [])
+    found.update(t["value"] for t in resource.get("telecom") or () if t.get("value"))
+    found.update(i["value"] for i in resource.get("identifier") or () if i.get("value"))
+    found.update([resource["birthDate"]] if resource.get("birthDate") else [])
+    return {value for value in found if len(value) >= 4}
+
+
 def patient(family: str = "Dupont", given: str = "Jean", **extra: Any) -> dict[str, Any]:
     return {"resourceType": "Patient", "name": [{"family": family, "given": [given]}], **extra}
 

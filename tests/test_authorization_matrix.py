@@ -114,6 +114,9 @@ RULES: dict[str, Row | dict[str, Row]] = {
     # Public: discovery, liveness, the token endpoint (it authenticates the client itself: a
     # request without client credentials is a 400 OAuth error whatever bearer token it carries).
     "health.healthz": everyone(200),
+    # Relayed by the proxy (as every cell's request is for it): only the metrics token opens it, no
+    # API token or session does (a direct connection from the host is tests/test_metrics.py's).
+    "metrics.scrape": everyone(401),
     "auth.token": everyone(400),
     "auth.smart_configuration": everyone(200),
     "custodian.metadata": everyone(200),
@@ -427,6 +430,8 @@ def _request(stage: Stage, route: Route, caller: str) -> dict[str, Any]:
         if method == "POST":
             kwargs["json"] = {"resourceType": "Parameters", "parameter": [{"name": "_type",
                                                                            "valueString": "Observation"}]}
+    elif endpoint == "metrics.scrape":
+        headers["X-Forwarded-For"] = "203.0.113.7"
     elif method == "POST":
         kwargs["data"] = {}
     kwargs["path"] = _url(stage, route, view)

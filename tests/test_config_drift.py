@@ -19,14 +19,15 @@ import pytest
 from click.testing import Result
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import delete, insert, select, text
 
 from consent import engine as consent_engine
 from consent.materialise import consent_default
 from policies.keys import ensure_master_key, fingerprint, load_master_key
 from service import db, keyring
 from service.app import create_app
-from service.store.schema import decisions, schema_migrations, settings
+from service.store import migrations
+from service.store.schema import decisions, settings
 from tests.fhir_helpers import create, patient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,12 +179,38 @@ def test_gunicorn_does_not_load_the_app_on_a_node_with_another_master_key(strang
 
 def test_a_database_behind_the_code_is_unhealthy_naming_the_schema(app: Flask, client: FlaskClient):
     with app.app_context(), db.write() as conn:
-        conn.execute(delete(schema_migrations).where(
-            schema_migrations.c.version == select(func.max(schema_migrations.c.version)).scalar_subquery()))
+        conn.execute(text("DELETE FROM alembic_version"))  # what a database not yet migrated records
     response = client.get("/healthz")
     assert response.status_code == 503
     assert response.get_json()["schema"] == "behind"
     refused_in_one_line(run(app, "settings", "show"), "schema: behind")
+
+
+def migrated_by_a_newer_release(app: Flask, floor: str) -> None:
+    """What a newer release's `init-db` records: a revision this code does not know, and the serving floor."""
+    with app.app_context(), db.write() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'from_a_newer_release'"))
+        conn.execute(delete(settings).where(settings.c.name == migrations.FLOOR_SETTING))
+        conn.execute(insert(settings).values(name=migrations.FLOOR_SETTING, value=floor))
+
+
+def test_a_database_a_newer_release_migrated_past_this_codes_serving_floor_is_unhealthy_as_ahead(
+        app: Flask, client: FlaskClient):
+    migrated_by_a_newer_release(app, floor="also_from_the_newer_release")
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert response.get_json()["schema"] == "ahead"
+    refused_in_one_line(run(app, "settings", "show"), "schema: ahead")
+
+
+def test_a_database_a_newer_release_migrated_keeping_this_code_working_is_served_as_ahead_compatible(
+        app: Flask, client: FlaskClient):
+    migrated_by_a_newer_release(app, floor=migrations.head())
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok", "database": "ok", "key": "ok", "schema": "ahead-compatible"}
+    assert run(app, "settings", "show").exit_code == 0
+    assert client.get("/fhir/metadata").status_code == 200  # the node's first request: it is not refused
 
 
 # --- the consent default regime, one for every node ------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Crash safety: gunicorn workers killed with SIGKILL in the middle of requests and jobs.
 
 The real app is served by gunicorn with the settings of `deploy/gunicorn.conf.py` (several
-workers, each running an export worker thread; the app preloaded, see `_CONFIG`) on SQLite
+workers, each running an export worker thread; the app preloaded, see `_gunicorn`) on SQLite
 and on PostgreSQL. While clients keep sending
 transaction Bundles, `$aggregate` questions and `$export` kick-offs, one worker at a time
 is killed with SIGKILL, 20 times, each kill aimed at a worker that is, at that moment:
@@ -33,7 +33,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -45,11 +44,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select, text, update
 from sqlalchemy.engine import make_url
 
+from benchmarks.harness import Gunicorn
 from policies import budget
 from service import db
 from service.export import LEASE_US, Worker
@@ -90,19 +91,6 @@ EXPORTS_END_SECONDS = 45.0
 
 
 # -- what the machine tells about processes, sockets and locks --------------------------------------
-
-
-def _children(pid: int) -> set[int]:
-    found: set[int] = set()
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                found.update(int(p) for p in (task / "children").read_text().split())
-            except OSError:
-                continue
-    except OSError:
-        pass
-    return found
 
 
 def _socket_inodes(pid: int) -> set[int]:
@@ -160,64 +148,15 @@ def _sqlite_writer(database: Path) -> int | None:
 # -- gunicorn ------------------------------------------------------------------------------------
 
 
-#: The shipped settings (deploy/gunicorn.conf.py), with the app preloaded and warmed up in the master, so
-#: that a worker gunicorn forks to replace a killed one serves at once: a cold worker's start costs
-#: seconds of CPU, and twenty of them would not fit the time this test may take. A forked worker must
-#: not use the master's database connections: it drops them from its pool without closing them.
-_CONFIG = """
-exec(open("deploy/gunicorn.conf.py").read())
-preload_app = True
-
-
-def on_starting(server):
-    import diffprivlib  # noqa: F401
-
-    from service.api.capability import resource_types
-
-    resource_types()
-
-
-def post_fork(server, worker):
-    server.app.wsgi().extensions["passerelle.engine"].dispose(close=False)
-"""
-
-
-class Gunicorn:
-    """gunicorn with the shipped settings (but preloaded, see `_CONFIG`) on a free loopback port."""
-
-    def __init__(self, app: Flask, log: Path):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.env = {**os.environ, "PASSERELLE_DATABASE_URL": app.config["DATABASE_URL"],
-                    "PASSERELLE_MASTER_KEY_FILE": app.config["MASTER_KEY_FILE"],
-                    "PASSERELLE_INSTANCE_DIR": app.config["INSTANCE_DIR"],
-                    "PASSERELLE_EXPORT_WORKER": "thread", "PASSERELLE_EXPORT_POLL_SECONDS": "0"}
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Gunicorn:
-        env = {**self.env, "PASSERELLE_BIND": f"127.0.0.1:{self.port}", "PASSERELLE_WORKERS": str(WORKERS),
-               "PASSERELLE_THREADS": "4", "PASSERELLE_LOG_LEVEL": "warning"}
-        config = self.log.with_suffix(".conf.py")
-        config.write_text(_CONFIG)
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen([str(BIN / "gunicorn"), "-c", str(config), "wsgi:app"],
-                                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        return self
-
-    def workers(self) -> set[int]:
-        assert self.process is not None
-        return _children(self.process.pid)
-
-    def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
-
-    def __exit__(self, *_exc: Any) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)  # this gunicorn's own process group (start_new_session)
-            self.process.wait(timeout=10)
+def _gunicorn(app: Flask, log: Path) -> Gunicorn:
+    """gunicorn with the shipped settings, preloaded (`benchmarks.harness.PRELOADED`: a worker gunicorn forks
+    to replace a killed one serves at once; twenty cold starts would not fit the time this test may take),
+    serving the test's database and key; `start()` starts it."""
+    env = {**os.environ, "PASSERELLE_DATABASE_URL": app.config["DATABASE_URL"],
+           "PASSERELLE_MASTER_KEY_FILE": app.config["MASTER_KEY_FILE"],
+           "PASSERELLE_INSTANCE_DIR": app.config["INSTANCE_DIR"], "PASSERELLE_EXPORT_WORKER": "thread",
+           "PASSERELLE_EXPORT_POLL_SECONDS": "0", "PASSERELLE_THREADS": "4", "PASSERELLE_LOG_LEVEL": "warning"}
+    return Gunicorn(env, log, WORKERS, preload=True)
 
 
 def _ready_workers(app: Flask) -> set[int]:
@@ -232,7 +171,7 @@ def _wait_serving(app: Flask, server: Gunicorn) -> set[int]:
     deadline = time.monotonic() + READY_SECONDS
     while True:
         assert server.process is not None and server.process.poll() is None, server.tail()
-        workers = server.workers()
+        workers = set(server.worker_pids())
         if len(workers) == WORKERS and workers <= _ready_workers(app):
             return workers
         assert time.monotonic() < deadline, f"workers {workers} did not all start: {server.tail()}"
@@ -242,7 +181,7 @@ def _wait_serving(app: Flask, server: Gunicorn) -> set[int]:
 def _wait_replaced(server: Gunicorn, killed: int) -> set[int]:
     """Until gunicorn has reaped the killed worker and forked its replacement; returns the workers' pids."""
     deadline = time.monotonic() + READY_SECONDS
-    while (workers := server.workers()) and (killed in workers or len(workers) < WORKERS):
+    while (workers := set(server.worker_pids())) and (killed in workers or len(workers) < WORKERS):
         assert time.monotonic() < deadline, f"worker {killed} was not replaced: {server.tail()}"
         time.sleep(0.01)
     return workers
@@ -422,7 +361,8 @@ def _seed(app: Flask, client: FlaskClient, custodian_headers: dict[str, str], wo
 def test_workers_killed_mid_bundle_export_and_aggregate_leave_everything_whole(
         app, client, database_url, tmp_path, world, research, custodian_headers):
     killed: list[tuple[str, int]] = []
-    with Gunicorn(app, tmp_path / "gunicorn.log") as server:
+    server = _gunicorn(app, tmp_path / "gunicorn.log").start()
+    try:
         _seed(app, client, custodian_headers, world)  # while gunicorn starts
         workers = _wait_serving(app, server)
         with Traffic(server.port, custodian_headers, research, world.patients["consented"]) as traffic:
@@ -436,6 +376,8 @@ def test_workers_killed_mid_bundle_export_and_aggregate_leave_everything_whole(
                 killed.append((kind, target))
                 workers = _wait_replaced(server, target)
         _wait_exports_end(app, server)
+    finally:
+        server.kill()
     _check_bundles(app, traffic)
     _check_exports(app, traffic, {pid for kind, pid in killed if kind == "export"})
     _check_ledger(app, world.project, traffic)
@@ -567,3 +509,29 @@ def test_a_worker_whose_job_was_taken_over_can_no_longer_change_it(app, client, 
     assert after.get_json() == manifest
     url = manifest["output"][0]["url"].replace("http://localhost", "")
     assert len(client.get(url, headers=research).data.splitlines()) == 5
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_claim_skips_a_job_another_worker_is_claiming_and_takes_the_next(app, client, world, research,
+                                                                         export_worker):
+    """On PostgreSQL, workers of several nodes claim at once: a claim passes over the job whose row another
+    claim holds locked (`FOR UPDATE SKIP LOCKED`) and takes the next queued one, instead of waiting for
+    that claim to end and then finding that job taken and none for itself."""
+    app.config["EXPORT_POLL_SECONDS"] = 0
+    first, second = (client.get("/research/fhir/$export?_type=Observation", headers={
+        **research, "Prefer": "respond-async"}).headers["Content-Location"].rsplit("/", 1)[1] for _ in range(2))
+    claimed: list[str | None] = []
+
+    def claim() -> None:
+        with app.app_context():
+            claimed.append(jobs.claim("B", LEASE_US, LEASE_US))
+
+    with app.app_context(), db.write() as other:  # another worker, inside its claim of the oldest job
+        other.execute(select(export_jobs.c.job_id).where(export_jobs.c.job_id == first).with_for_update())
+        claimer = threading.Thread(target=claim)
+        claimer.start()
+        claimer.join(timeout=10)
+        waited = claimer.is_alive()
+    claimer.join()
+    assert not waited, "the claim waited for the other worker's"
+    assert claimed == [second]

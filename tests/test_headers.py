@@ -16,8 +16,8 @@ def test_hsts_only_over_https_or_behind_a_proxy_that_says_so(client):
     assert "Strict-Transport-Security" not in client.get("/fhir/metadata").headers
     secure = client.get("/fhir/metadata", base_url="https://localhost")
     assert secure.headers["Strict-Transport-Security"].startswith("max-age=31536000")
-    # Werkzeug's client stands in for gunicorn, which sets the scheme from a trusted proxy's header.
-    proxied = client.get("/fhir/metadata", environ_overrides={"wsgi.url_scheme": "https"})
+    # The test client's peer is 127.0.0.1, a trusted proxy by default (service/proxy.py).
+    proxied = client.get("/fhir/metadata", headers={"X-Forwarded-Proto": "https"})
     assert "Strict-Transport-Security" in proxied.headers
 
 

@@ -1,9 +1,14 @@
 """Request limits (service/limits.py): each capped, configurable, answered with an OperationOutcome."""
 from __future__ import annotations
 
+import io
+from typing import Any
+
+import orjson
 import pytest
 from werkzeug.datastructures import MultiDict
 
+from consent.web import MAX_BODY_BYTES
 from service.config import load_config
 from tests.fhir_helpers import issue, patient
 
@@ -30,6 +35,43 @@ def test_a_body_over_the_size_limit_is_413_on_every_api_route(app, client, custo
         assert response.status_code == 413, path
         assert issue(response)["code"] == "too-costly"
         assert "1000 bytes" in issue(response)["diagnostics"]
+
+
+def chunked(body: bytes, headers: dict[str, str]) -> dict[str, Any]:
+    """Test-client arguments sending `body` with `headers` as gunicorn hands over a chunked body: no
+    Content-Length, and a stream the server ends."""
+    return {"input_stream": io.BytesIO(body), "headers": {**headers, "Transfer-Encoding": "chunked"},
+            "environ_overrides": {"wsgi.input_terminated": True}}
+
+
+def test_a_body_without_content_length_over_the_size_limit_is_413_and_its_valid_prefix_is_not_stored(
+        app, client, custodian_headers):
+    app.config["MAX_CONTENT_LENGTH"] = 1000
+    body = orjson.dumps(patient(family="Cut")) + b" " * 2000  # its first 1000 bytes are a whole Patient
+    response = client.post("/fhir/Patient", **chunked(body, {**custodian_headers,
+                                                             "Content-Type": "application/fhir+json"}))
+    assert response.status_code == 413
+    assert issue(response)["code"] == "too-costly" and "1000 bytes" in issue(response)["diagnostics"]
+    assert client.get("/fhir/Patient?family=Cut", headers=custodian_headers).get_json()["total"] == 0
+
+
+def test_a_body_without_content_length_within_the_size_limit_is_read_whole(app, client, custodian_headers):
+    body = orjson.dumps(patient(family="Whole"))
+    app.config["MAX_CONTENT_LENGTH"] = len(body)
+    response = client.post("/fhir/Patient", **chunked(body, {**custodian_headers,
+                                                             "Content-Type": "application/fhir+json"}))
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["name"][0]["family"] == "Whole"
+
+
+def test_a_form_without_content_length_over_its_limit_is_413_on_the_token_route_and_the_patient_form(app, client):
+    app.config["MAX_CONTENT_LENGTH"] = 1000
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    token = client.post("/auth/token", **chunked(b"grant_type=client_credentials&pad=" + b"x" * 2000, form))
+    assert token.status_code == 413 and issue(token)["code"] == "too-costly"
+    app.config["MAX_CONTENT_LENGTH"] = 10 * MAX_BODY_BYTES  # the portal's own, lower limit applies
+    page = client.post("/consent/signin", **chunked(b"number=MRN-1&passphrase=" + b"x" * 2 * MAX_BODY_BYTES, form))
+    assert page.status_code == 413 and page.mimetype == "text/html"
 
 
 def test_a_deeply_nested_bundle_is_400_before_validation_not_a_crash(client, custodian_headers):

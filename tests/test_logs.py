@@ -20,22 +20,11 @@ from gunicorn.glogging import Logger, SafeAtoms
 
 from service import synthetic
 from service.config import ROOT
+from tests.fhir_helpers import identifying_values
 
 PATIENTS = 5
 SEED = 11
 ACCESS_LOG_FORMAT = runpy.run_path(str(Path(ROOT) / "deploy" / "gunicorn.conf.py"))["access_log_format"]
-
-
-def _secrets(resource: dict[str, Any]) -> set[str]:
-    found: set[str] = set()
-    names = resource.get("name") or ()
-    for name in [names] if isinstance(names, str) else names:  # an Organization's name is a string
-        found.update([name] if isinstance(name, str) else name.get("given") or ())
-        found.update([name["family"]] if isinstance(name, dict) and name.get("family") else [])
-    found.update(t["value"] for t in resource.get("telecom") or () if t.get("value"))
-    found.update(i["value"] for i in resource.get("identifier") or () if i.get("value"))
-    found.update([resource["birthDate"]] if resource.get("birthDate") else [])
-    return {value for value in found if len(value) >= 4}
 
 
 class AccessLog:
@@ -72,7 +61,7 @@ def test_no_log_line_carries_a_name_phone_identifier_birth_date_or_resource_id(a
     people = client.get("/fhir/Patient?_count=100", headers=custodian_headers).get_json()["entry"]
     secrets: set[str] = set()
     for resource in written + [entry["resource"] for entry in people]:
-        secrets |= _secrets(resource)
+        secrets |= identifying_values(resource)
     for entry in people:
         person = entry["resource"]
         secrets.add(person["id"])

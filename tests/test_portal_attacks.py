@@ -518,21 +518,6 @@ def test_a_withdrawal_then_a_change_in_the_same_second_keeps_the_latest(app, cli
     assert tier(app, portal.bob, portal.heart)[0] == 0 and tier(app, portal.bob, portal.sleep)[0] == 0
 
 
-@pytest.mark.parametrize(("peer", "forwarded", "trusted", "expected"), [
-    ("10.0.0.2", [], {"10.0.0.2"}, "10.0.0.2"),
-    ("10.0.0.2", ["1.1.1.1, 2.2.2.2"], {"10.0.0.2"}, "2.2.2.2"),
-    ("10.0.0.2", ["1.1.1.1, 2.2.2.2, 10.0.0.3"], {"10.0.0.2", "10.0.0.3"}, "2.2.2.2"),
-    ("10.0.0.2", ["1.1.1.1", "2.2.2.2"], {"10.0.0.2"}, "2.2.2.2"),
-    ("9.9.9.9", ["1.1.1.1"], {"10.0.0.2"}, "9.9.9.9"),
-    ("10.0.0.2", ["1.1.1.1, 10.0.0.2"], {"*"}, "10.0.0.2"),
-    (None, [], set(), "unknown"),
-])
-def test_the_client_address_is_the_one_the_trusted_proxies_name(peer, forwarded, trusted, expected):
-    from service.ratelimit import client_address
-
-    assert client_address(peer, forwarded, trusted) == expected
-
-
 @pytest.mark.parametrize("saved", ["99999999999999999999999", "-99999999999999999999999", "1e9", "0x10", "\x00"])
 def test_a_forged_receipt_moment_gets_a_page_not_a_crash(app, client, portal, saved):
     open_session(app, client, portal.bob)

@@ -4,14 +4,14 @@ A page's language is switched with `?lang=` on any page (consent/web/i18n.py).
 """
 from __future__ import annotations
 
-from flask import current_app, redirect, render_template, request, url_for
+from flask import redirect, render_template, request, url_for
 from flask_babel import gettext as _
 from sqlalchemy import Connection
 from werkzeug import Response
 
 from consent.web import accounts, bp, i18n, sessions
 from consent.web.errors import TooManyAttempts
-from service import audit, db, ratelimit
+from service import audit, db, proxy, ratelimit
 
 #: Sign-in attempts one address may make per window, whatever the numbers tried.
 SIGN_IN_LIMIT = 20
@@ -75,8 +75,7 @@ def signin() -> Response | str | tuple[str, int]:
             return redirect(url_for("consent_web.home"))
         return render_template("signin.html", number="", errors={})
     number, passphrase = request.form.get("number", "").strip(), request.form.get("passphrase", "")
-    bucket = SIGN_IN_BUCKET + ratelimit.client_address(request.remote_addr, request.headers.getlist("X-Forwarded-For"),
-                                                        current_app.config["FORWARDED_ALLOW_IPS"])
+    bucket = SIGN_IN_BUCKET + proxy.client_address()
     with db.write() as conn:
         now = db.now_us()
         ratelimit.prune(conn, SIGN_IN_BUCKET, SIGN_IN_WINDOW_SECONDS, now)

@@ -57,7 +57,11 @@ _AUDIT = ("date", "agent", "patient", "entity-type", "subtype", "outcome", "_cou
 
 OPERATIONS: dict[tuple[str, str], Op] = {
     # Discovery, health and this contract.
-    ("GET", "/healthz"): Op("Health: the database, the master key and the schema version", ok="health"),
+    ("GET", "/healthz"): Op("Health: the database answers, the master key is the one it was initialised with, and "
+                            "its schema is this code's or a newer release's this code still serves "
+                            "(ahead-compatible)", ok="health"),
+    ("GET", "/metrics"): Op("Prometheus metrics of this node: to a direct connection from its host, or with the "
+                            "metrics token", ok="metrics"),
     ("GET", "/openapi.json"): Op("This OpenAPI document", ok="json"),
     ("GET", "/docs"): Op("The OpenAPI document rendered with Swagger UI", ok="html"),
     ("GET", "/docs/swagger-initializer.js"): Op("The script that starts Swagger UI on /docs", ok="file"),
@@ -243,6 +247,9 @@ SUCCESS: dict[str, dict[str, Any]] = {
                "503": {"description": "Not healthy: the body names the cause",
                        **_content("application/json", {"type": "object"})}},
     "json": {"200": {"description": "A JSON document", **_content("application/json", {"type": "object"})}},
+    "metrics": {"200": {"description": "Metrics in Prometheus' text format", **_content("text/plain", _STRING)},
+                "401": {"description": "Neither a direct connection from the node's host nor the metrics token",
+                        **_content(_FHIR_JSON, _ref("OperationOutcome"))}},
     "token": {"200": {"description": "A bearer token", **_content("application/json", _ref("Token"))},
               "4XX": {"description": "An OAuth2 error (RFC 6749 §5.2)",
                       **_content("application/json", _ref("OAuthError"))}},
@@ -305,6 +312,8 @@ def _path_schema(rule: Rule, name: str, converter: str | None) -> dict[str, Any]
 def _security(endpoint: str, rule: str) -> list[dict[str, list[str]]]:
     if rule.startswith("/consent/"):
         return [{"portalSession": []}]
+    if endpoint == "metrics.scrape":
+        return [{}, {"metricsToken": []}]
     access = scopes.ROUTES.get(endpoint)
     return [{"bearer": []}] if access is not None and access.role is not None else []
 
@@ -373,6 +382,8 @@ def document(app: Flask) -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": SCHEMAS, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "description": "A token from POST /auth/token"},
+            "metricsToken": {"type": "http", "scheme": "bearer", "description": "The metrics token (`flask --app "
+                             "wsgi metrics token`); a direct connection from the node's own host needs none"},
             "portalSession": {"type": "apiKey", "in": "cookie", "name": "passerelle_session",
                               "description": "The patient's session after signing in"}}},
     }

@@ -64,6 +64,7 @@ OWN_ACCESS_BLUEPRINTS = frozenset({"consent_web"})
 ROUTES: dict[str, Access] = {
     # No token: liveness, discovery, and the token endpoint (it authenticates the client itself).
     "health.healthz": PUBLIC,
+    "metrics.scrape": PUBLIC,  # no API token: the view admits loopback or the metrics token (service/metrics.py)
     "auth.token": PUBLIC,
     "auth.smart_configuration": PUBLIC,
     "custodian.metadata": PUBLIC,

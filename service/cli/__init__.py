@@ -18,6 +18,7 @@ UNCHECKED = frozenset({"init-db"})
 
 def register(app: Flask) -> None:
     from service.cli import audit, clients, consents, data, database, exports, keys, patients, projects, sensitivity
+    from service.cli.metrics import metrics_group
     from service.cli.settings import settings_group
 
     app.cli.add_command(database.init_db_command)
@@ -33,6 +34,7 @@ def register(app: Flask) -> None:
     app.cli.add_command(exports.export_worker_command)
     app.cli.add_command(sensitivity.sensitivity_group)
     app.cli.add_command(settings_group)
+    app.cli.add_command(metrics_group)
     for name, command in app.cli.commands.items():
         if name not in UNCHECKED:
             _refuse_when_not_ready(command)

@@ -1,4 +1,5 @@
-"""`init-db`: create or migrate the schema and the master key (idempotent), record the master
+"""`init-db`: create or migrate the schema (service/store/migrations) and the master key (idempotent),
+safe to run from several nodes at once and while others serve; record the master
 key's fingerprint and, in a new database, the consent default regime; classify the stored
 resources again when the sensitivity classifier changed since they were classified, and index
 them again when the search index changed since they were indexed (`service/store/reindex.py`).
@@ -21,7 +22,7 @@ from policies.keys import MasterKeyError, ensure_master_key
 from policies.sensitivity import VERSION as CLASSIFIER_VERSION
 from service import db, keyring
 from service.health import consent_default_drift
-from service.store import masks, reindex
+from service.store import masks, migrations, reindex
 from service.store.indexer import VERSION as INDEX_VERSION
 
 
@@ -45,22 +46,27 @@ def init_db_command(replace_master_key: bool) -> None:
         created = ensure_master_key(current_app.config["MASTER_KEY_FILE"])
     except MasterKeyError as exc:
         raise click.ClickException(str(exc)) from exc
-    version = db.migrate(db.engine())
-    with db.write() as conn:
-        try:
-            recorded, seeded = record_settings(conn, replace_master_key=replace_master_key)
-        except keyring.KeyMismatch as exc:
-            raise click.ClickException(f"{exc}; nothing was changed. Install that key, or pass "
-                                       "--replace-master-key to adopt this one (deploy/README.md, \"Master key\")") \
-                from None
-        default = consent_default(conn)
-        for project in all_projects(conn):  # projects created before budgets existed get theirs
-            ensure_budget(conn, project.project_id, project.epsilon, project.delta, actor="init-db")
-        decisions = refresh(conn)
-        reclassified = masks.refresh(conn) if masks.stored_version(conn) != CLASSIFIER_VERSION else None
-        outdated_index = reindex.stored_version(conn) != INDEX_VERSION
+    try:
+        revision = db.migrate(db.engine())
+        with db.migration_lock() as conn:  # nodes running init-db at once record the settings one after the other
+            try:
+                recorded, seeded = record_settings(conn, replace_master_key=replace_master_key)
+            except keyring.KeyMismatch as exc:
+                raise click.ClickException(f"{exc}; nothing was changed. Install that key, or pass "
+                                           "--replace-master-key to adopt this one (deploy/README.md, "
+                                           "\"Master key\")") from None
+            default = consent_default(conn)
+            for project in all_projects(conn):  # projects created before budgets existed get theirs
+                ensure_budget(conn, project.project_id, project.epsilon, project.delta, actor="init-db")
+            decisions = refresh(conn)
+            reclassified = masks.refresh(conn) if masks.stored_version(conn) != CLASSIFIER_VERSION else None
+            outdated_index = reindex.stored_version(conn) != INDEX_VERSION
+    except migrations.MigrationRefused as exc:
+        raise click.ClickException(f"{exc}; nothing was changed.") from None
+    except migrations.MigrationBusy as exc:
+        raise click.ClickException(f"{exc}.") from None
     indexed = reindex.reindex(db.engine()) if outdated_index else None
-    click.echo(f"Database ready (schema version {version}); consent default {default!r}"
+    click.echo(f"Database ready (schema revision {revision}); consent default {default!r}"
                f"{' (recorded now)' if seeded else ''}; {decisions} consent decisions materialised.", err=True)
     if warning := consent_default_drift(default):
         click.echo(warning, err=True)

@@ -25,6 +25,8 @@ from service.store.schema import export_files, export_jobs, export_parts, export
 Line = tuple[int, int, str | None]
 #: Heartbeats older than this belong to workers long gone; each new worker clears them.
 _FORGET_WORKERS_US = 24 * 3600 * 1_000_000
+#: Every state a job can be in.
+STATES = ("accepted", "in-progress", "completed", "failed", "cancelled", "expired")
 #: States whose manifest was published (an expired job's files are gone, its manifest is not).
 _PUBLISHED = ("completed", "expired")
 #: The type recorded for a file of deletions (the manifest's `deleted` array): NDJSON of
@@ -174,15 +176,20 @@ def part_content(job_id: str, file_no: int, part: int) -> bytes | None:
 
 def claim(owner: str, lease_us: int, silent_us: int) -> str | None:
     """Take the oldest queued job, or one whose worker's lease ran out or whose worker has not beaten
-    within `silent_us` (it died); None if there is none."""
+    within `silent_us` (it died); None if there is none.
+
+    The job's row stays locked until the claim commits. On PostgreSQL a claim passes over rows other
+    claims hold (`FOR UPDATE SKIP LOCKED`), so workers of every node claiming at once take different
+    jobs; SQLite ignores it (one writer at a time). The conditional UPDATE claims a job once either way.
+    """
     now = db.now_us()
     alive = select(export_workers.c.worker_id).where(export_workers.c.last_beat >= now - silent_us)
     claimable = or_(export_jobs.c.state == "accepted",
                     and_(export_jobs.c.state == "in-progress",
                          or_(export_jobs.c.lease_until < now, export_jobs.c.owner.not_in(alive))))
     with db.write() as conn:
-        job_id = conn.execute(select(export_jobs.c.job_id).where(claimable)
-                              .order_by(export_jobs.c.created).limit(1)).scalar()
+        job_id = conn.execute(select(export_jobs.c.job_id).where(claimable).order_by(export_jobs.c.created)
+                              .limit(1).with_for_update(skip_locked=True)).scalar()
         if job_id is None:
             return None
         taken = conn.execute(update(export_jobs).where(export_jobs.c.job_id == job_id, claimable).values(

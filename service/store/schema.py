@@ -473,6 +473,8 @@ settings = Table(
     Column("value", Text, nullable=False),
 )
 
+#: The schema versions of releases up to 7be16ab, which read it: frozen at version 5 (the baseline
+#: revision). Alembic's `alembic_version` is the record now (service/store/migrations).
 schema_migrations = Table(
     "schema_migrations",
     metadata,
