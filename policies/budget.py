@@ -37,7 +37,7 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from numbers import Real
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from service.db import now_us
@@ -46,6 +46,28 @@ from service.store.schema import answer_keys, answers, budget_questions, budget_
 
 MICRO = 10**6   # ε units per 1.0
 PICO = 10**12   # δ units per 1.0
+
+# The statements of a claim and of a recorded answer, built once: a request only binds its
+# values, and the compiled forms are reused.
+_SPEND_E, _SPEND_D = bindparam("spend_epsilon"), bindparam("spend_delta")
+_SPEND = (update(budgets)
+          .where(budgets.c.project_id == bindparam("project"),
+                 budgets.c.spent_micro + _SPEND_E <= budgets.c.total_micro,
+                 budgets.c.delta_spent_pico + _SPEND_D <= budgets.c.delta_total_pico)
+          .values(spent_micro=budgets.c.spent_micro + _SPEND_E, delta_spent_pico=budgets.c.delta_spent_pico + _SPEND_D,
+                  updated=bindparam("at")))
+_BUDGET_ROW = select(budgets).where(budgets.c.project_id == bindparam("project"))
+# FOR UPDATE on PostgreSQL; SQLAlchemy omits it on SQLite, where BEGIN IMMEDIATE already holds
+# the database's write lock.
+_LOCKED_BUDGET_ROW = _BUDGET_ROW.with_for_update()
+_REMAINING = select(budgets.c.total_micro - budgets.c.spent_micro).where(budgets.c.project_id == bindparam("project"))
+_KEYED_ANSWER = select(answer_keys.c.query_hash, answer_keys.c.response).where(
+    answer_keys.c.project_id == bindparam("project"), answer_keys.c.idempotency_key == bindparam("key"))
+_RECORDED_ANSWER = select(answers.c.response).where(
+    answers.c.project_id == bindparam("project"), answers.c.query_hash == bindparam("query_hash"),
+    answers.c.data_version == bindparam("data_version"))
+_QUESTION = {module.dialect.name: module.insert(budget_questions).on_conflict_do_nothing()
+             for module in (postgresql, sqlite)}
 
 
 class BudgetExhausted(Forbidden):
@@ -188,15 +210,9 @@ def reserve(conn: Connection, project_id: str, epsilon: float, delta: float = 0.
     d = delta_pico(delta)
     if e <= 0:
         raise InvalidRequest("epsilon must be > 0")
-    result = conn.execute(
-        update(budgets)
-        .where(budgets.c.project_id == project_id,
-               budgets.c.spent_micro + e <= budgets.c.total_micro,
-               budgets.c.delta_spent_pico + d <= budgets.c.delta_total_pico)
-        .values(spent_micro=budgets.c.spent_micro + e, delta_spent_pico=budgets.c.delta_spent_pico + d,
-                updated=now_us()))
+    result = conn.execute(_SPEND, {"project": project_id, "spend_epsilon": e, "spend_delta": d, "at": now_us()})
     if result.rowcount != 1:
-        row = conn.execute(select(budgets).where(budgets.c.project_id == project_id)).first()
+        row = conn.execute(_BUDGET_ROW, {"project": project_id}).first()
         if row is None:
             raise BudgetMissing(f"Project {project_id!r} has no privacy budget")
         raise BudgetExhausted((row.total_micro - row.spent_micro) / MICRO,
@@ -209,15 +225,14 @@ def reserve(conn: Connection, project_id: str, epsilon: float, delta: float = 0.
 def _remember_question(conn: Connection, project_id: str, query_hash: str, question: str) -> None:
     if text_hash(question) != query_hash:
         raise ValueError("the question is not the canonical text of the query hash")
-    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    conn.execute(dialect_insert(budget_questions).values(project_id=project_id, query_hash=query_hash,
-                                                         question=question).on_conflict_do_nothing())
+    conn.execute(_QUESTION[conn.dialect.name], {"project_id": project_id, "query_hash": query_hash,
+                                                "question": question})
 
 
 def status(conn: Connection, project_id: str, history_limit: int | None = 100) -> dict[str, Any]:
     """Totals, spent and remaining (ε and δ) and the most recent history entries, newest first,
     each query with the canonical question asked (`question`, None if not recorded)."""
-    row = conn.execute(select(budgets).where(budgets.c.project_id == project_id)).first()
+    row = conn.execute(_BUDGET_ROW, {"project": project_id}).first()
     if row is None:
         raise BudgetMissing(f"Project {project_id!r} has no privacy budget")
     asked = budget_questions.c
@@ -266,7 +281,10 @@ def claim(conn: Connection, project_id: str, query_hash: str, data_version: str,
     if recorded is None:
         reserve(conn, project_id, epsilon, delta, query_hash=query_hash, idempotency_key=idempotency_key,
                 actor=actor, question=question)
-    return Claim(recorded, status(conn, project_id, history_limit=0)["remaining"])
+    remaining = conn.scalar(_REMAINING, {"project": project_id})
+    if remaining is None:
+        raise BudgetMissing(f"Project {project_id!r} has no privacy budget")
+    return Claim(recorded, remaining / MICRO)
 
 
 def recorded_answer(conn: Connection, project_id: str, query_hash: str, data_version: str | int,
@@ -282,15 +300,13 @@ def recorded_answer(conn: Connection, project_id: str, query_hash: str, data_ver
     _check_key(idempotency_key)
     _locked_row(conn, project_id)
     if idempotency_key is not None:
-        row = conn.execute(select(answer_keys.c.query_hash, answer_keys.c.response).where(
-            answer_keys.c.project_id == project_id, answer_keys.c.idempotency_key == idempotency_key)).first()
+        row = conn.execute(_KEYED_ANSWER, {"project": project_id, "key": idempotency_key}).first()
         if row is not None:
             if row.query_hash != query_hash:
                 raise IdempotencyConflict("This idempotency key was already used for a different query")
             return json.loads(row.response)
-    response = conn.scalar(select(answers.c.response).where(
-        answers.c.project_id == project_id, answers.c.query_hash == query_hash,
-        answers.c.data_version == str(data_version)))
+    response = conn.scalar(_RECORDED_ANSWER, {"project": project_id, "query_hash": query_hash,
+                                              "data_version": str(data_version)})
     if response is None:
         return None
     recorded = json.loads(response)
@@ -309,9 +325,9 @@ def record_answer(conn: Connection, project_id: str, query_hash: str, data_versi
     earlier = recorded_answer(conn, project_id, query_hash, data_version, idempotency_key)
     if earlier is not None:
         return earlier
-    conn.execute(insert(answers).values(project_id=project_id, query_hash=query_hash,
-                                        data_version=str(data_version), created=now_us(),
-                                        response=_dumps(response)))
+    conn.execute(insert(answers), {"project_id": project_id, "query_hash": query_hash,
+                                   "data_version": str(data_version), "created": now_us(),
+                                   "response": _dumps(response)})
     _bind_key(conn, project_id, idempotency_key, query_hash, response)
     return response
 
@@ -323,9 +339,9 @@ def _dumps(response: Any) -> str:
 def _bind_key(conn: Connection, project_id: str, idempotency_key: str | None, query_hash: str, response: Any) -> None:
     """Remember which answer a request with this idempotency key received (no-op without a key)."""
     if idempotency_key is not None:
-        conn.execute(insert(answer_keys).values(project_id=project_id, idempotency_key=idempotency_key,
-                                                query_hash=query_hash, response=_dumps(response),
-                                                created=now_us()))
+        conn.execute(insert(answer_keys), {"project_id": project_id, "idempotency_key": idempotency_key,
+                                           "query_hash": query_hash, "response": _dumps(response),
+                                           "created": now_us()})
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -336,14 +352,12 @@ def _check_key(idempotency_key: str | None) -> None:
 
 
 def _locked_row(conn: Connection, project_id: str) -> Any:
-    # FOR UPDATE on PostgreSQL; SQLAlchemy omits it on SQLite, where BEGIN IMMEDIATE
-    # already holds the database's write lock.
-    return conn.execute(select(budgets).where(budgets.c.project_id == project_id).with_for_update()).first()
+    return conn.execute(_LOCKED_BUDGET_ROW, {"project": project_id}).first()
 
 
 def _history(conn: Connection, project_id: str, kind: str, epsilon_units: int, delta_units: int, *,
              query_hash: str | None = None, idempotency_key: str | None = None, actor: str | None = None,
              ts: int | None = None) -> None:
-    conn.execute(insert(budget_spends).values(
-        project_id=project_id, ts=ts or now_us(), kind=kind, epsilon_micro=epsilon_units, delta_pico=delta_units,
-        query_hash=query_hash, idempotency_key=idempotency_key, actor=actor))
+    conn.execute(insert(budget_spends), {
+        "project_id": project_id, "ts": ts or now_us(), "kind": kind, "epsilon_micro": epsilon_units,
+        "delta_pico": delta_units, "query_hash": query_hash, "idempotency_key": idempotency_key, "actor": actor})

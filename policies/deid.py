@@ -256,6 +256,8 @@ class Profile:
         self.name = name
         self.source = source
         self.rules = tuple(rules)
+        #: Whether a release under it differs each time (it encrypts, and encryption is randomised).
+        self.randomised = any(rule.method == "encrypt" for rule in self.rules)
         self.max_age = max_age  # ages over it are top-coded wherever they appear
         self.round_times = round_times  # released times are truncated to the hour or the day, or kept
         self.code_systems = frozenset(canonical_system(s) for s in code_systems)

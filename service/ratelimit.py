@@ -9,13 +9,29 @@ choose its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, case, delete
+from sqlalchemy import Connection, bindparam, case, delete
 from sqlalchemy.dialects import postgresql, sqlite
 
 from service.store.schema import rate_limits
 
 _SECOND_US = 1_000_000
+
+
+def _hit_statement(module: Any) -> Any:
+    """The upsert `hit` runs, with its values as parameters (built once per dialect, so its
+    compiled form is reused)."""
+    now, expired = bindparam("now_us"), rate_limits.c.window_start <= bindparam("opened_before")
+    return module.insert(rate_limits).values(
+        bucket=bindparam("bucket"), window_start=now, count=1).on_conflict_do_update(
+        index_elements=[rate_limits.c.bucket],
+        set_={"count": case((expired, 1), else_=rate_limits.c.count + 1),
+              "window_start": case((expired, now), else_=rate_limits.c.window_start)},
+    ).returning(rate_limits.c.count, rate_limits.c.window_start)
+
+
+_HIT = {module.dialect.name: _hit_statement(module) for module in (postgresql, sqlite)}
 
 
 @dataclass(frozen=True)
@@ -32,14 +48,8 @@ def hit(conn: Connection, bucket: str, limit: int, window_seconds: int, now_us: 
     One atomic upsert, so concurrent hits (any worker, any node) are each counted once.
     """
     window_us = window_seconds * _SECOND_US
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(rate_limits)
-    expired = rate_limits.c.window_start <= now_us - window_us
-    statement = insert.values(bucket=bucket, window_start=now_us, count=1).on_conflict_do_update(
-        index_elements=[rate_limits.c.bucket],
-        set_={"count": case((expired, 1), else_=rate_limits.c.count + 1),
-              "window_start": case((expired, now_us), else_=rate_limits.c.window_start)},
-    ).returning(rate_limits.c.count, rate_limits.c.window_start)
-    count, window_start = conn.execute(statement).one()
+    count, window_start = conn.execute(_HIT[conn.dialect.name], {
+        "bucket": bucket, "now_us": now_us, "opened_before": now_us - window_us}).one()
     retry_after = max(1, -(-(window_start + window_us - now_us) // _SECOND_US))
     return Verdict(count <= limit, count, retry_after)
 

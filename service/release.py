@@ -11,7 +11,8 @@ applies, in this order and nowhere else:
    version: its patient, sensitivity mask, resource class and clinical dates;
 3. de-identification (`Release.deidentify`), where a reference survives only if its target
    would itself be released to this project (the reference look-up goes through the same
-   filter), otherwise the element is removed;
+   filter), otherwise the element is removed; a released form may be remembered and given
+   again, only for the same key, profile, row and reference look-ups (service/released_forms.py);
 4. an audit entry naming the patients whose data left, written before the response leaves
    (`Release.audit`; for an `$aggregate` answer, in the transaction that records it,
    `Release.record_aggregate`): if it cannot be written, nothing is released.
@@ -50,7 +51,7 @@ from consent.projects import DIRECTORY_TYPES, PATIENT_DATA_TYPES, ProjectRecord
 from policies import budget
 from policies.deid import Deidentifier
 from policies.pseudonym import PseudonymKey
-from service import audit, db, keyring
+from service import audit, db, keyring, released_forms
 from service.api.searchset import run_search
 from service.errors import Forbidden, InvalidRequest, NotFound
 from service.store import cohort, jobs, project_groups, search
@@ -506,7 +507,8 @@ class Release:
             statement = statement.where(criteria)
         with db.read() as conn:
             rows = conn.execute(self.rows_filter()(statement).order_by(resources.c.pk).limit(limit)).all()
-            released = self.deidentify(conn, rows)
+            # Each row is exported once: remembering its form would only push out the forms asked again.
+            released = self.deidentify(conn, rows, remember=False)
         return [((row.pk, row.version, row.patient_id), resource)
                 for row, resource in zip(rows, released, strict=True)]
 
@@ -580,14 +582,18 @@ class Release:
 
     # -- rendering -----------------------------------------------------------------------------
 
-    def deidentify(self, conn: Connection, rows: Sequence[Any]) -> list[dict[str, Any]]:
+    def deidentify(self, conn: Connection, rows: Sequence[Any], *, remember: bool = True) -> list[dict[str, Any]]:
         """De-identify stored rows (pk, type, id, json, patient_id) for this project.
 
         References are rewritten only to targets this project may receive now; any other
-        reference element is removed (required ones get a data-absent-reason).
+        reference element is removed (required ones get a data-absent-reason). With `remember`,
+        forms are kept and given again under the conditions of service/released_forms.py.
         """
         pks = self._released_targets(conn, [row.json for row in rows])
-        return [self.deid.apply(orjson.loads(row.json), row.pk, row.patient_id, pks) for row in rows]
+        if not remember:
+            return [self.deid.apply(orjson.loads(row.json), row.pk, row.patient_id, pks) for row in rows]
+        forms = released_forms.of_app()
+        return [forms.release(self.deid, row, pks) for row in rows]
 
     def _released_targets(self, conn: Connection, stored: list[bytes]) -> dict[tuple[str, ...], int]:
         """Row numbers of the referenced resources this project may receive: (type, id) → pk

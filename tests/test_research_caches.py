@@ -1,23 +1,28 @@
 """What the research path remembers between requests, and what it still reads every time:
 pseudonyms are remembered per key, the key version for at most `keyring.VERSION_TTL`
-seconds, and consent is judged at each request's own instant."""
+seconds, released forms while nothing they depend on changes, and consent is judged at each
+request's own instant."""
 from __future__ import annotations
 
 import time
+from collections import namedtuple
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 from sqlalchemy import select
 
 from consent import engine, writer
+from policies.deid import Deidentifier, Profile, load_profile, parse_profile
 from policies.pseudonym import PseudonymError, PseudonymKey
 from service import db, keyring
 from service.app import create_app
 from service.errors import NotFound
 from service.release import release_for
+from service.released_forms import ReleasedForms
 from service.store.schema import resources
-from tests.deid_helpers import MASTER
-from tests.fhir_helpers import create, patient
+from tests.deid_helpers import DEFAULT_PROFILE, MASTER
+from tests.fhir_helpers import create, observation, patient
 from tests.research_world import bearer, build, token
 
 
@@ -116,3 +121,121 @@ def test_the_standing_consent_filter_sees_a_withdrawal_at_once(app, client, cust
     assert client.get(f"/research/fhir/Patient/{pseudonym}", headers=research).status_code == 404
     after = client.get(f"/research/fhir/Observation?patient=Patient/{pseudonym}", headers=research).get_json()
     assert "entry" not in after
+
+
+# -- released forms (service/released_forms.py): remembered, and given again only when nothing they
+#    depend on has changed ---------------------------------------------------------------------------
+
+Row = namedtuple("Row", "pk json patient_id")
+#: Row numbers of the resources the released row references, as a request found them released.
+RELEASED = {("Patient", "p1"): 101, ("Patient", "p2"): 102}
+
+
+def _stored(value: float = 120.0) -> Row:
+    return Row(7, orjson.dumps({
+        "resourceType": "Observation", "id": "o1", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": "Patient/p1"}, "performer": [{"reference": "Patient/p2"}],
+        "effectiveDateTime": "2021-06-01T10:00:00Z",
+        "valueQuantity": {"value": value, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}}),
+        "p1")
+
+
+def _engine(key: PseudonymKey, profile: Profile | None = None) -> Deidentifier:
+    return Deidentifier(profile or load_profile(DEFAULT_PROFILE), key, reference_year=2025)
+
+
+def _afresh(deid: Deidentifier, row: Row, targets: dict) -> dict:
+    """What the engine releases for the row with nothing remembered."""
+    return Deidentifier(deid.profile, deid.key, reference_year=deid.reference_year).apply(
+        orjson.loads(row.json), row.pk, row.patient_id, targets)
+
+
+def test_a_remembered_form_is_the_form_computed_afresh() -> None:
+    forms, deid, row = ReleasedForms(), _engine(PseudonymKey(MASTER, "project-a", 1)), _stored()
+    first, again = forms.release(deid, row, RELEASED), forms.release(deid, row, RELEASED)
+    assert first == again == _afresh(deid, row, RELEASED)
+    assert len(forms) == 1
+
+
+def test_a_remembered_form_is_not_given_once_a_resource_it_references_is_withheld() -> None:
+    forms, deid, row = ReleasedForms(), _engine(PseudonymKey(MASTER, "project-a", 1)), _stored()
+    assert forms.release(deid, row, RELEASED)["performer"]
+    withheld = {("Patient", "p1"): 101}
+    released = forms.release(deid, row, withheld)
+    assert released == _afresh(deid, row, withheld)
+    assert "performer" not in released
+
+
+def test_a_remembered_form_is_not_given_under_a_rotated_key() -> None:
+    forms, row = ReleasedForms(), _stored()
+    before = forms.release(_engine(PseudonymKey(MASTER, "project-a", 1)), row, RELEASED)
+    rotated = _engine(PseudonymKey(MASTER, "project-a", 2))
+    after = forms.release(rotated, row, RELEASED)
+    assert after == _afresh(rotated, row, RELEASED)
+    assert after["id"] != before["id"]
+    assert after["subject"] != before["subject"]
+
+
+def test_a_remembered_form_is_never_given_to_another_project() -> None:
+    forms, row = ReleasedForms(), _stored()
+    mine = forms.release(_engine(PseudonymKey(MASTER, "project-a", 1)), row, RELEASED)
+    other = _engine(PseudonymKey(MASTER, "project-b", 1))
+    theirs = forms.release(other, row, RELEASED)
+    assert theirs == _afresh(other, row, RELEASED)
+    assert theirs["id"] != mine["id"]
+
+
+def test_a_remembered_form_is_not_given_under_another_profile() -> None:
+    forms, row, key = ReleasedForms(), _stored(), PseudonymKey(MASTER, "project-a", 1)
+    assert "valueQuantity" in forms.release(_engine(key), row, RELEASED)
+    without_values = _engine(key, parse_profile({"rules": [{"path": "Observation.value[x]", "method": "redact"}]}))
+    released = forms.release(without_values, row, RELEASED)
+    assert released == _afresh(without_values, row, RELEASED)
+    assert "valueQuantity" not in released
+
+
+def test_a_remembered_form_is_not_given_once_the_resource_changed() -> None:
+    forms, deid = ReleasedForms(), _engine(PseudonymKey(MASTER, "project-a", 1))
+    forms.release(deid, _stored(120.0), RELEASED)
+    assert forms.release(deid, _stored(95.0), RELEASED)["valueQuantity"]["value"] == 95.0
+
+
+def test_a_profile_that_encrypts_is_never_remembered() -> None:
+    forms = ReleasedForms()
+    deid = _engine(PseudonymKey(MASTER, "project-a", 1),
+                   parse_profile({"rules": [{"path": "Observation.code.text", "method": "encrypt"}]}))
+    row = Row(7, orjson.dumps({"resourceType": "Observation", "id": "o1", "status": "final",
+                               "code": {"text": "pulse"}}), None)
+    first, again = forms.release(deid, row, {}), forms.release(deid, row, {})
+    assert first["code"]["text"] != again["code"]["text"]
+    assert len(forms) == 0
+
+
+def test_the_remembered_forms_stay_within_their_byte_budget() -> None:
+    deid = _engine(PseudonymKey(MASTER, "project-a", 1))
+    one = len(orjson.dumps(_afresh(deid, _stored(), RELEASED)))
+    forms = ReleasedForms(max_bytes=one * 2 + one // 2)
+    for value in (1.0, 2.0, 3.0, 4.0):
+        forms.release(deid, _stored(value), RELEASED)
+    assert forms.size <= forms.max_bytes
+    assert len(forms) == 2
+
+
+def test_a_reference_to_a_patient_who_withdrew_leaves_a_form_released_before(app, client, custodian_headers):
+    world = build(app, client, custodian_headers)
+    consented, performer = world.patients["consented"], world.patients["no_mental_health"]
+    create(client, custodian_headers, observation(consented, value=77.0, performer=[
+        {"reference": f"Patient/{performer}"}]))
+    research = bearer(token(client, app, "research", world.project))
+    query = f"/research/fhir/Observation?patient=Patient/{_pseudonym_of(app, world.project, consented)}&_count=50"
+
+    def performers() -> list:
+        found = client.get(query, headers=research).get_json()
+        return [entry["resource"].get("performer") for entry in found["entry"]
+                if entry["resource"]["valueQuantity"]["value"] == 77.0]
+
+    assert performers() == [[{"reference": f"Patient/{_pseudonym_of(app, world.project, performer)}"}]]
+    with app.app_context(), db.write() as conn:
+        writer.record(conn, writer.build(performer, world.project, "none", [], source="test"))
+    assert performers() == [None]
