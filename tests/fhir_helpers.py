@@ -6,6 +6,25 @@ from typing import Any
 from flask.testing import FlaskClient
 
 
+def write_corpus(client: FlaskClient, headers: dict[str, str], patients: int, seed: int
+                 ) -> tuple[list[dict[str, Any]], set[str]]:
+    """The synthetic corpus (organisations and `patients` patients) written through the API: the stored
+    Patients, and every identifying value of what was written and stored, the Patients' ids included."""
+    from service import synthetic
+
+    written: list[dict[str, Any]] = []
+    for bundle in list(synthetic.organisation_bundles(seed)) + list(synthetic.patient_bundles(patients, seed)):
+        response = client.post("/fhir", json=bundle, headers=headers)
+        assert response.status_code == 200, response.get_json()
+        written += [entry["resource"] for entry in bundle["entry"] if "resource" in entry]
+    stored = client.get("/fhir/Patient?_count=100", headers=headers).get_json()["entry"]
+    people = [entry["resource"] for entry in stored]
+    secrets = {person["id"] for person in people}
+    for resource in written + people:
+        secrets |= identifying_values(resource)
+    return people, secrets
+
+
 def identifying_values(resource: dict[str, Any]) -> set[str]:
     """A resource's names, phones, identifiers and birth date (values of at least 4 characters): what
     no log line or metric label may carry."""

@@ -18,9 +18,8 @@ from typing import Any
 from gunicorn.config import Config
 from gunicorn.glogging import Logger, SafeAtoms
 
-from service import synthetic
 from service.config import ROOT
-from tests.fhir_helpers import identifying_values
+from tests.fhir_helpers import write_corpus
 
 PATIENTS = 5
 SEED = 11
@@ -53,18 +52,8 @@ def test_no_log_line_carries_a_name_phone_identifier_birth_date_or_resource_id(a
     access = AccessLog(app.wsgi_app)
     app.wsgi_app = access
     caplog.set_level(logging.INFO, logger="passerelle.requests")
-    written: list[dict[str, Any]] = []
-    for bundle in list(synthetic.organisation_bundles(SEED)) + list(synthetic.patient_bundles(PATIENTS, SEED)):
-        response = client.post("/fhir", json=bundle, headers=custodian_headers)
-        assert response.status_code == 200, response.get_json()
-        written += [entry["resource"] for entry in bundle["entry"] if "resource" in entry]
-    people = client.get("/fhir/Patient?_count=100", headers=custodian_headers).get_json()["entry"]
-    secrets: set[str] = set()
-    for resource in written + [entry["resource"] for entry in people]:
-        secrets |= identifying_values(resource)
-    for entry in people:
-        person = entry["resource"]
-        secrets.add(person["id"])
+    people, secrets = write_corpus(client, custodian_headers, PATIENTS, SEED)
+    for person in people:
         assert client.get(f"/fhir/Patient/{person['id']}", headers=custodian_headers).status_code == 200
         searches = [f"family={name['family']}" for name in person.get("name", ())]
         searches += [f"phone={t['value']}" for t in person.get("telecom", ()) if t.get("system") == "phone"]

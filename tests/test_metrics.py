@@ -26,11 +26,11 @@ from sqlalchemy import func, select
 
 from benchmarks.harness import Gunicorn
 from consent import writer
-from service import db, metrics, synthetic
+from service import db, metrics
 from service.app import create_app
 from service.store import jobs
 from service.store.schema import audit, audit_head, budget_spends, export_workers, projects, settings
-from tests.fhir_helpers import create, identifying_values, observation, patient, post_entry, transaction
+from tests.fhir_helpers import create, observation, patient, post_entry, transaction, write_corpus
 from tests.research_world import World
 
 #: As nginx relays a request: the peer is the proxy on loopback, the client named in X-Forwarded-For.
@@ -208,18 +208,8 @@ def test_the_pool_gauge_counts_a_connection_held_open(app, client):
 
 def test_no_label_carries_a_name_phone_identifier_birth_date_resource_id_or_query_value(app, client,
                                                                                          custodian_headers):
-    written: list[dict[str, Any]] = []
-    for bundle in list(synthetic.organisation_bundles(11)) + list(synthetic.patient_bundles(4, 11)):
-        response = client.post("/fhir", json=bundle, headers=custodian_headers)
-        assert response.status_code == 200, response.get_json()
-        written += [entry["resource"] for entry in bundle["entry"] if "resource" in entry]
-    people = client.get("/fhir/Patient?_count=100", headers=custodian_headers).get_json()["entry"]
-    secrets: set[str] = set()
-    for resource in written + [entry["resource"] for entry in people]:
-        secrets |= identifying_values(resource)
-    for entry in people:
-        person = entry["resource"]
-        secrets.add(person["id"])
+    people, secrets = write_corpus(client, custodian_headers, 4, 11)
+    for person in people:
         client.get(f"/fhir/Patient/{person['id']}", headers=custodian_headers)
         client.get(f"/fhir/Observation?subject=Patient/{person['id']}", headers=custodian_headers)
         client.get(f"/no-such-route/{person['id']}")
