@@ -64,6 +64,15 @@ def create(client: FlaskClient, headers: dict[str, str], resource: dict[str, Any
     return response.get_json()
 
 
+def create_all(client: FlaskClient, headers: dict[str, str], entries: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Create every (fullUrl, resource) in one transaction Bundle (a resource may reference another
+    by its `urn:uuid:` fullUrl); the ids the server gave, in order."""
+    response = client.post("/fhir", json=transaction(*(post_entry(resource, url) for url, resource in entries)),
+                           headers=headers)
+    assert response.status_code == 200, response.get_json()
+    return [entry["response"]["location"].split("/")[1] for entry in response.get_json()["entry"]]
+
+
 def search(client: FlaskClient, headers: dict[str, str], query: str) -> dict[str, Any]:
     response = client.get(f"/fhir/{query}", headers=headers)
     assert response.status_code == 200, response.get_json()

@@ -18,6 +18,7 @@ is what an attacker holding an earlier response, or guessing, would try.
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,7 +31,7 @@ from consent import projects, writer
 from consent.materialise import refresh
 from service import db, keyring
 from service.store.schema import resources
-from tests.fhir_helpers import create, observation, patient
+from tests.fhir_helpers import observation, patient, transaction
 
 SNOMED = "http://snomed.info/sct"
 HIV = "86406008"
@@ -93,14 +94,18 @@ def utc_day(offset: int) -> str:
 
 
 class _Builder:
-    """Creates named resources through the custodian API and records them in the world."""
+    """Names resources and sends them through the custodian API, many per transaction Bundle
+    (`flush`), each with the id it was given here, and records them in the world."""
 
     def __init__(self, client: FlaskClient, headers: dict[str, str], world: World):
         self.client, self.headers, self.world = client, headers, world
+        self.pending: list[dict[str, Any]] = []
 
-    def add(self, name: str, resource: dict[str, Any]) -> None:
-        made = create(self.client, self.headers, resource)
+    def add(self, name: str, resource: dict[str, Any]) -> str:
+        made = {**resource, "id": uuid.uuid4().hex}
+        self.pending.append(made)
         self.world.refs[name] = f"{made['resourceType']}/{made['id']}"
+        return made["id"]
 
     def observe(self, name: str, role: str, value: float, when: str = "2021-06-01T10:00:00Z", **extra: Any) -> None:
         self.world.marker[name] = value
@@ -109,10 +114,16 @@ class _Builder:
     def person(self, role: str, **extra: Any) -> None:
         family = f"Gate{role.capitalize()}Family"
         self.world.names.append(family)
-        made = create(self.client, self.headers, patient(family=family, given="Hidden", gender="female",
-                                                        birthDate="1961-04-05", **extra))
-        self.world.patients[role] = made["id"]
-        self.world.refs[role] = f"Patient/{made['id']}"
+        self.world.patients[role] = self.add(role, patient(family=family, given="Hidden", gender="female",
+                                                           birthDate="1961-04-05", **extra))
+
+    def flush(self) -> None:
+        """Create what was added, in one transaction (the same validation and audit as one create each)."""
+        entries = [{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+                   for r in self.pending]
+        response = self.client.post("/fhir", json=transaction(*entries), headers=self.headers)
+        assert response.status_code == 200, response.get_json()
+        self.pending = []
 
 
 def build(app: Flask, client: FlaskClient, headers: dict[str, str]) -> World:
@@ -168,6 +179,7 @@ def build(app: Flask, client: FlaskClient, headers: dict[str, str]) -> World:
                                      evidence=[{"detail": [world.ref("b_obs")]}]))
     w.observe("deleted_target", "a", 205.0)
     w.observe("points_at_deleted", "a", 206.0, derivedFrom=[world.ref("deleted_target")])
+    w.flush()
     response = client.delete(f"/fhir/{world.refs['deleted_target']}", headers=headers)
     assert response.status_code in (200, 204), response.get_json()
     w.observe("a_plain", "a", 207.0)
@@ -179,6 +191,7 @@ def build(app: Flask, client: FlaskClient, headers: dict[str, str]) -> World:
     w.observe("no_encounters_obs", "no_encounters", 501.0, encounter=world.ref("excluded_class_visit"))
     w.observe("ended_obs", "ended", 601.0)
     w.observe("future_obs", "future", 701.0)
+    w.flush()
 
     for project_id in made:
         consent_to(app, a, project_id, "record", A_EXCLUDES)

@@ -6,6 +6,7 @@ de-identification), so a test can tell exactly whose data a response carries.
 from __future__ import annotations
 
 import base64
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from consent import projects, writer
 from consent.materialise import refresh
 from service import db
 from service.auth import register_client
-from tests.fhir_helpers import create, observation, patient
+from tests.fhir_helpers import create_all, observation, patient
 
 SNOMED = "http://snomed.info/sct"
 DEPRESSION = "370143000"
@@ -64,18 +65,22 @@ def build(app: Flask, client: FlaskClient, headers: dict[str, str]) -> World:
     world = World(*ids)
     situations = ("consented", "aggregate_only", "refused", "silent", "no_mental_health", "recent_only",
                   "other_project")
+    entries: list[tuple[str, dict[str, Any]]] = []
     for value, role in enumerate(situations, start=101):
-        made = create(client, headers, patient(family=f"Family{role}", given="Secret", gender="female",
-                                               birthDate="1950-02-03",
-                                               telecom=[{"system": "phone", "value": f"+33 6 00 00 0{value}"}]))
-        world.patients[role] = made["id"]
+        subject = {"reference": f"urn:uuid:{uuid.uuid4()}"}
+        entries.append((subject["reference"], patient(
+            family=f"Family{role}", given="Secret", gender="female", birthDate="1950-02-03",
+            telecom=[{"system": "phone", "value": f"+33 6 00 00 0{value}"}])))
+        entries += [(f"urn:uuid:{uuid.uuid4()}", {**resource, "subject": subject}) for resource in (
+            observation("-", value=float(value), when="2019-06-01T10:00:00Z"),
+            observation("-", value=float(value), when="2021-06-01T10:00:00Z"),
+            _condition("-", DEPRESSION, "2021-01-01"), _condition("-", HYPERTENSION, "2021-01-01"))]
         world.marker[role] = float(value)
-        create(client, headers, observation(made["id"], value=float(value), when="2019-06-01T10:00:00Z"))
-        create(client, headers, observation(made["id"], value=float(value), when="2021-06-01T10:00:00Z"))
-        world.conditions[role] = {
-            "depression": create(client, headers, _condition(made["id"], DEPRESSION, "2021-01-01"))["id"],
-            "hypertension": create(client, headers, _condition(made["id"], HYPERTENSION, "2021-01-01"))["id"],
-        }
+    # One transaction: the same validation, references and audit as one create each, at a fraction of the cost.
+    made = iter(create_all(client, headers, entries))
+    for role in situations:
+        world.patients[role], _, _, depression, hypertension = (next(made) for _ in range(5))
+        world.conditions[role] = {"depression": depression, "hypertension": hypertension}
     choices = {
         "consented": (world.project, "record", []),
         "aggregate_only": (world.project, "aggregate", []),
