@@ -10,7 +10,8 @@
 #                browser tests (tests/browser/) need Debian's chromium at /usr/bin/chromium
 #                (skipped without it, except under CI, where .ci/run installs it)
 #   make bench   the benchmarks at full scale on SQLite, then PostgreSQL, written to
-#                benchmarks/RESULTS.md (SQLite alone 35–40 min; BENCH_SCALE=small: minutes)
+#                benchmarks/RESULTS.md and benchmarks/utility.png (SQLite alone 35–40 min, and model
+#                training 15–30 min more; BENCH_SCALE=small: minutes)
 #   make bench-quick  the guarded ratios at a small scale; fails when one is more than
 #                3× worse than its target (BENCH_FAIL_FACTOR to change)
 #   make lint    ruff only

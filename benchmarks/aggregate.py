@@ -82,8 +82,8 @@ def questions(count_code: str, mean_code: str, epsilon: float) -> dict[str, dict
 # by resource through the (param, value, …) index: the baseline is a good query, not a naive one.
 
 
-def _releases(d: str, row: str) -> str:
-    """Decision `d` releases `row` (a Patient row, or one with `_in_period`)."""
+def releases(d: str, row: str) -> str:
+    """Decision `d` releases `row` (a Patient row, or one with `in_period`)."""
     return f"""{d}.project_id = :project AND {d}.tier >= 1
       AND ({d}.valid_from IS NULL OR {d}.valid_from <= :now) AND ({d}.valid_until IS NULL OR {d}.valid_until >= :now)
       AND ({row}.sensitive_mask & {d}.excluded_mask) = 0
@@ -91,7 +91,7 @@ def _releases(d: str, row: str) -> str:
                       AND c.project_id = :project AND c.resource_type = {row}.type)"""
 
 
-def _in_period(d: str, row: str) -> str:
+def in_period(d: str, row: str) -> str:
     return f"""(({d}.period_start IS NULL AND {d}.period_end IS NULL)
            OR ({row}.clinical_low IS NOT NULL AND ({d}.period_start IS NULL OR {row}.clinical_low >= {d}.period_start)
                AND ({d}.period_end IS NULL OR {row}.clinical_high <= {d}.period_end)))"""
@@ -101,13 +101,13 @@ _COHORT = f"""
     SELECT DISTINCT o.patient_id AS pid
     FROM idx_token t
     JOIN resources o ON o.pk = t.resource_pk
-    JOIN decisions d ON d.patient_id = o.patient_id AND {_releases("d", "o")} AND {_in_period("d", "o")}
+    JOIN decisions d ON d.patient_id = o.patient_id AND {releases("d", "o")} AND {in_period("d", "o")}
     WHERE t.param = 'code' AND t.system = :system AND t.code = :code
       AND o.type = 'Observation' AND o.deleted = :f"""
 _MEMBERS = f"""
     FROM ({_COHORT}) cohort
     JOIN resources p ON p.type = 'Patient' AND p.id = cohort.pid AND p.deleted = :f
-    JOIN decisions pd ON pd.patient_id = p.id AND {_releases("pd", "p")}"""
+    JOIN decisions pd ON pd.patient_id = p.id AND {releases("pd", "p")}"""
 
 COUNT_SQL = f"SELECT count(*) {_MEMBERS}"
 
@@ -134,7 +134,7 @@ MEAN_SQL = f"""
       FROM idx_token t
       JOIN resources o ON o.pk = t.resource_pk
       JOIN idx_quantity q ON q.resource_pk = o.pk AND q.param || '' = 'value-quantity'
-      JOIN decisions d ON d.patient_id = o.patient_id AND {_releases("d", "o")} AND {_in_period("d", "o")}
+      JOIN decisions d ON d.patient_id = o.patient_id AND {releases("d", "o")} AND {in_period("d", "o")}
       JOIN resources p ON p.type = 'Patient' AND p.id = o.patient_id AND p.deleted = :f
         AND (p.sensitive_mask & d.excluded_mask) = 0
         AND NOT EXISTS (SELECT 1 FROM decision_classes pc WHERE pc.patient_id = d.patient_id
@@ -258,12 +258,7 @@ def latency(ctx: Context) -> None:
         with instance.app.app_context(), db.read(instance.engine) as conn:
             project = projects.get(conn, project_id)
         asked = [0]
-        token: dict[str, Any] = {"value": "", "at": None}
-
-        def bearer() -> str:
-            if token["at"] is None or time.monotonic() - token["at"] > 200:  # tokens live 5 minutes at most
-                token["value"], token["at"] = instance.token(credentials), time.monotonic()
-            return f"Bearer {token['value']}"
+        bearer = instance.bearer(credentials)
 
         def ask(measure: str, epsilon: float | None = None) -> str:
             if epsilon is None:  # a new ε each time: never answered from the recorded answers

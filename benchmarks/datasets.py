@@ -12,6 +12,7 @@ for one run only. Sections that write (projects, consents, exports) work on a co
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -53,7 +54,7 @@ def fixed_resources(seed: int = SEED) -> int:
 
 
 def patients_for(resources: int, seed: int = SEED) -> int:
-    """How many synthetic patients make about `resources` stored resources (≈52 per patient)."""
+    """How many synthetic patients make about `resources` stored resources (≈56 per patient)."""
     from service import synthetic
 
     sample = 100
@@ -103,6 +104,36 @@ def write_observations(directory: Path, patients: int, per_patient: int, seed: i
     codes = {code: {"patients": len(members), "observations": code_obs[code], "quantities": code_quantity[code]}
              for code, members in code_patients.items()}
     return {"patients": patients, "counts": dict(counts), "codes": codes}
+
+
+def write_subset(directory: Path, patients: int, codes: dict[str, frozenset[str]], seed: int = SEED
+                 ) -> dict[str, Any]:
+    """Patients, and of their resources only those whose type is a key of `codes` and whose first
+    coding's `system|code` is in its set (the model-training workload: what its features and label read).
+    References to anything but a Patient are dropped (they would dangle)."""
+    from service import synthetic
+
+    directory.mkdir(parents=True, exist_ok=True)
+    counts: Counter = Counter()
+    per_code: Counter = Counter()
+    with ExitStack() as stack:
+        files = {kind: stack.enter_context((directory / f"{kind}.ndjson").open("wb")) for kind in ("Patient", *codes)}
+        for number, resource in enumerate(synthetic.ndjson_resources(patients, seed)):
+            kind = resource["resourceType"]
+            if kind == "Patient":
+                if counts[kind] % 10_000 == 0 and counts[kind]:
+                    progress(f"generated {counts[kind]:,} of {patients:,} patients ({number:,} resources read)")
+            elif kind in codes:
+                first = ((resource.get("code") or {}).get("coding") or [{}])[0]
+                code = f"{first.get('system')}|{first.get('code')}"
+                if code not in codes[kind]:
+                    continue
+                per_code[code] += 1
+            else:
+                continue
+            files[kind].write(orjson.dumps(_patient_references_only(resource), option=orjson.OPT_APPEND_NEWLINE))
+            counts[kind] += 1
+    return {"patients": patients, "counts": dict(counts), "codes": dict(per_code)}
 
 
 def shard(source: Path, target: Path, parts: int) -> list[Path]:
@@ -207,6 +238,12 @@ class Datasets:
         """`patients` Patients with `per_patient` Observations each."""
         return self._get(f"observations-{patients}x{per_patient}",
                          lambda d: write_observations(d, patients, per_patient))
+
+    def subset(self, label: str, patients: int, codes: dict[str, frozenset[str]]) -> tuple[Database, dict[str, Any]]:
+        """`patients` Patients with only their resources of the types and codes `codes` names
+        (`write_subset`), cached as `label`-`patients`-(a digest of `codes`)."""
+        digest = hashlib.sha256(json.dumps({k: sorted(v) for k, v in codes.items()}, sort_keys=True).encode())
+        return self._get(f"{label}-{patients}-{digest.hexdigest()[:6]}", lambda d: write_subset(d, patients, codes))
 
     def checkout(self, database: Database, label: str) -> Database:
         """A private copy to write into (projects, consents, export jobs)."""

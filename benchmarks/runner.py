@@ -30,11 +30,11 @@ from benchmarks.harness import (
     workdir,
 )
 
-SECTIONS = ("ingest", "search", "deid", "research", "export", "aggregate", "nodes")
+SECTIONS = ("ingest", "search", "deid", "research", "export", "aggregate", "nodes", "training")
 TITLES = {
     "ingest": "1. ingest", "search": "2. read/search", "deid": "3. de-identification",
     "research": "4. research vs custodian", "export": "5. $export", "aggregate": "6. $aggregate",
-    "nodes": "7. one node vs two behind nginx",
+    "nodes": "7. one node vs two behind nginx", "training": "8. model training ($train vs scikit-learn)",
 }
 # `--quick` (make bench-quick): every guarded ratio at the quick scale, PostgreSQL when it answers;
 # of section 6 only its latency part (budget reservations and DP accuracy have no ratio to guard).

@@ -48,6 +48,8 @@ SUPPRESSION_THRESHOLD = 11
 #: No mechanism takes a smaller ε: its noise would dwarf any count a database holds, and
 #: interval arithmetic at that scale loses float precision (deployments set a higher minimum).
 EPSILON_FLOOR = 1e-9
+#: Declared bounds beyond this are refused: sums of them could overflow, and no clinical value needs them.
+MAX_BOUND = 1e9
 
 
 class MechanismError(InvalidRequest, ValueError):

@@ -62,6 +62,8 @@ def date_range(value: str) -> tuple[int, int]:
             end = start + step
     except ValueError as exc:
         raise DateFormatError(f"{value!r} is not a valid date: {exc}") from exc
+    except OverflowError:  # the last range of 9999 runs to the end of time, as the year 9999 does
+        end = None
     offset = timedelta(0)
     tz = g["tz"]
     if tz and tz != "Z":

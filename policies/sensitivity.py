@@ -18,6 +18,13 @@ resource of the same patient (never the Patient itself), or a shared resource of
 type in `SHARED_TYPES` (a Medication). Inheritance is transitive: an Observation made
 during an Encounter whose diagnosis is an HIV Condition is HIV.
 
+A resource labelled `custodian-only` (a Coding of `RELEASE_SYSTEM` anywhere in it, as
+`meta.security` normally; `$score` writes it on every RiskAssessment), or holding any Coding
+of `MODEL_SYSTEM` (a Passerelle model's name: `$score`'s `method`, so a score stays withheld
+even if an edit drops its label), gets the `CUSTODIAN_ONLY` bit, which no consent can
+release (service/release.py). It is inherited like a category: what refers to such a
+resource of the same patient (or to a shared one) is custodian-only too.
+
 The masks are stored (`resources.sensitive_mask`), so a research query filters with
 `sensitive_mask & excluded_mask = 0`; `VERSION` changes whenever these rules change,
 which tells the store to classify everything again.
@@ -43,6 +50,14 @@ BIT: dict[str, int] = {name: 1 << i for i, name in enumerate(CATEGORIES)}
 
 #: Passerelle's own code system for naming a whole category in a Consent provision.code.
 CATEGORY_SYSTEM = "https://passerelle.example/fhir/CodeSystem/sensitive-category"
+#: Passerelle's own security labels: `CUSTODIAN_ONLY_CODE` marks a resource that never leaves for research.
+RELEASE_SYSTEM = "https://passerelle.example/fhir/CodeSystem/release"
+CUSTODIAN_ONLY_CODE = "custodian-only"
+CUSTODIAN_ONLY_LABEL: dict[str, str] = {"system": RELEASE_SYSTEM, "code": CUSTODIAN_ONLY_CODE}
+#: Names of imported Passerelle models (`$score`'s RiskAssessment.method): every code of it is custodian-only.
+MODEL_SYSTEM = "https://passerelle.example/fhir/CodeSystem/model"
+#: The mask bit of a custodian-only resource: no category's (those count up from bit 0), in no consent.
+CUSTODIAN_ONLY = 1 << 62
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 
 #: Patient-less resource types whose categories pass to every resource referencing them.
@@ -64,11 +79,13 @@ class RulesError(ValueError):
 class _Rules:
     """How one code system's codes map to categories."""
 
-    match: str  # "exact", "label" (exact without regard to case) or "range"
+    match: str  # "exact", "label" (exact without regard to case), "range" or "system" (every code: exact[""])
     exact: Mapping[str, int]
     ranges: tuple[tuple[str, str, int], ...]
 
     def mask(self, code: str) -> int:
+        if self.match == "system":
+            return self.exact[""]
         if self.match == "exact":
             return self.exact.get(code.strip(), 0)
         if self.match == "label":
@@ -152,6 +169,8 @@ def _load() -> tuple[dict[str, _Rules], tuple[tuple[re.Pattern[str], int], ...],
                 raise RulesError(f"{path.name}: {system} already has rules in another file")
             rules[system] = table
     rules[CATEGORY_SYSTEM] = _Rules("exact", dict(BIT), ())
+    rules[RELEASE_SYSTEM] = _Rules("exact", {CUSTODIAN_ONLY_CODE: CUSTODIAN_ONLY}, ())
+    rules[MODEL_SYSTEM] = _Rules("system", {"": CUSTODIAN_ONLY}, ())
     exceptions = tuple(sorted({_normalise(e) for e in terms.get("except", ())}, key=len, reverse=True))
     return rules, _load_terms(terms), exceptions, labels, digest.hexdigest()[:16]
 

@@ -4,14 +4,14 @@ Order of work for one question:
 
 1. parse and check everything that depends only on the question and the project (no
    database write, nothing spent): a 400 or 403 here is free;
-2. in a short write transaction (`Release.reserve_aggregate`), the answer already
+2. in a short write transaction (`Release.reserve`), the answer already
    recorded for the same question on the same data, or ε reserved for computing it
    (403 `too-costly` when it does not fit);
 3. in a read transaction, which blocks no writer however long it takes
    (`Release.aggregate_rows`), the exact aggregate over the consented rows, bounded per
    patient in SQL (`service/store/cohort.py`); then noise (`policies/dp.py`) and
    suppression of small noisy counts;
-4. in another short write transaction (`Release.record_aggregate`), the answer recorded
+4. in another short write transaction (`Release.record`), the answer recorded
    with its audit entry naming the cohort's patients: if either cannot be written, nothing
    is released. A recorded answer given again is audited too (`Release.audit`), as a
    replay (nothing spent, no patient newly released).
@@ -26,15 +26,27 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from itertools import pairwise
 from typing import Any
-from urllib.parse import parse_qsl
 
 from flask import current_app
 
-from consent.projects import PATIENT_DATA_TYPES, ProjectRecord
-from policies import budget, dp, terminology
+from consent.projects import ProjectRecord
+from policies import budget, dp
 from service.errors import InvalidRequest
+from service.parameters import (
+    cohort_of,
+    compiled,
+    epsilon_of,
+    expression,
+    find,
+    number,
+    only,
+    parameters,
+    parts_of,
+    string,
+    value_of,
+    valued_expression,
+)
 from service.release import Release
-from service.store import search
 from service.store.cohort import GENDERS, REDUCERS, Exact, Expression, Grouping, Question, Value
 from service.store.searchparams import params_for
 
@@ -43,15 +55,11 @@ MEASURES = ("count", "histogram", "sum", "mean", "quantile")
 VALUE_MEASURES = ("sum", "mean", "quantile")
 #: Share of ε spent on the noisy count that decides suppression for sums and quantiles.
 SUPPRESSION_SHARE = 0.25
-#: Declared bounds beyond this are refused: sums of them could overflow, and no clinical value needs them.
-MAX_BOUND = 1e9
 #: Ages and years a question may name: nobody is older, no stored date is later.
 MAX_AGE = 150
 FIRST_YEAR, LAST_YEAR = 1800, 9999
-#: Work a question may ask for: bins of a histogram, cohort expressions, parameters in one expression.
+#: Bins a histogram may ask for.
 MAX_BINS = 200
-MAX_COHORT = 20
-MAX_SEARCH_PARAMS = 20
 
 _PARAMETERS = ("measure", "cohort", "value", "groupBy", "epsilon", "q")
 _VALUE_PARTS = ("expression", "reduce", "lower", "upper")
@@ -87,63 +95,9 @@ class Query:
 # -- parsing the Parameters resource -----------------------------------------------------------
 
 
-def _named(items: Any, where: str) -> list[dict[str, Any]]:
-    """A list of named parameters: the resource's `parameter`, or one parameter's `part`."""
-    if not isinstance(items, list) or not all(isinstance(p, dict) and isinstance(p.get("name"), str) for p in items):
-        raise InvalidRequest(f"{where} must be a list of named parameters", expression=where)
-    return items
-
-
-def _only(items: list[dict[str, Any]], known: tuple[str, ...], prefix: str = "") -> None:
-    unknown = sorted({p["name"] for p in items} - set(known))
-    if unknown:
-        name = prefix + unknown[0]
-        raise InvalidRequest(f"unknown parameter {name!r}" + (f" (expected {', '.join(known)})" if known else ""),
-                             expression=name)
-
-
-def _find(items: list[dict[str, Any]], name: str, prefix: str = "") -> dict[str, Any] | None:
-    found = [p for p in items if p["name"] == name]
-    if len(found) > 1:
-        raise InvalidRequest(f"parameter {prefix + name!r} may appear only once", expression=prefix + name)
-    return found[0] if found else None
-
-
-def _value(item: dict[str, Any], name: str) -> Any:
-    values = [value for key, value in item.items() if key.startswith("value")]
-    if len(values) != 1 or "part" in item:
-        raise InvalidRequest(f"parameter {name!r} takes one value[x]", expression=name)
-    return values[0]
-
-
-def _value_of(items: list[dict[str, Any]], name: str, prefix: str = "", required: bool = False) -> Any:
-    item = _find(items, name, prefix)
-    if item is None:
-        if required:
-            raise InvalidRequest(f"parameter {prefix + name!r} is required", expression=prefix + name)
-        return None
-    return _value(item, f"{prefix}{name}")
-
-
-def _parts_of(items: list[dict[str, Any]], name: str) -> list[dict[str, Any]] | None:
-    item = _find(items, name)
-    if item is None:
-        return None
-    if any(key.startswith("value") for key in item):
-        raise InvalidRequest(f"parameter {name!r} takes parts, not a value", expression=name)
-    return _named(item.get("part"), name)
-
-
 def _bins(count: int) -> None:
     if count > MAX_BINS:
         raise InvalidRequest(f"a histogram has at most {MAX_BINS} bins, not {count}", expression="groupBy")
-
-
-def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= MAX_BOUND:
-        raise InvalidRequest(f"parameter {name!r} must be a finite number of magnitude at most {MAX_BOUND:g}",
-                             expression=name)
-    return float(value)
 
 
 def _whole(value: Any, name: str, low: int, high: int) -> int:
@@ -152,74 +106,27 @@ def _whole(value: Any, name: str, low: int, high: int) -> int:
     return value
 
 
-def _text(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidRequest(f"parameter {name!r} must be a string", expression=name)
-    return value
-
-
-def _check_systems(args: list[tuple[str, str]], name: str) -> None:
-    for key, value in args:
-        for item in value.split(","):
-            if "|" in item and key.partition(":")[0] not in ("value-quantity", "component-value-quantity"):
-                system = item.split("|", 1)[0]
-                # An unknown system is more likely a typo than a new terminology.
-                if system and not terminology.is_known(system):
-                    raise InvalidRequest(f"{name}: unknown code system {system!r}", expression=name)
-
-
-def _compile(text: str, resource_type: str, args: list[tuple[str, str]], name: str) -> Expression:
-    _check_systems(args, name)
-    if any(key.partition(":")[0] in search.RESULT_PARAMS for key, _ in args):
-        raise InvalidRequest(f"{name}: result parameters (_sort, _include, _count, …) have no meaning in an "
-                             "aggregate", expression=name)
-    try:
-        parsed = search.parse(resource_type, args, default_count=1, max_count=1)
-    except InvalidRequest as exc:
-        raise InvalidRequest(f"{name}: {exc.message}", expression=name) from None
-    return Expression(text, resource_type, tuple(parsed.where))
-
-
-def expression(text: Any, name: str) -> Expression:
-    """Parse `Type?params`, a FHIR search over one type of patient data; errors name the parameter."""
-    if not isinstance(text, str) or ("?" not in text and not text.isalpha()):
-        raise InvalidRequest(f"{name} must be a FHIR search like Condition?code=system|code", expression=name)
-    resource_type, _, query = text.partition("?")
-    if resource_type not in PATIENT_DATA_TYPES:
-        raise InvalidRequest(f"{name}: {resource_type!r} is not a type of patient data", expression=name)
-    try:
-        args = parse_qsl(query, keep_blank_values=True, strict_parsing=True,
-                         max_num_fields=MAX_SEARCH_PARAMS) if query else []
-    except ValueError:
-        raise InvalidRequest(f"{name}: {query!r} is not a query string of at most {MAX_SEARCH_PARAMS} "
-                             "name=value pairs joined by &", expression=name) from None
-    return _compile(text, resource_type, args, name)
-
-
 def _value_spec(items: list[dict[str, Any]], measure: str) -> Value:
-    parts = _parts_of(items, "value")
+    parts = parts_of(items, "value")
     if parts is None:
         raise InvalidRequest(f"parameter 'value' is required for measure {measure}", expression="value")
-    _only(parts, _VALUE_PARTS, "value.")
-    reduce = _value_of(parts, "reduce", "value.") or "latest"
+    only(parts, _VALUE_PARTS, "value.")
+    reduce = value_of(parts, "reduce", "value.") or "latest"
     if reduce not in REDUCERS:
         raise InvalidRequest(f"value.reduce must be one of {', '.join(REDUCERS)}", expression="value.reduce")
-    lower_raw, upper_raw = _value_of(parts, "lower", "value."), _value_of(parts, "upper", "value.")
+    lower_raw, upper_raw = value_of(parts, "lower", "value."), value_of(parts, "upper", "value.")
     if lower_raw is None or upper_raw is None:
         raise InvalidRequest("value.lower and value.upper are required: bounds are declared, never taken "
                              "from the data", expression="value.lower" if lower_raw is None else "value.upper")
-    lower, upper = _number(lower_raw, "value.lower"), _number(upper_raw, "value.upper")
+    lower, upper = number(lower_raw, "value.lower"), number(upper_raw, "value.upper")
     if not lower < upper:
         raise InvalidRequest("value.lower must be below value.upper", expression="value.lower")
-    spec = expression(_value_of(parts, "expression", "value.", required=True), "value.expression")
-    if reduce != "count" and "value-quantity" not in params_for(spec.resource_type):
-        raise InvalidRequest(f"value.expression: {spec.resource_type} has no quantity value",
-                             expression="value.expression")
+    spec = valued_expression(value_of(parts, "expression", "value.", required=True), reduce, "value.expression")
     return Value(spec, reduce, lower, upper)
 
 
 def _age_bands(parts: list[dict[str, Any]]) -> Grouping:
-    raw = _text(_value_of(parts, "edges", "groupBy.", required=True), "groupBy.edges")
+    raw = string(value_of(parts, "edges", "groupBy.", required=True), "groupBy.edges")
     try:
         edges = tuple(int(e) for e in raw.split(","))
     except ValueError:
@@ -228,9 +135,9 @@ def _age_bands(parts: list[dict[str, Any]]) -> Grouping:
     if len(edges) < 2 or any(b <= a for a, b in pairwise(edges)) or edges[0] < 0 or edges[-1] > MAX_AGE:
         raise InvalidRequest(f"groupBy.edges must be at least two increasing ages from 0 to {MAX_AGE}",
                              expression="groupBy.edges")
-    at_raw = _value_of(parts, "at", "groupBy.")
+    at_raw = value_of(parts, "at", "groupBy.")
     try:
-        at = datetime.now(UTC).date() if at_raw is None else date.fromisoformat(_text(at_raw, "groupBy.at"))
+        at = datetime.now(UTC).date() if at_raw is None else date.fromisoformat(string(at_raw, "groupBy.at"))
     except ValueError:
         at = None
     if at is None or not FIRST_YEAR <= at.year <= LAST_YEAR:
@@ -241,78 +148,60 @@ def _age_bands(parts: list[dict[str, Any]]) -> Grouping:
 
 
 def _years(parts: list[dict[str, Any]]) -> Grouping:
-    start = _whole(_value_of(parts, "from", "groupBy.", required=True), "groupBy.from", FIRST_YEAR, LAST_YEAR)
-    end = _whole(_value_of(parts, "to", "groupBy.", required=True), "groupBy.to", start, LAST_YEAR)
+    start = _whole(value_of(parts, "from", "groupBy.", required=True), "groupBy.from", FIRST_YEAR, LAST_YEAR)
+    end = _whole(value_of(parts, "to", "groupBy.", required=True), "groupBy.to", start, LAST_YEAR)
     _bins(end - start + 1)
     return Grouping("year", tuple(str(y) for y in range(start, end + 1)), years=(start, end),
-                    expression=expression(_value_of(parts, "expression", "groupBy.", required=True),
+                    expression=expression(value_of(parts, "expression", "groupBy.", required=True),
                                           "groupBy.expression"))
 
 
 def _codes(parts: list[dict[str, Any]]) -> Grouping:
-    raw = _text(_value_of(parts, "codes", "groupBy.", required=True), "groupBy.codes")
+    raw = string(value_of(parts, "codes", "groupBy.", required=True), "groupBy.codes")
     codes = tuple(dict.fromkeys(c.strip() for c in raw.split(",") if c.strip()))
     if not codes or any("|" not in c for c in codes):
         raise InvalidRequest("groupBy.codes must list system|code values", expression="groupBy.codes")
     _bins(len(codes))
-    of = expression(_value_of(parts, "expression", "groupBy.", required=True), "groupBy.expression")
+    of = expression(value_of(parts, "expression", "groupBy.", required=True), "groupBy.expression")
     if "code" not in params_for(of.resource_type):
         raise InvalidRequest(f"groupBy.expression: {of.resource_type} has no code to group by",
                              expression="groupBy.expression")
-    coded = tuple(_compile(of.text, of.resource_type, [("code", c)], "groupBy.codes") for c in codes)
+    coded = tuple(compiled(of.text, of.resource_type, [("code", c)], "groupBy.codes") for c in codes)
     return Grouping("code", codes, expression=of,
                     coded=tuple(Expression(of.text, of.resource_type, (*of.where, *c.where)) for c in coded))
 
 
 def _grouping(items: list[dict[str, Any]]) -> Grouping:
-    parts = _parts_of(items, "groupBy")
+    parts = parts_of(items, "groupBy")
     if parts is None:
         raise InvalidRequest("parameter 'groupBy' is required for measure histogram", expression="groupBy")
-    by = _value_of(parts, "by", "groupBy.", required=True)
+    by = value_of(parts, "by", "groupBy.", required=True)
     if not isinstance(by, str) or by not in _GROUP_PARTS:
         raise InvalidRequest(f"groupBy.by must be one of {', '.join(_GROUP_PARTS)}", expression="groupBy.by")
-    _only(parts, ("by", *_GROUP_PARTS[by]), "groupBy.")
+    only(parts, ("by", *_GROUP_PARTS[by]), "groupBy.")
     if by == "gender":
         return Grouping("gender", GENDERS)
     return {"age-band": _age_bands, "year": _years, "code": _codes}[by](parts)
 
 
-def _epsilon(items: list[dict[str, Any]], project: ProjectRecord, minimum: float) -> float:
-    epsilon = _number(_value_of(items, "epsilon", required=True), "epsilon")
-    minimum = max(minimum, dp.EPSILON_FLOOR)
-    if not epsilon >= minimum:
-        raise InvalidRequest(f"epsilon must be at least {minimum:g} (PASSERELLE_MIN_EPSILON): a smaller epsilon "
-                             "buys noise too wide to tell anything", expression="epsilon")
-    if epsilon > project.epsilon_cap:
-        raise InvalidRequest(f"epsilon {epsilon} is above this project's per-query cap {project.epsilon_cap}",
-                             expression="epsilon")
-    return epsilon
-
-
 def _absent(items: list[dict[str, Any]], name: str, measure: str) -> None:
-    if _find(items, name) is not None:
+    if find(items, name) is not None:
         raise InvalidRequest(f"{name} has no meaning for measure {measure}", expression=name)
 
 
 def parse(body: Any, project: ProjectRecord, min_epsilon: float) -> Query:
     """Check every parameter against the question alone and the project's ε cap; errors name the parameter."""
-    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
-        raise InvalidRequest("$aggregate takes a Parameters resource")
-    items = _named(body.get("parameter", []), "Parameters.parameter")
-    _only(items, _PARAMETERS)
-    measure = _value_of(items, "measure", required=True)
+    items = parameters(body, "$aggregate", _PARAMETERS)
+    measure = value_of(items, "measure", required=True)
     if not isinstance(measure, str) or measure not in MEASURES:
         raise InvalidRequest(f"measure must be one of {', '.join(MEASURES)}", expression="measure")
-    epsilon = _epsilon(items, project, min_epsilon)
-    cohort_items = [p for p in items if p["name"] == "cohort"]
-    if len(cohort_items) > MAX_COHORT:
-        raise InvalidRequest(f"at most {MAX_COHORT} cohort expressions", expression="cohort")
-    cohort = tuple(expression(_value(p, "cohort"), "cohort") for p in cohort_items)
+    epsilon = epsilon_of(items, project, min_epsilon)
+    cohort = cohort_of(items)
     value = _value_spec(items, measure) if measure in VALUE_MEASURES else _absent(items, "value", measure)
     group = _grouping(items) if measure == "histogram" else _absent(items, "groupBy", measure)
     q = None
     if measure == "quantile":
-        q = _number(_value_of(items, "q", required=True), "q")
+        q = number(value_of(items, "q", required=True), "q")
         if not 0 < q < 1:
             raise InvalidRequest("q must be between 0 and 1", expression="q")
     else:
@@ -321,12 +210,14 @@ def parse(body: Any, project: ProjectRecord, min_epsilon: float) -> Query:
 
 
 def _check_types(release: Release, question: Question) -> None:
-    """Only over data the project receives: each expression's type, and Patient when bins read it."""
+    """Only over data the project receives (each expression's type, and Patient when bins read it),
+    searched by no identifying value."""
     named = {e.resource_type for e in question.expressions}
     if question.group is not None and question.group.by in ("gender", "age-band"):
         named.add("Patient")
     for resource_type in sorted(named):
         release.require_type(resource_type)
+    release.require_statistical(question.expressions)
 
 
 # -- noise, suppression, the answer ------------------------------------------------------------
@@ -383,15 +274,15 @@ def answer(release: Release, body: Any, idempotency_key: str | None, random_stat
     canonical = query.canonical()
     question = budget.canonical_text(canonical)
     query_hash = budget.text_hash(question)
-    claim = release.reserve_aggregate(query.question, question, query.epsilon, idempotency_key)
+    claim = release.reserve(query.question.types, question, query.epsilon, idempotency_key)
     response = claim.answer
     if response is None:
         found, version = release.aggregate_rows(query.question)
         cells = noisy(query, found, release.project.suppression, random_state)
-        response = release.record_aggregate(
-            query_hash, version, {"measure": query.question.measure, "epsilon": query.epsilon, "cells": cells},
-            idempotency_key, {"query": canonical, "query_hash": query_hash, "epsilon": query.epsilon},
-            found.patients)
+        response = release.record(
+            "aggregate", query_hash, version,
+            {"measure": query.question.measure, "epsilon": query.epsilon, "cells": cells}, idempotency_key,
+            {"query": canonical, "query_hash": query_hash, "epsilon": query.epsilon}, found.patients)
     else:
         release.audit("aggregate", {"query": canonical, "query_hash": query_hash, "epsilon": 0.0,
                                     "replayed": True}, (), 0)

@@ -187,6 +187,9 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 IDENTIFYING_PARAMS = frozenset({"identifier", "name", "family", "given", "phonetic", "telecom", "phone", "email",
                                 "address", "birthdate", "_content", "_text", "_filter"})
 _PARAM_PARTS = re.compile(r"[.:]")
+#: The actions of differentially private answers (`$aggregate`, `$train`): their entries name the
+#: patients an answer was computed over, whose records did not leave.
+STATISTICAL = frozenset({"aggregate", "train"})
 #: The action each API endpoint is audited under: its success where the work is done, its failure here.
 ACTIONS = {
     "custodian.search_type": "search", "custodian.read": "read", "custodian.vread": "read",
@@ -197,10 +200,11 @@ ACTIONS = {
     "custodian.history_type": "history", "custodian.history_system": "history",
     "custodian.patient_everything": "everything-operation",
     "custodian_operations.budget_status": "budget-read", "custodian_operations.budget_raise": "budget-raise",
-    "custodian_operations.consent_explain": "consent-explain",
+    "custodian_operations.consent_explain": "consent-explain", "custodian_operations.score": "score",
     "custodian.audit_event_search": "audit-search", "custodian.audit_event_read": "audit-read",
     "research.search_type": "search", "research.read": "read", "research.vread": "read",
-    "research.aggregate_operation": "aggregate", "research.export_system": "export",
+    "research.aggregate_operation": "aggregate", "research.train_operation": "train",
+    "research.export_system": "export",
     "research.export_patients": "export", "research.export_group": "export",
     "research.export_status": "export-status", "research.export_cancel": "export-cancel",
     "research.export_file": "export-download",

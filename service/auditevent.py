@@ -50,7 +50,7 @@ _APPLICATION = {"system": _DCM, "code": "110100", "display": "Application Activi
 _ACTION_INTERACTION = {"search": "search-type", "export-download": "read", "aggregate": "operation",
                        "export": "operation", "export-status": "operation", "export-cancel": "operation",
                        "consent-explain": "operation", "budget-read": "operation", "budget-raise": "operation",
-                       "bundle": "transaction"}
+                       "bundle": "transaction", "score": "operation"}
 _INTERACTIONS = ("read", "vread", "update", "patch", "delete", "history", "create", "search-type", "search",
                  "transaction", "batch", "operation", "capabilities")
 #: The CRUDE action code of each interaction (R4 AuditEvent.action).

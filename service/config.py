@@ -141,6 +141,8 @@ def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
         "DB_POOL_SIZE": _int(env, "PASSERELLE_DB_POOL_SIZE", 5),
         # The smallest ε one $aggregate may spend: a tinier one buys only noise (and unbounded intervals).
         "MIN_EPSILON": float(env.get("PASSERELLE_MIN_EPSILON") or 0.001),
+        # The most patients one $train trains on: a larger cohort is refused (400) once counted.
+        "TRAIN_MAX_ROWS": _positive(env, "PASSERELLE_TRAIN_MAX_ROWS", 1_000_000),
         # How long a statement waits for a database lock before the request answers 503.
         "DB_BUSY_SECONDS": _int(env, "PASSERELLE_DB_BUSY_SECONDS", 30),
     }

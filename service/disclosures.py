@@ -3,8 +3,8 @@ request) and per project (what a research partner received).
 
 A release to research is an audit entry with a project (service/release.py writes them):
 record-level releases (a search, a read, an export file downloaded…) name the patients of
-the resources that left and how many resources; an `$aggregate` answer names the patients of
-its cohort and the ε it spent (a replayed answer names no one and spends nothing). Entries
+the resources that left and how many resources; an `$aggregate` or `$train` answer names the
+patients it was computed over and the ε it spent (a replayed answer names no one and spends nothing). Entries
 without a project (the custodian's own work, administration) are no disclosure to a
 recipient. `detail` is read defensively: an entry lacking a key counts it as unknown.
 """
@@ -22,10 +22,12 @@ from consent import projects
 from consent.patients import resolve
 from policies import budget
 from policies.fhirdates import instant
+from service.audit import STATISTICAL
 from service.errors import NotFound
 from service.store.schema import audit, audit_patients, export_files
 
-#: The audit action of a statistical answer; every other release with a project carried records.
+#: The kinds of release: a statistical answer (an `audit.STATISTICAL` action), or records (every
+#: other release with a project).
 AGGREGATE = "aggregate"
 RECORDS = "records"
 
@@ -85,7 +87,7 @@ def disclosures(conn: Connection, patient_id: str, since: int | None = None) -> 
     names = {p.project_id: p.name for p in projects.all_projects(conn)}
     releases = []
     for row, detail in zip(rows, details, strict=True):
-        kind = AGGREGATE if row.action == AGGREGATE else RECORDS
+        kind = AGGREGATE if row.action in STATISTICAL else RECORDS
         releases.append({
             "seq": row.seq, "at": instant(row.ts), "project": row.project_id, "project_name": names.get(row.project_id),
             "kind": kind, "action": row.action, "client": row.actor,
@@ -119,8 +121,8 @@ def project_report(conn: Connection, project_id: str) -> dict[str, Any]:
     by_type: Counter[str] = Counter()
     releases: Counter[str] = Counter()
     for row, detail in zip(rows, details, strict=True):
-        if row.action == AGGREGATE:
-            releases[AGGREGATE] += 1
+        if row.action in STATISTICAL:
+            releases[row.action] += 1
             continue
         count = int(_number(detail.get("resources")))
         if count:
@@ -128,7 +130,7 @@ def project_report(conn: Connection, project_id: str) -> dict[str, Any]:
             by_type[_resource_type(detail, exports) or "unknown"] += count
 
     def patients(aggregate: bool) -> int:
-        action = audit.c.action == AGGREGATE if aggregate else audit.c.action != AGGREGATE
+        action = audit.c.action.in_(STATISTICAL) if aggregate else audit.c.action.not_in(STATISTICAL)
         return conn.scalar(select(func.count(distinct(audit_patients.c.patient_id)))
                            .select_from(audit_patients.join(audit, audit.c.seq == audit_patients.c.seq))
                            .where(and_(audit.c.project_id == project_id, action))) or 0

@@ -2,20 +2,22 @@
 
 A research caller holds one `Release` (its project, client, tier, key and profile) and
 reaches stored data only through its methods: search (with `_include`), read, version
-read, export rows and files, and the consented rows an aggregate builds on. Each path
+read, export rows and files, and the consented rows an aggregate or a training builds on. Each path
 applies, in this order and nowhere else:
 
 1. project and type checks (`Release.require_type`, `Release.translate`): only the types
    the project declared, directory types (Practitioner, Organization, …) only when declared;
 2. the consent filter inside the SQL statement (`restrict`), judged on the row's own
-   version: its patient, sensitivity mask, resource class and clinical dates;
+   version: its patient, sensitivity mask, resource class and clinical dates; a row whose
+   mask carries `CUSTODIAN_ONLY` (labelled custodian-only, as every RiskAssessment `$score`
+   writes, or inheriting it) passes no research filter, whatever the consents (`_open`);
 3. de-identification (`Release.deidentify`), where a reference survives only if its target
    would itself be released to this project (the reference look-up goes through the same
    filter), otherwise the element is removed; a released form may be remembered and given
    again, only for the same key, profile, row and reference look-ups (service/released_forms.py);
 4. an audit entry naming the patients whose data left, written before the response leaves
-   (`Release.audit`; for an `$aggregate` answer, in the transaction that records it,
-   `Release.record_aggregate`): if it cannot be written, nothing is released.
+   (`Release.audit`; for an `$aggregate` or `$train` answer, in the transaction that
+   records it, `Release.record`): if it cannot be written, nothing is released.
 """
 from __future__ import annotations
 
@@ -51,10 +53,11 @@ from consent.projects import DIRECTORY_TYPES, PATIENT_DATA_TYPES, ProjectRecord
 from policies import budget
 from policies.deid import Deidentifier
 from policies.pseudonym import PseudonymKey
+from policies.sensitivity import CUSTODIAN_ONLY
 from service import audit, db, keyring, released_forms
 from service.api.searchset import run_search
 from service.errors import Forbidden, InvalidRequest, NotFound
-from service.store import cohort, jobs, project_groups, search
+from service.store import cohort, features, jobs, project_groups, search
 from service.store.indexer import parse_reference
 from service.store.schema import decision_classes, decisions, history, idx_reference, resources
 from service.store.searchparams import COMPARTMENT, SearchParam, params_for
@@ -127,7 +130,8 @@ def restrict(project_id: str, minimum_tier: int, now: int | None = None, table: 
     applies; the Patient resource itself carries no clinical date and is exempt). A
     directory row (Practitioner, Organization, …) passes only if its type is in `types`;
     a Medication, which tells what a patient takes, only if a row of `types` that passes
-    this filter names it as its medication (`_THROUGH_REFERRERS`).
+    this filter names it as its medication (`_THROUGH_REFERRERS`). No custodian-only row
+    passes (`_open`).
     `table` is the resources table, an alias of it, or a `Judged` (e.g. `Judged.version()`).
     Everything but the instant is built once per (project, tier, types, table) and process.
     """
@@ -190,7 +194,7 @@ def _filter_parts(judged: Judged, project_id: str, minimum_tier: int, types: tup
     wanted = set(types)
     in_compartment = sorted(wanted & _COMPARTMENT_TYPES)
     directory = wanted - _COMPARTMENT_TYPES
-    directory_clause = _one_of(judged.type, directory - set(_THROUGH_REFERRERS))
+    directory_clause = and_(_one_of(judged.type, directory - set(_THROUGH_REFERRERS)), _open(judged))
     if not in_compartment:
         return _FilterParts(None, None, directory_clause, ())
     through = []
@@ -215,6 +219,11 @@ def _one_of(column: Any, names: Iterable[str]) -> Any:
     return column.in_([literal(name) for name in chosen]) if chosen else false()
 
 
+def _open(judged: Judged) -> Any:
+    """The row is not custodian-only (policies.sensitivity.CUSTODIAN_ONLY): no consent releases one."""
+    return judged.sensitive_mask.op("&")(literal(CUSTODIAN_ONLY, BigInteger)) == 0
+
+
 def _consented(judged: Judged, project_id: str, minimum_tier: int) -> _Consented:
     """A decision of the project that releases this patient-compartment row (`_Consented.at` an instant)."""
     in_period = or_(
@@ -229,6 +238,7 @@ def _consented(judged: Judged, project_id: str, minimum_tier: int) -> _Consented
         decisions.c.project_id == project_id,
         decisions.c.tier >= minimum_tier,
         judged.sensitive_mask.op("&")(decisions.c.excluded_mask) == 0,
+        _open(judged),
         in_period,
         # Correlate explicitly: two levels down, auto-correlation would not reach the outer row.
         not_(exists(select(literal(1)).where(
@@ -261,6 +271,22 @@ class Release:
     def require_type(self, resource_type: str) -> None:
         if resource_type not in self.types:
             raise Forbidden(f"Project {self.project.project_id} may not receive {resource_type} resources")
+
+    def require_statistical(self, expressions: Iterable[cohort.Expression]) -> None:
+        """Refuse a computed answer's (`$aggregate`, `$train`) search that names an identifying
+        value: an identifier, telecom, name, address or other text (string parameters, the
+        `_WITHHELD_MODIFIERS`), a resource by id (`_id`, references). They have no statistical use,
+        they could single a patient out, and the question is kept in the ledger and the audit.
+        Dates and codes are allowed: the answer is noised, not de-identified."""
+        for expr in expressions:
+            params = params_for(expr.resource_type)
+            for key, _ in parse_qsl(expr.text.partition("?")[2], keep_blank_values=True):
+                name, _, modifier = key.partition(":")
+                param = params.get(name)
+                if name in _WITHHELD_PARAMS or name == "_id" or modifier in _WITHHELD_MODIFIERS or (
+                        param is not None and param.kind in ("string", "reference")):
+                    raise InvalidRequest(f"{expr.text}: {key} names identifying values, which a computed answer "
+                                         "may not search by")
 
     def rows_filter(self, now: int | None = None, table: Any = resources) -> search.RowFilter:
         """The consent filter at this release's tier over the project's types, judged at `now`,
@@ -641,13 +667,13 @@ class Release:
         return restrict(self.project.project_id, engine.AGGREGATE, now,
                         types=tuple(t for t in types if t in allowed))
 
-    def reserve_aggregate(self, question: cohort.Question, canonical: str, epsilon: float,
-                          idempotency_key: str | None) -> budget.Claim:
+    def reserve(self, types: Iterable[str], canonical: str, epsilon: float, idempotency_key: str | None
+                ) -> budget.Claim:
         """In a short write transaction: the answer recorded for this request (its `canonical`
-        text, `budget.canonical_text`) on the data the question reads (nothing spent), or ε
+        text, `budget.canonical_text`) on the data of `types` it reads (nothing spent), or ε
         reserved for computing it (`budget.claim`, which keeps the question in the history)."""
         with db.write() as conn:
-            version = cohort.data_version(conn, self.project.project_id, question.types)
+            version = cohort.data_version(conn, self.project.project_id, types)
             return budget.claim(conn, self.project.project_id, budget.text_hash(canonical), version, epsilon,
                                 idempotency_key=idempotency_key, actor=self.client_id, question=canonical)
 
@@ -663,17 +689,26 @@ class Release:
             version = cohort.data_version(conn, self.project.project_id, question.types)
             return cohort.exact(conn, question, self.aggregate_filter(db.now_us(), question.types)), version
 
-    def record_aggregate(self, query_hash: str, data_version: str, response: Any, idempotency_key: str | None,
-                         detail: dict[str, Any], patients: Iterable[str]) -> Any:
-        """In one short write transaction: record a computed answer and its audit entry (`detail`,
-        naming the cohort's `patients`); returns the answer to release (the first one, if the same
-        request was answered meanwhile). If either cannot be written, neither is and nothing is
-        released."""
+    def training_rows(self, design: features.Design, types: Iterable[str]) -> tuple[features.Matrix, str]:
+        """In a read transaction, which holds up no writer: one row per consented cohort patient
+        (`features.rows`, under the aggregate filter over `types`, the types the design reads)
+        and the data version read before them."""
+        types = tuple(types)
+        with db.read() as conn:
+            version = cohort.data_version(conn, self.project.project_id, types)
+            return features.rows(conn, design, self.aggregate_filter(db.now_us(), types)), version
+
+    def record(self, action: str, query_hash: str, data_version: str, response: Any, idempotency_key: str | None,
+               detail: dict[str, Any], patients: Iterable[str]) -> Any:
+        """In one short write transaction: record a computed answer and its audit entry (`action`,
+        `detail`, naming the `patients` it was computed on); returns the answer to release (the
+        first one, if the same request was answered meanwhile). If either cannot be written,
+        neither is and nothing is released."""
         with db.write() as conn:
             # The budget row is locked first, as every writer that audits a budget change does.
             released = budget.record_answer(conn, self.project.project_id, query_hash, data_version, response,
                                             idempotency_key)
-            audit.record(conn, actor=self.client_id, action="aggregate", project_id=self.project.project_id,
+            audit.record(conn, actor=self.client_id, action=action, project_id=self.project.project_id,
                          detail={**detail, "resources": 0}, patients=patients)
             return released
 

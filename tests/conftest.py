@@ -122,19 +122,26 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     yield url
 
 
-@pytest.fixture
-def app(database_url: str, tmp_path: Path) -> Iterator[Flask]:
-    """The real application on an initialised database, with its own master key."""
+def initialised_app(database_url: str, directory: Path) -> Flask:
+    """The real application on `database_url`, migrated and initialised, with its own master key in
+    `directory` (dispose of its engine when done: `app.extensions["passerelle.engine"].dispose()`)."""
     application = create_app({
         "TESTING": True,
         "DATABASE_URL": database_url,
-        "INSTANCE_DIR": str(tmp_path),
-        "MASTER_KEY_FILE": str(tmp_path / "master.key"),
+        "INSTANCE_DIR": str(directory),
+        "MASTER_KEY_FILE": str(directory / "master.key"),
     })
     ensure_master_key(application.config["MASTER_KEY_FILE"])
     db.migrate(application.extensions["passerelle.engine"])
     with application.app_context(), db.write() as conn:
         database.record_settings(conn)  # as `init-db` does: this node's key and the regime
+    return application
+
+
+@pytest.fixture
+def app(database_url: str, tmp_path: Path) -> Iterator[Flask]:
+    """The real application on an initialised database, with its own master key."""
+    application = initialised_app(database_url, tmp_path)
     yield application
     application.extensions["passerelle.engine"].dispose()
 

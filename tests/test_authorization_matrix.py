@@ -148,12 +148,14 @@ RULES: dict[str, Row | dict[str, Row]] = {
     "custodian_operations.budget_status": custodian_api(200, 403),
     "custodian_operations.budget_raise": custodian_api(200, 403),
     "custodian_operations.consent_explain": custodian_api(200, 403),
+    "custodian_operations.score": custodian_api(400, 403),  # a model never imported: refused, writes nothing
     # The research API. A's search on B's data asks for B's pseudonym by _id and finds nothing.
     "research.search_type": research_api(200),
     "research.read": research_api(200, on_b=404, narrowed=200),
     "research.vread": research_api(200, on_b=404, narrowed=200),
     "research.read_only": research_api(405, aggregate_only=405, narrowed=405),  # reaches nothing
     "research.aggregate_operation": research_api(200, aggregate_only=200),
+    "research.train_operation": research_api(200, aggregate_only=200),
     # A client's own project's budget (no project in the URL: B's is out of reach); any scope.
     "research.budget_operation": research_api(200, aggregate_only=200, narrowed=200),
     "research.export_system": research_api(202),
@@ -413,11 +415,20 @@ def _request(stage: Stage, route: Route, caller: str) -> dict[str, Any]:
             {"request": {"method": "GET", "url": f"Patient/{own['patient']}"}}]}
     elif endpoint == "custodian_operations.budget_raise":
         kwargs["json"] = {"resourceType": "Parameters", "parameter": [{"name": "total", "valueDecimal": 50.0}]}
+    elif endpoint == "custodian_operations.score":
+        kwargs["json"] = {"resourceType": "Parameters", "parameter": [{"name": "model", "valueString": "none"}]}
     elif endpoint == "custodian_operations.consent_explain":
         kwargs["query_string"] = {"patient": own["patient"], "project": own["project_id"]}
     elif endpoint == "research.aggregate_operation":
         kwargs["json"] = {"resourceType": "Parameters", "parameter": [
             {"name": "measure", "valueString": "count"}, {"name": "epsilon", "valueDecimal": 0.1}]}
+    elif endpoint == "research.train_operation":
+        kwargs["json"] = {"resourceType": "Parameters", "parameter": [
+            {"name": "model", "valueCode": "logistic-regression"}, {"name": "epsilon", "valueDecimal": 0.1},
+            {"name": "feature", "part": [
+                {"name": "name", "valueString": "age"}, {"name": "builtin", "valueCode": "age"},
+                {"name": "lower", "valueDecimal": 0}, {"name": "upper", "valueDecimal": 100}]},
+            {"name": "label", "part": [{"name": "has", "valueString": "Condition?code=http://snomed.info/sct|44054006"}]}]}
     elif endpoint.endswith(("search_type", "_search")):
         query = {"_id": stage.samples["b"]["pseudonym"]} if view == "b" else {}
         if method == "POST":

@@ -236,14 +236,15 @@ def newer_release(tmp_path: Path, *kinds: str) -> ModuleType:
 
 
 @pytest.mark.parametrize(("kinds", "floor"), [
-    ((), "baseline"), (("additive",), "baseline"), (("additive", "additive"), "baseline"),
+    ((), "this code's floor"), (("additive",), "this code's floor"), (("additive", "additive"), "this code's floor"),
     (("breaking",), "+1"), (("breaking", "additive"), "+1"), (("additive", "breaking"), "+2"),
     (("contract",), "this code's head"), (("additive", "contract"), "+1"), (("breaking", "contract"), "+1"),
     (("additive", "breaking", "contract"), "+2")])
 def test_the_serving_floor_is_the_newest_revision_the_code_before_which_a_revision_breaks(
         tmp_path: Path, kinds: tuple[str, ...], floor: str):
     newer = newer_release(tmp_path, *kinds)
-    expected = {"baseline": migrations.BASELINE, "this code's head": migrations.head(),
+    expected = {"this code's floor": migrations.serving_floor(migrations.script()),
+                "this code's head": migrations.head(),
                 "+1": f"{int(migrations.head()) + 1:04d}", "+2": f"{int(migrations.head()) + 2:04d}"}[floor]
     assert newer.serving_floor(newer.script()) == expected
 

@@ -3,7 +3,7 @@
 Every release to research is audited with the patients whose data it carried
 (service/audit.py, written by service/release.py): record-level releases (a search, a read,
 an export file downloaded…) name the patients of the resources that left, and each computed
-`$aggregate` answer names the patients of the cohort it was computed over and the ε it spent
+`$aggregate` or `$train` answer names the patients it was computed over and the ε it spent
 (a replayed answer was computed before: it names no one and spends nothing). So what is
 shown is exactly what the audit says, per project.
 """
@@ -19,10 +19,8 @@ from sqlalchemy import Connection, select
 
 from consent import projects
 from consent.projects import ProjectRecord
+from service.audit import STATISTICAL
 from service.store.schema import audit, audit_patients
-
-#: The audit action of a statistical answer; every other action naming a patient released records.
-AGGREGATE = "aggregate"
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,7 @@ def received(conn: Connection, patient_id: str) -> list[Received]:
     for row in rows:
         if row.project_id is None:
             continue
-        if row.action == AGGREGATE:
+        if row.action in STATISTICAL:
             answers.setdefault(row.project_id, []).append(float(orjson.loads(row.detail).get("epsilon", 0.0)))
         else:
             day = datetime.fromtimestamp(row.ts / 1_000_000, UTC).date()

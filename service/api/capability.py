@@ -297,6 +297,19 @@ OPERATIONS: tuple[Operation, ...] = (
               "lowers it), audited.", instances=("ResearchStudy",), affects_state=True, parameters=(
                   _param("total", "in", "decimal", "POST only: the new total ε (not lower than the current)."),
                   *_BUDGET_OUT)),
+    Operation("passerelle-score", "custodian", "score", "Score patients with an imported model",
+              "Apply a model imported with `flask --app wsgi model import` (a $train document) to the "
+              "custodian's patients and write one RiskAssessment per patient (a new version when scored "
+              "again), labelled custodian-only: never released to research.", system=True, affects_state=True,
+              parameters=(
+                  _param("model", "in", "string", "The imported model's name.", min_=1),
+                  _param("patients", "in", "string", "A search restricting who is scored (default: every patient)."),
+                  _param("date", "in", "date", "Features are computed from data dated before this day "
+                                               "(default: now)."),
+                  _param("model", "out", "string", "The model applied.", min_=1),
+                  _param("written", "out", "integer", "How many RiskAssessments were written.", min_=1),
+                  _param("occurrence", "out", "dateTime", "Their occurrence.", min_=1),
+                  _param("search", "out", "string", "The search that finds them.", min_=1))),
     Operation("passerelle-export", "research", "export", "Bulk Data export",
               "FHIR Bulk Data $export of the caller's project (system, Patient or Group level), "
               "asynchronous: send Prefer: respond-async and poll the Content-Location.", system=True,
@@ -323,6 +336,42 @@ OPERATIONS: tuple[Operation, ...] = (
                   _param("measure", "out", "code", "The measure answered.", min_=1),
                   _param("epsilon", "out", "decimal", "The ε spent.", min_=1),
                   _param("remaining", "out", "decimal", "The ε left in the project's budget.", min_=1))),
+    Operation("passerelle-train", "research", "train", "Differentially private model training",
+              "A logistic regression, linear regression or naive Bayes model trained with differential "
+              "privacy on the project's consented cohort, one row per patient; only the model is released, "
+              "as parameters and as a document `model import` accepts; spends ε from the project's budget.",
+              system=True, parameters=(
+                  _param("model", "in", "code", "logistic-regression | linear-regression | naive-bayes.", min_=1),
+                  _param("cohort", "in", "string", "A search restricting the cohort.", max_="*"),
+                  _param("feature", "in", None, "One feature (1 to 20).", min_=1, max_="*", parts=(
+                      _param("name", "in", "string", "The feature's name.", min_=1),
+                      _param("expression", "in", "string", "A search whose quantity value is reduced."),
+                      _param("reduce", "in", "code", "latest | mean | max | min | count."),
+                      _param("builtin", "in", "code", "age | gender."),
+                      _param("has", "in", "string", "A search: 1 if the patient has a match, else 0."),
+                      _param("lower", "in", "decimal", "The clamping range's lower bound."),
+                      _param("upper", "in", "decimal", "The clamping range's upper bound."),
+                      _param("missing", "in", "decimal", "The value of a patient without one."))),
+                  _param("label", "in", None, "What is learned: has, or expression with bounds.", min_=1, parts=(
+                      _param("has", "in", "string", "A search (classification)."),
+                      _param("expression", "in", "string", "A search whose quantity value is learned."),
+                      _param("reduce", "in", "code", "latest | mean | max | min | count."),
+                      _param("lower", "in", "decimal", "The label's lower bound."),
+                      _param("upper", "in", "decimal", "The label's upper bound."))),
+                  _param("index-date", "in", "date", "Features before it, the label from it on."),
+                  _param("horizon", "in", "Quantity", "How long after the index date the label looks."),
+                  _param("epsilon", "in", "decimal", "The ε to spend on this training.", min_=1),
+                  _param("evaluate", "in", "boolean", "Hold out a fifth of the cohort for a noisy evaluation."),
+                  _param("model", "out", "code", "The model trained.", min_=1),
+                  _param("epsilon", "out", "decimal", "The ε spent.", min_=1),
+                  _param("remaining", "out", "decimal", "The ε left in the project's budget.", min_=1),
+                  _param("training-size", "out", None, "The noisy training-set size, or suppressed.", min_=1),
+                  _param("coefficient", "out", None, "Per feature (regressions).", max_="*"),
+                  _param("intercept", "out", "decimal", "The intercept (regressions)."),
+                  _param("class", "out", None, "Per class (naive Bayes).", max_="*"),
+                  _param("evaluation", "out", None, "The holdout's noisy evaluation."),
+                  _param("withheld", "out", "string", "Why no model is released."),
+                  _param("document", "out", "string", "The model document (JSON)."))),
     Operation("passerelle-research-budget", "research", "budget", "The caller's project budget",
               "The caller's own project's privacy budget and history; spends nothing.", system=True,
               parameters=_BUDGET_OUT),

@@ -108,6 +108,8 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/fhir/ResearchStudy/{project_id}/$budget"): Op("$budget: a project's privacy budget and history"),
     ("POST", "/fhir/ResearchStudy/{project_id}/$budget"): Op("$budget: raise a project's total ε",
                                                              body="parameters"),
+    ("POST", "/fhir/$score"): Op("$score: apply an imported model to the custodian's patients, writing one "
+                                 "RiskAssessment each (never released to research)", body="parameters"),
     ("GET", "/fhir/OperationDefinition/{operation_id}"): Op("The definition of a custodian operation"),
     # The research API.
     ("GET", "/research/fhir/metadata"): Op("The research CapabilityStatement"),
@@ -118,6 +120,8 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/research/fhir/OperationDefinition/{operation_id}"): Op("The definition of a research operation"),
     ("POST", "/research/fhir/$aggregate"): Op("$aggregate: a differentially private answer; spends ε",
                                               headers=("Idempotency-Key",), body="parameters"),
+    ("POST", "/research/fhir/$train"): Op("$train: a differentially private model, released as a document; "
+                                          "spends ε", headers=("Idempotency-Key",), body="parameters"),
     ("GET", "/research/fhir/$export"): Op("$export of the project's data", query=_EXPORT,
                                           headers=("Prefer",), ok="accepted"),
     ("GET", "/research/fhir/Patient/$export"): Op("$export of the project's patients", query=_EXPORT,

@@ -9,8 +9,9 @@ from consent import projects
 from consent.materialise import explain
 from policies import budget
 from policies.fhirdates import instant
-from service import audit, db
+from service import audit, db, scoring
 from service.api.fhirjson import check_format, fhir_response, parse_body
+from service.api.scopes import require
 from service.errors import InvalidRequest
 
 bp = Blueprint("custodian_operations", __name__)
@@ -101,3 +102,13 @@ def consent_explain() -> Response:
         explanation = explain(conn, patient_id, project_id)
     audit.disclosed({"type": "Consent", "project": project_id}, [patient_id])
     return fhir_response(_parameters(explanation))
+
+
+@bp.post("/$score")
+def score() -> Response:
+    """Apply an imported model to the custodian's patients: one RiskAssessment each (service/scoring.py)."""
+    require("RiskAssessment", "cu")  # it writes them; the route's scope (scopes.py) covers what it reads
+    body = parse_body()
+    with db.read() as conn:
+        scoring_request = scoring.parse(conn, body)
+    return fhir_response(scoring.score(scoring_request))

@@ -9,7 +9,7 @@ import orjson
 from flask import Blueprint, Response, current_app, g, request, stream_with_context
 
 from consent import engine
-from service import aggregate, export
+from service import aggregate, export, training
 from service.api import capability
 from service.api.fhirjson import base_url, check_format, fhir_response, parse_body
 from service.api.operations import budget_parameters
@@ -90,6 +90,14 @@ def aggregate_operation() -> Response:
     body = parse_body()
     release = release_for(g.principal.client_id, g.principal.project_id, engine.AGGREGATE)
     return fhir_response(aggregate.answer(release, body, request.headers.get("Idempotency-Key")))
+
+
+@bp.post("/$train")
+def train_operation() -> Response:
+    """A differentially private model (README, "$train"); ε is reserved before it is trained."""
+    body = parse_body()
+    release = release_for(g.principal.client_id, g.principal.project_id, engine.AGGREGATE)
+    return fhir_response(training.answer(release, body, request.headers.get("Idempotency-Key")))
 
 
 @bp.get("/$budget")

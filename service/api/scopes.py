@@ -96,12 +96,14 @@ ROUTES: dict[str, Access] = {
     "custodian_operations.budget_status": _custodian("r", "ResearchStudy"),
     "custodian_operations.budget_raise": _custodian("u", "ResearchStudy"),
     "custodian_operations.consent_explain": _custodian("r", "Consent"),
+    "custodian_operations.score": _custodian("rs", EVERY_TYPE),  # and "cu" on RiskAssessment, which it writes
     # The research API, /research/fhir.
     "research.search_type": _research("s"),  # GET and POST …/_search alike
     "research.read": _research("r"),
     "research.vread": _research("r"),
     "research.read_only": _research(""),  # every write: 405, reaching nothing
     "research.aggregate_operation": _research("s", EVERY_TYPE),
+    "research.train_operation": _research("s", EVERY_TYPE),
     "research.budget_operation": _research(""),  # the caller's own project only, spends nothing
     "research.export_system": _research("rs", EVERY_TYPE),
     "research.export_patients": _research("rs", EVERY_TYPE),

@@ -19,6 +19,7 @@ UNCHECKED = frozenset({"init-db"})
 def register(app: Flask) -> None:
     from service.cli import audit, clients, consents, data, database, exports, keys, patients, projects, sensitivity
     from service.cli.metrics import metrics_group
+    from service.cli.models import model_group
     from service.cli.settings import settings_group
 
     app.cli.add_command(database.init_db_command)
@@ -33,6 +34,7 @@ def register(app: Flask) -> None:
     app.cli.add_command(audit.audit_group)
     app.cli.add_command(exports.export_worker_command)
     app.cli.add_command(sensitivity.sensitivity_group)
+    app.cli.add_command(model_group)
     app.cli.add_command(settings_group)
     app.cli.add_command(metrics_group)
     for name, command in app.cli.commands.items():

@@ -97,7 +97,8 @@ def report_command(project_id: str, fmt: str) -> None:
         return
     click.echo(f"Project {report['project']} ({report['name']}): {report['resources']} resources of "
                f"{report['patients']} patients; {report['patients_in_aggregates']} patients counted in "
-               f"{report['releases'].get(disclosures.AGGREGATE, 0)} aggregate answers")
+               f"{report['releases'].get('aggregate', 0)} aggregate answers and "
+               f"{report['releases'].get('train', 0)} trained models")
     types = [{"type": t, "resources": n} for t, n in report["resources_by_type"].items()]
     if types:
         click.echo("\n" + _table(("type", "resources"), types))

@@ -137,19 +137,19 @@ def _newest_writes(types: tuple[str, ...]) -> Select[Any]:
 
 def exact(conn: Connection, question: Question, consented: RowFilter) -> Exact:
     """The bounded aggregate over the rows `consented` keeps, and the patients of its cohort."""
-    p, members = _cohort(question, consented)
+    p, members = cohort_members(question.cohort, consented)
     group = question.group
     if group is not None and group.by != "code":
         return _binned(conn, group, p, members, consented)
     if question.value is not None:
         return _valued(conn, question, members, consented)
-    result = Exact(patients=_ids(conn, members))
+    result = Exact(patients=ids(conn, members))
     if question.measure == "count":
         result.count = len(result.patients)
     else:
         assert group is not None
         result.bins = {label: conn.execute(select(func.count()).select_from(
-                           members.where(p.c.id.in_(_having(coded, consented))).subquery())).scalar_one()
+                           members.where(p.c.id.in_(having(coded, consented))).subquery())).scalar_one()
                        for label, coded in zip(group.bins, group.coded, strict=True)}
     return result
 
@@ -159,8 +159,8 @@ def _valued(conn: Connection, question: Question, members: Select[Any], consente
     a matching resource (the values are read for every patient, found from the expression's
     index, and kept for the cohort's)."""
     assert question.value is not None
-    result = Exact(patients=_ids(conn, members))
-    values = conn.execute(_per_patient_values(question.value, consented)).all()
+    result = Exact(patients=ids(conn, members))
+    values = conn.execute(per_patient_values(question.value, consented)).all()
     result.values = [float(value) for patient_id, value in values if patient_id in result.patients]
     result.count = len(result.values)
     if question.measure != "quantile":
@@ -195,44 +195,44 @@ def _loaded(conn: Connection, ids: Any) -> list[str]:
     return orjson.loads(ids) if conn.dialect.name == "sqlite" else ids
 
 
-def _ids(conn: Connection, statement: Select[Any]) -> set[str]:
+def ids(conn: Connection, statement: Select[Any]) -> set[str]:
     """The ids (first column) `statement` selects, read as one aggregated value."""
     selected = statement.subquery()
     column = next(iter(selected.c))
     return set(_loaded(conn, conn.execute(select(_id_list(conn, column))).scalar_one()))
 
 
-def _having(expr: Expression, consented: RowFilter, *columns: Any) -> Select[Any]:
+def having(expr: Expression, consented: RowFilter, *columns: Any) -> Select[Any]:
     """SELECT `columns` (by default patient_id) of the consented resources of `expr`:
     uncorrelated, so the database reads it once, starting from the index `expr` filters on."""
     return consented(select(*(columns or (resources.c.patient_id,))).where(
         resources.c.type == expr.resource_type, resources.c.deleted == false(), *expr.where))
 
 
-def _cohort(question: Question, consented: RowFilter) -> tuple[Any, Select[Any]]:
-    """(p, SELECT p.id …): consented Patients matching every cohort expression.
+def cohort_members(cohort: Iterable[Expression], consented: RowFilter) -> tuple[Any, Select[Any]]:
+    """(p, SELECT p.id …): consented Patients matching every expression of `cohort`.
 
     `p` is a subquery of the consented Patient rows, so the expressions' own statements over
     `resources` stay uncorrelated with it and each gets the consent filter itself.
     """
     p = consented(select(resources.c.pk, resources.c.id)
                   .where(resources.c.type == "Patient", resources.c.deleted == false())).subquery("p")
-    members = select(p.c.id).where(*(p.c.id.in_(_having(expr, consented)) for expr in question.cohort))
+    members = select(p.c.id).where(*(p.c.id.in_(having(expr, consented)) for expr in cohort))
     return p, members
 
 
-def _clip(column: Any, lower: float, upper: float) -> Any:
+def clip(column: Any, lower: float, upper: float) -> Any:
     return case((column < lower, lower), (column > upper, upper), else_=column)
 
 
-def _per_patient_values(spec: Value, consented: RowFilter) -> Select[Any]:
+def per_patient_values(spec: Value, consented: RowFilter) -> Select[Any]:
     """SELECT pid, v: one clipped value per patient with a matching resource: the
     contribution bound every mechanism relies on."""
     if spec.reduce == "count":
-        values = _having(spec.expression, consented, resources.c.patient_id.label("pid"), func.count().label("v")) \
+        values = having(spec.expression, consented, resources.c.patient_id.label("pid"), func.count().label("v")) \
             .group_by(resources.c.patient_id).subquery()
-        return select(values.c.pid, _clip(values.c.v, spec.lower, spec.upper).label("v"))
-    row = (_having(
+        return select(values.c.pid, clip(values.c.v, spec.lower, spec.upper).label("v"))
+    row = (having(
         spec.expression, consented, resources.c.patient_id.label("pid"), idx_quantity.c.value.label("v"),
         # Undated values last on both databases (PostgreSQL puts NULLs first when descending).
         func.row_number().over(partition_by=resources.c.patient_id,
@@ -240,16 +240,16 @@ def _per_patient_values(spec: Value, consented: RowFilter) -> Select[Any]:
                                          resources.c.pk.desc()))
         .label("rn"))
         .join(idx_quantity, and_(idx_quantity.c.resource_pk == resources.c.pk,
-                                 _unindexed(idx_quantity.c.param) == "value-quantity"))).subquery()
+                                 unindexed(idx_quantity.c.param) == "value-quantity"))).subquery()
     if spec.reduce == "latest":
         per_patient = select(row.c.pid, row.c.v).where(row.c.rn == 1).subquery()
     else:
         reducer = {"mean": func.avg, "max": func.max, "min": func.min}[spec.reduce]
         per_patient = select(row.c.pid, reducer(row.c.v).label("v")).group_by(row.c.pid).subquery()
-    return select(per_patient.c.pid, _clip(per_patient.c.v, spec.lower, spec.upper).label("v"))
+    return select(per_patient.c.pid, clip(per_patient.c.v, spec.lower, spec.upper).label("v"))
 
 
-def _unindexed(column: Any) -> Any:
+def unindexed(column: Any) -> Any:
     """`column` as an expression no index is keyed on, so the database checks it on rows it
     found otherwise and never starts from it, whatever its statistics say: an index table
     joined on `param` and a resource is read by resource, not scanned by `param` across
@@ -269,14 +269,14 @@ def _bin_key(group: Grouping, p: Any, members: Select[Any], consented: RowFilter
     once (gender code, birth date, earliest `expression` date; NULL if none is known)."""
     if group.by == "gender":
         gender = p.outerjoin(idx_token, and_(idx_token.c.resource_pk == p.c.pk,
-                                             _unindexed(idx_token.c.param) == "gender"))
+                                             unindexed(idx_token.c.param) == "gender"))
         return members.add_columns(func.min(idx_token.c.code).label("key")).select_from(gender).group_by(p.c.id)
     if group.by == "age-band":
         born = p.outerjoin(idx_date, and_(idx_date.c.resource_pk == p.c.pk,
-                                          _unindexed(idx_date.c.param) == "birthdate"))
+                                          unindexed(idx_date.c.param) == "birthdate"))
         return members.add_columns(func.min(idx_date.c.low).label("key")).select_from(born).group_by(p.c.id)
     assert group.expression is not None and group.by == "year"
-    first = (_having(group.expression, consented, resources.c.patient_id,
+    first = (having(group.expression, consented, resources.c.patient_id,
                      func.min(resources.c.clinical_low).label("first"))
              .group_by(resources.c.patient_id).subquery())
     return members.add_columns(first.c.first.label("key")).select_from(p.outerjoin(first, first.c.patient_id == p.c.id))

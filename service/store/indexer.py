@@ -27,8 +27,8 @@ Rows = dict[str, list[dict[str, Any]]]
 #: Changes whenever `extract` yields other rows for the same resource, so that `init-db`
 #: indexes the stored resources again (`service/store/reindex.py`). 2: token text,
 #: identifier types and reference identifiers. 3: only relative references (`LOCAL_REFERENCE`)
-#: are indexed as references to this server's resources.
-VERSION = "3"
+#: are indexed as references to this server's resources. 4: RiskAssessment's parameters.
+VERSION = "4"
 
 
 def normalise(text: str) -> str:

@@ -465,6 +465,18 @@ rate_limits = Table(
     Column("count", Integer, nullable=False),
 )
 
+#: Predictive models imported for `$score` (service/scoring.py): the document as released by `$train`
+#: (policies/learning.py), its SHA-256, when and by whom it was imported.
+models = Table(
+    "models",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("document", Text, nullable=False),
+    Column("digest", String(64), nullable=False),
+    Column("imported_at", BigInteger, nullable=False),
+    Column("imported_by", String(255), nullable=False),
+)
+
 #: Small facts about the database itself, by name (e.g. the classifier version its masks are from).
 settings = Table(
     "settings",

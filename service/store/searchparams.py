@@ -205,6 +205,11 @@ _BY_TYPE: dict[str, tuple[SearchParam, ...]] = {
         _ID, _CATEGORY, _STATUS, _SUBJECT, _patient_alias("subject"), _ENCOUNTER, _PERIOD_DATE,
         _r("participant", "participant.member"),
     ),
+    "RiskAssessment": (
+        _ID, _SUBJECT, _patient_alias("subject"), _ENCOUNTER, _t("method", "method"),
+        _d("date", "occurrenceDateTime", "occurrencePeriod"), _r("condition", "condition", target="Condition"),
+        _r("performer", "performer"), _t("risk", "prediction.qualitativeRisk"),
+    ),
     "Goal": (
         _ID, _CATEGORY, _SUBJECT, _patient_alias("subject"),
         _t("lifecycle-status", "lifecycleStatus"), _t("achievement-status", "achievementStatus"),

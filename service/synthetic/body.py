@@ -2,7 +2,9 @@
 
 Each quantity has a population mean, a personal offset (drawn once, so one person's
 readings agree with each other) and a visit-to-visit noise; conditions shift the
-means (a diabetic's HbA1c, a hypertensive's blood pressure).
+means (a hypertensive's blood pressure, a diabetic's triglycerides) over the whole history, while
+HbA1c, blood glucose and adult BMI follow the person's `Glycaemia` course (`diabetes`: they rise
+before a type 2 diabetes onset).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from random import Random
 
 from service.synthetic.build import interpolate
+from service.synthetic.diabetes import SIGNAL, Glycaemia
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,7 @@ class Model:
 
 LABS: dict[str, Model] = {
     "glucose": Model(88, 6, 6, 55, 450),
-    "hba1c": Model(5.2, 0.25, 0.15, 4.0, 14.0),
+    "hba1c": Model(SIGNAL.a1c_mean, SIGNAL.a1c_between, 0.15, 4.0, 14.0),  # the mean: `Glycaemia`
     "cholesterol": Model(185, 25, 10, 110, 340),
     "triglycerides": Model(115, 30, 20, 40, 600),
     "hdl": Model(52, 10, 4, 20, 110),
@@ -44,8 +47,7 @@ LABS: dict[str, Model] = {
 }
 #: How conditions (SNOMED) move the means.
 SHIFTS: dict[str, dict[str, float]] = {
-    "44054006": {"glucose": 62, "hba1c": 2.4, "triglycerides": 45},   # type 2 diabetes
-    "714628002": {"glucose": 17, "hba1c": 0.8},                        # prediabetes
+    "44054006": {"triglycerides": 45},                                 # type 2 diabetes
     "55822004": {"cholesterol": 55, "ldl": 45, "triglycerides": 60},   # hyperlipidemia
     "38341003": {"systolic": 18, "diastolic": 10},                     # hypertension
     "414545008": {"systolic": 6, "cholesterol": 15, "ldl": 12},        # ischemic heart disease
@@ -70,6 +72,7 @@ class Body:
         self.bmi = min(48.0, max(16.5, rng.gauss(26.5, 5)))
         self.smoking = rng.choices(("never", "former", "current"), weights=(60, 22, 18))[0]
         self.offsets = {"systolic": rng.gauss(0, 8), "diastolic": rng.gauss(0, 6), "heart_rate": rng.gauss(0, 6)}
+        self.glycaemia = Glycaemia(rng, self.bmi)
         self.means: dict[str, float] = {}
         self.shifts: dict[str, float] = {}
 
@@ -84,19 +87,28 @@ class Body:
                 self.shifts[key] = self.shifts.get(key, 0.0) + shift
         sex = {"creatinine": 0.18, "hdl": -8} if self.male else {}
         for key, model in LABS.items():
+            if key == "hba1c":
+                continue
             mean = model.mean + self.shifts.get(key, 0.0) + sex.get(key, 0.0)
             self.means[key] = self.rng.gauss(mean, model.between)
 
-    def lab(self, key: str) -> float:
+    def lab(self, key: str, age: float) -> float:
+        """A reading at `age`: HbA1c around the glycaemic course, glucose shifted with it, the rest around the means."""
         model = LABS[key]
-        value = min(model.high, max(model.low, self.rng.gauss(self.means[key], model.within)))
+        if key == "hba1c":
+            mean = self.glycaemia.a1c(age)
+        elif key == "glucose":
+            mean = self.means[key] + self.glycaemia.glucose_shift(age)
+        else:
+            mean = self.means[key]
+        value = min(model.high, max(model.low, self.rng.gauss(mean, model.within)))
         return 10 ** value if model.log else value
 
     def height(self, age: float) -> float:
         return self.adult_height * interpolate(GROWTH, age) + self.rng.gauss(0, 0.4)
 
     def weight(self, age: float, height: float) -> float:
-        bmi = self.bmi if age >= 18 else interpolate(CHILD_BMI, age) * (self.bmi / 25) ** (age / 18)
+        bmi = self.glycaemia.bmi_at(age) if age >= 18 else interpolate(CHILD_BMI, age) * (self.bmi / 25) ** (age / 18)
         return bmi * (height / 100) ** 2 * (1 + self.rng.gauss(0, 0.015))
 
     def blood_pressure(self, age: float) -> tuple[float, float]:

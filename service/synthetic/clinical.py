@@ -1,7 +1,8 @@
 """One patient's clinical history: the resources each planned visit produces.
 
-The last five years (or the whole life of younger patients) are written down:
-check-ups with vital signs, labs, immunisations and screenings; chronic conditions
+The last five years (or the whole life of younger patients) are written down, after
+most adults' last check-up before them (its body measurements, blood pressure and HbA1c
+screening only): check-ups with vital signs, labs, immunisations and screenings; chronic conditions
 diagnosed, treated, followed up and care-planned; acute episodes in primary care,
 the emergency room or hospital. Resources about a sensitive condition carry its
 v3 security label, and so do the notes that mention it.
@@ -48,6 +49,7 @@ from service.synthetic.codes import (
     ConditionSpec,
     VaccineSpec,
 )
+from service.synthetic.diabetes import SIGNAL
 from service.synthetic.notes import clinical_note, contact
 from service.synthetic.organisations import organization_reference, practitioner_reference
 from service.synthetic.people import Person, patient_resource
@@ -154,6 +156,10 @@ class Chart:
     def visit(self, visit: Visit) -> None:
         labels = _labels(visit.condition)
         self.open(visit, labels)
+        if visit.earlier:
+            self.measurements(self.age(), self.moment())
+            self.screen(self.age())
+            return
         for spec, onset in self.pending:
             self.diagnose(spec, onset, known=True)
         self.pending = []
@@ -202,8 +208,7 @@ class Chart:
             self.smoking_status()
             if self.rng.random() < 0.35:
                 self.panel(self.rng.choice(tuple(PANELS)), ())
-            if age >= 40 and self.rng.random() < 0.2:
-                self.monitor("hba1c", ())  # diabetes screening
+            self.screen(age)
         self.immunize(age)
         for screening in SCREENINGS:
             if (screening.ages[0] <= age < screening.ages[1] and screening.sex in (None, self.who.gender)
@@ -293,17 +298,26 @@ class Chart:
         """Vital signs, all measured at one moment; an acute visit takes only pulse and temperature."""
         when, body = self.moment(), self.body
         if not brief:
-            height = body.height(age)
-            weight = body.weight(age, height)
-            self.observation("height", height, (), when)
-            self.observation("weight", weight, (), when)
-            if age >= 2:
-                self.observation("bmi", weight / (height / 100) ** 2, (), when)
+            self.measurements(age, when)
             self.observation("respiratory_rate", body.respiratory_rate(age), (), when)
-            if age >= 3:
-                self.blood_pressure((), when)
         self.observation("heart_rate", body.heart_rate(age), (), when)
         self.observation("temperature", body.temperature(fever), (), when)
+
+    def measurements(self, age: float, when: datetime) -> None:
+        """Height, weight, BMI (from age 2) and blood pressure (from age 3), at one moment."""
+        height = self.body.height(age)
+        weight = self.body.weight(age, height)
+        self.observation("height", height, (), when)
+        self.observation("weight", weight, (), when)
+        if age >= 2:
+            self.observation("bmi", weight / (height / 100) ** 2, (), when)
+        if age >= 3:
+            self.blood_pressure((), when)
+
+    def screen(self, age: float) -> None:
+        """HbA1c diabetes screening, when due at this age (`diabetes.SIGNAL`)."""
+        if self.body.glycaemia.screened(age) and self.rng.random() < SIGNAL.screening_chance:
+            self.monitor("hba1c", ())
 
     def blood_pressure(self, labels: tuple[str, ...], when: datetime | None = None) -> None:
         """A blood pressure panel: systolic and diastolic as components."""
@@ -327,14 +341,15 @@ class Chart:
         else:
             when = self.moment()
             issued = when + timedelta(minutes=self.rng.randint(0, 240))
-            self.observation(key, self.body.lab(key), labels, when, issued)
+            self.observation(key, self.body.lab(key, self.age()), labels, when, issued)
 
     def panel(self, key: str, labels: tuple[str, ...]) -> None:
         """Laboratory results and the DiagnosticReport that lists them."""
         code, display, members = PANELS[key]
         when = self.moment()
         issued = when + timedelta(minutes=self.rng.randint(60, 480))
-        results = [self.observation(member, self.body.lab(member), labels, when, issued) for member in members]
+        age = self.age()
+        results = [self.observation(member, self.body.lab(member, age), labels, when, issued) for member in members]
         report = self.new("DiagnosticReport", labels)
         report.update({
             "status": "final",

@@ -143,11 +143,6 @@ CHRONIC: tuple[ConditionSpec, ...] = (
                                Medication("197361", "amLODIPine 5 MG Oral Tablet", DAILY)),
                   procedures=(_snomed("29303009", "Electrocardiographic procedure (procedure)"),),
                   monitoring=("bp",), care_plan=_HYPERTENSION_PLAN),
-    ConditionSpec("44054006", "Diabetes mellitus type 2 (disorder)",
-                  prevalence=((30, 0.03), (45, 0.08), (65, 0.17)),
-                  medications=(Medication("860975", "24 HR Metformin hydrochloride 500 MG Extended Release Oral Tablet",
-                                          "Take 1 tablet by mouth daily with the evening meal"),),
-                  monitoring=("hba1c", "glucose"), care_plan=_DIABETES_PLAN),
     ConditionSpec("55822004", "Hyperlipidemia (disorder)", prevalence=((35, 0.08), (55, 0.22)),
                   medications=(Medication("314231", "simvastatin 10 MG Oral Tablet",
                                           "Take 1 tablet by mouth at bedtime"),),
@@ -258,6 +253,11 @@ ACUTE: tuple[ConditionSpec, ...] = (
 )
 
 OBESITY = ConditionSpec("162864005", "Body mass index 30+ - obesity (finding)")
+#: Type 2 diabetes and prediabetes: who has them follows `diabetes.SIGNAL`, not a prevalence table.
+DIABETES = ConditionSpec("44054006", "Diabetes mellitus type 2 (disorder)",
+                         medications=(Medication("860975", "24 HR Metformin hydrochloride 500 MG Extended Release "
+                                                 "Oral Tablet", "Take 1 tablet by mouth daily with the evening meal"),),
+                         monitoring=("hba1c", "glucose"), care_plan=_DIABETES_PLAN)
 PREDIABETES = ConditionSpec("714628002", "Prediabetes (finding)", monitoring=("hba1c",))
 
 OBSERVATIONS: dict[str, ObservationSpec] = {

@@ -2,7 +2,9 @@
 
 Check-ups at age-appropriate intervals, an "Encounter for problem" when a chronic
 condition starts, follow-ups while it lasts, and acute episodes drawn year by year
-from their incidence. Everything falls inside the history window and before death.
+from their incidence. Everything falls inside the history window and before death,
+except, for most adults, the last check-up before the window: the record starts with it.
+Type 2 diabetes and prediabetes follow the model in `diabetes`.
 """
 from __future__ import annotations
 
@@ -14,15 +16,18 @@ from random import Random
 
 from service.synthetic.body import Body
 from service.synthetic.build import YEAR, at, between, step
-from service.synthetic.codes import ACUTE, CHRONIC, ENCOUNTERS, OBESITY, PREDIABETES, ConditionSpec
+from service.synthetic.codes import ACUTE, CHRONIC, DIABETES, ENCOUNTERS, OBESITY, PREDIABETES, ConditionSpec
+from service.synthetic.diabetes import SIGNAL
 from service.synthetic.people import Person
 
 HISTORY_YEARS = 5
 #: Obesity multiplies the odds of these conditions (SNOMED).
-_RISK_IF_OBESE = {"44054006": 2.5, "38341003": 1.5}
-_DIABETES = "44054006"
+_RISK_IF_OBESE = {"38341003": 1.5}
+_HYPERTENSION = "38341003"
 #: Years between check-ups, by age.
 _CHECK_UP_INTERVAL = ((0, 0.3), (1, 0.6), (3, 2.0), (18, 3.0), (50, 2.5), (75, 2.0))
+#: Share of adults whose record starts with their last check-up before the history window.
+_EARLIER_CHECK_UP = 0.85
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,8 @@ class Visit:
     start: datetime
     kind: str
     condition: ConditionSpec | None = None
+    #: The check-up before the history window: only its measurements are on record.
+    earlier: bool = False
 
 
 def _years(value: float) -> timedelta:
@@ -58,8 +65,16 @@ def chronic_conditions(rng: Random, who: Person, body: Body) -> list[tuple[Condi
             found.append((spec, _onset(rng, who, spec.prevalence[0][0], age)))
     if age >= 18 and body.obese:
         found.append((OBESITY, _onset(rng, who, 18, age)))
-    if age >= 30 and all(spec.code != _DIABETES for spec, _ in found) and rng.random() < 0.1:
-        found.append((PREDIABETES, _onset(rng, who, 30, age)))
+    glycaemia = body.glycaemia
+    if age > SIGNAL.first_age:
+        hypertension = next((who.age(onset) for spec, onset in found if spec.code == _HYPERTENSION), None)
+        onset_age = glycaemia.onset_age(rng.expovariate(1.0), age, hypertension)
+        if onset_age is not None:
+            onset = _visit_at(rng, who, who.born + _years(onset_age), "problem")
+            glycaemia.diagnose(rng, who.age(onset))
+            found.append((DIABETES, onset))
+    if glycaemia.prediabetic(age) and rng.random() < SIGNAL.prediabetes_recorded:
+        found.append((PREDIABETES, _onset(rng, who, SIGNAL.prediabetes_age, age)))
     return found
 
 
@@ -68,14 +83,24 @@ def _onset(rng: Random, who: Person, first_age: float, age: float) -> datetime:
 
 
 def plan(rng: Random, who: Person, chronic: list[tuple[ConditionSpec, datetime]], start: datetime) -> list[Visit]:
-    """Every visit in [start, end of history), in time order."""
+    """Every visit in [start, end of history), after the earlier check-up if there is one, in time order."""
     end = who.end
-    visits = _check_ups(rng, who, start, end)
+    visits = _earlier_check_up(rng, who, start) + _check_ups(rng, who, start, end)
     visits += [Visit(onset, "problem", spec) for spec, onset in chronic if onset >= start]
     visits += _follow_ups(rng, who, chronic, start, end)
     visits += _episodes(rng, who, start, end)
     visits.sort(key=attrgetter("start"))
     return visits
+
+
+def _earlier_check_up(rng: Random, who: Person, start: datetime) -> list[Visit]:
+    """The last check-up before `start` (at least a day before), for most people who were adults then."""
+    if rng.random() >= _EARLIER_CHECK_UP:
+        return []
+    when = start - timedelta(days=1) - _years(rng.random() * step(_CHECK_UP_INTERVAL, who.age(start), 1.0))
+    if who.age(when) < 18:
+        return []
+    return [Visit(_visit_at(rng, who, when, "wellness"), "wellness", earlier=True)]
 
 
 def _check_ups(rng: Random, who: Person, start: datetime, end: datetime) -> list[Visit]:
