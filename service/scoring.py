@@ -41,14 +41,13 @@ from policies.fhirdates import date_range, instant
 from policies.sensitivity import CUSTODIAN_ONLY_LABEL, MODEL_SYSTEM
 from service import audit, db
 from service.errors import InvalidRequest
-from service.parameters import expression, named, only, string, value_of
+from service.parameters import expression, parameters, string, value_of
 from service.store import features, models, repository, search
 from service.store.cohort import Expression
 from service.store.schema import resources
 from service.training import design
 from service.validation import validate
 
-#: The code system of `RiskAssessment.method`: the imported model's name.
 #: RiskAssessments written per transaction.
 BATCH = 500
 #: Per feature, how many of the patient's latest resources it reads `basis` names.
@@ -99,10 +98,7 @@ class Scoring:
 def parse(conn: Connection, body: Any) -> Scoring:
     """The `$score` Parameters checked (`InvalidRequest` naming the parameter): `model` (valueString,
     an imported model's name), optional `patients` (valueString, a FHIR search) and `date` (valueDate)."""
-    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
-        raise InvalidRequest("send a Parameters resource")
-    items = named(body.get("parameter", []), "parameter")
-    only(items, _PARAMETERS)
+    items = parameters(body, "$score", _PARAMETERS)
     name = string(value_of(items, "model", required=True), "model")
     stored = models.get(conn, name)
     if stored is None:

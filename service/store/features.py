@@ -98,17 +98,12 @@ def rows(conn: Connection, design: Design, consented: RowFilter) -> Matrix:
     labels = None
     if design.label is not None:
         found = _values(conn, design.label, p, consented, _label_window(design), design.at)
-        if _default(design.label) is None:
+        if design.label.missing is None:
             patients = [patient for patient in patients if patient in found]
-        labels = [found.get(patient, _default(design.label)) for patient in patients]
-    values = [[found.get(patient, _default(column)) for found, column in zip(columns, design.features, strict=True)]
+        labels = [found.get(patient, design.label.missing) for patient in patients]
+    values = [[found.get(patient, column.missing) for found, column in zip(columns, design.features, strict=True)]
               for patient in patients]
     return Matrix(patients, values, labels)  # type: ignore[arg-type]
-
-
-def _default(column: Column) -> float | None:
-    """A patient's value when they have none: 0 for `has`, else the declared `missing`."""
-    return 0.0 if column.kind == "has" else column.missing
 
 
 def _dated(expression: Expression, dated: tuple[Any, ...]) -> Expression:
