@@ -60,6 +60,7 @@ class Entry:
     existing: str | None = None  # id found by If-None-Exist: nothing to write
     version: int | None = None  # a GET entry's `Type/id/_history/version` (vread)
     response: dict[str, Any] = field(default_factory=dict)
+    patient_id: str | None = None  # the patient of the resource version written or read
 
 
 def parse_if_match(value: str | None, where: str = "If-Match") -> int | None:
@@ -216,13 +217,12 @@ def _resolver(conn: Connection, ids: dict[str, str], where: str, waiting: Counte
     return resolve
 
 
-def _status(stored: Stored | None, created: bool) -> dict[str, Any]:
-    if stored is None:
-        return {"status": "204 No Content"}
-    response = {"status": "201 Created" if created else "200 OK",
-                "location": f"{stored.type}/{stored.id}/_history/{stored.version}",
-                "etag": stored.etag, "lastModified": stored.last_modified}
-    return response
+def _respond(entry: Entry, stored: Stored, created: bool) -> None:
+    """Answer an entry that wrote or read `stored`."""
+    entry.response = {"status": "201 Created" if created else "200 OK",
+                      "location": f"{stored.type}/{stored.id}/_history/{stored.version}",
+                      "etag": stored.etag, "lastModified": stored.last_modified}
+    entry.patient_id = stored.patient_id
 
 
 def _assign(conn: Connection, entry: Entry, ids: dict[str, str]) -> None:
@@ -282,8 +282,7 @@ def _write(conn: Connection, entries: list[Entry], ids: dict[str, str], base: st
     for entry in entries:
         assert entry.resource is not None and entry.resource_id is not None
         if entry.existing is not None:
-            stored = repository.read(conn, entry.resource_type, entry.existing)
-            entry.response = _status(stored, False)
+            _respond(entry, repository.read(conn, entry.resource_type, entry.existing), False)
             continue
         key = (entry.resource_type, entry.resource_id)
         if key in seen:
@@ -327,7 +326,7 @@ def _write_ready(conn: Connection, writing: list[Entry], current: dict[tuple[str
                      known=known, base=base)
     written = repository.write(conn, changes)
     for entry, stored, change in zip(writing, written, changes, strict=True):
-        entry.response = _status(stored, change.current is None or change.current.deleted)
+        _respond(entry, stored, change.current is None or change.current.deleted)
     consents = [(entry, stored) for entry, stored in zip(writing, written, strict=True) if stored.type == "Consent"]
     if consents:
         # A Consent a more recent one overrules is stored all the same, with a warning (README, "Consent").
@@ -343,15 +342,16 @@ def _get(conn: Connection, entry: Entry, read_search: SearchFn | None) -> dict[s
     if entry.resource_id is not None:
         stored = repository.read(conn, entry.resource_type, entry.resource_id) if entry.version is None \
             else repository.vread(conn, entry.resource_type, entry.resource_id, entry.version)
-        entry.response = _status(stored, False)
+        _respond(entry, stored, False)
         return stored.resource()
     entry.response = {"status": "200 OK"}
     return read_search(entry.resource_type, entry.query or [])
 
 
-def transaction(conn: Connection, bundle: dict[str, Any],
-                read_search: SearchFn | None, base: str | None = None) -> dict[str, Any]:
-    """Process a transaction Bundle on `conn`; any error propagates and the caller rolls back."""
+def transaction(conn: Connection, bundle: dict[str, Any], read_search: SearchFn | None, base: str | None = None,
+                patients: set[str] | None = None) -> dict[str, Any]:
+    """Process a transaction Bundle on `conn`; any error propagates and the caller rolls back.
+    `patients` (as in `process`) receives the patients of what it wrote or read."""
     entries = [_parse_entry(i, raw, "transaction") for i, raw in enumerate(bundle.get("entry") or [])]
     ordered = sorted(entries, key=lambda e: _ORDER[e.method])
     ids: dict[str, str] = {}
@@ -370,12 +370,15 @@ def transaction(conn: Connection, bundle: dict[str, Any],
     for entry in ordered:
         if entry.method == "GET":
             results[entry.index] = _get(conn, entry, read_search)
+    if patients is not None:
+        patients.update(entry.patient_id for entry in entries if entry.patient_id)
     return _response_bundle("transaction-response", entries, results)
 
 
-def batch(conn: Connection, bundle: dict[str, Any],
-          read_search: SearchFn | None, base: str | None = None) -> dict[str, Any]:
-    """Process each batch entry independently, in its own savepoint."""
+def batch(conn: Connection, bundle: dict[str, Any], read_search: SearchFn | None, base: str | None = None,
+          patients: set[str] | None = None) -> dict[str, Any]:
+    """Process each batch entry independently, in its own savepoint; `patients` (as in `process`)
+    receives the patients of what its entries that succeeded wrote or read."""
     raws = bundle.get("entry") or []
     order = sorted(range(len(raws)), key=lambda i: _ORDER.get((raws[i].get("request") or {}).get("method"), 9)
                    if isinstance(raws[i], dict) else 9)
@@ -398,6 +401,8 @@ def batch(conn: Connection, bundle: dict[str, Any],
             item: dict[str, Any] = {"response": entry.response}
             if result is not None:
                 item["resource"] = result
+            if patients is not None and entry.patient_id:
+                patients.add(entry.patient_id)
         except FhirError as exc:
             item = {"response": {"status": f"{exc.status} {_REASONS.get(exc.status, 'Error')}",
                                  "outcome": exc.outcome()}}
@@ -431,11 +436,13 @@ def _response_bundle(kind: str, entries: list[Entry], results: dict[int, dict[st
     return {"resourceType": "Bundle", "type": kind, "entry": out}
 
 
-def process(conn: Connection, bundle: Any,
-            read_search: SearchFn | None = None, base: str | None = None) -> dict[str, Any]:
+def process(conn: Connection, bundle: Any, read_search: SearchFn | None = None, base: str | None = None,
+            patients: set[str] | None = None) -> dict[str, Any]:
     """Dispatch a Bundle POSTed to the base URL by its type; one of `repository.LARGE_WRITE` entries
     or more refreshes the planner's statistics in the same transaction. References under `base`
-    (this server's FHIR base URL) are checked like relative ones (service/references.py)."""
+    (this server's FHIR base URL) are checked like relative ones (service/references.py).
+    `patients`, when given, receives the patient of each resource version the Bundle's entries
+    wrote or read by id (the patients its searches return are for `read_search` to note)."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise InvalidRequest("POST to the base URL takes a Bundle of type transaction or batch")
     kind = bundle.get("type")
@@ -444,7 +451,7 @@ def process(conn: Connection, bundle: Any,
                              expression="Bundle.type")
     if not isinstance(bundle.get("entry", []), list):
         raise InvalidRequest("Bundle.entry must be a list", expression="Bundle.entry")
-    response = (transaction if kind == "transaction" else batch)(conn, bundle, read_search, base)
+    response = (transaction if kind == "transaction" else batch)(conn, bundle, read_search, base, patients)
     if len(response["entry"]) >= repository.LARGE_WRITE:
         repository.refresh_statistics(conn)
     return response

@@ -36,19 +36,23 @@ def target(reference: str, base: str | None = None) -> Key | None:
     return (match[1], match[2]) if match else None
 
 
-def _targets(node: Any, base: str | None, into: set[Key]) -> None:
+def _targets(node: Any, base: str | None, into: set[Key], localise: bool = False) -> None:
+    """Add the (type, id) of each literal reference to this server under `node` to `into`; with
+    `localise`, also rewrite in place each one under `base` to its relative form."""
     if isinstance(node, dict):
         for key, value in node.items():
             if key == "reference" and isinstance(value, str):
                 found = target(value, base)
                 if found is not None:
                     into.add(found)
+                    if localise and base and value.startswith(base + "/"):
+                        node[key] = value[len(base) + 1:]
             elif isinstance(value, (dict, list)):
-                _targets(value, base, into)
+                _targets(value, base, into, localise)
     elif isinstance(node, list):
         for item in node:
             if isinstance(item, (dict, list)):
-                _targets(item, base, into)
+                _targets(item, base, into, localise)
 
 
 def targets(resource: dict[str, Any], base: str | None = None) -> set[Key]:
@@ -81,19 +85,6 @@ def existing(conn: Connection, keys: Sequence[Key]) -> set[Key]:
     return found
 
 
-def _localise(node: Any, prefix: str) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                if value.startswith(prefix) and LOCAL_REFERENCE.fullmatch(value[len(prefix):]):
-                    node[key] = value[len(prefix):]
-            elif isinstance(value, (dict, list)):
-                _localise(value, prefix)
-    elif isinstance(node, list):
-        for item in node:
-            _localise(item, prefix)
-
-
 def settle(conn: Connection, items: Sequence[tuple[str, dict[str, Any]]], *,
            known: frozenset[Key] | set[Key] = frozenset(), base: str | None = None) -> None:
     """Before `items` — (where, resource) pairs, `where` prefixing the message ("Bundle.entry[2]"
@@ -101,12 +92,9 @@ def settle(conn: Connection, items: Sequence[tuple[str, dict[str, Any]]], *,
     relative form (how it is stored and indexed), then raise UnresolvedReference (422,
     `not-found`, naming the element) for the first literal reference that names neither a
     resource in `known` nor a current resource of the database."""
-    if base:
-        for _, resource in items:
-            _localise(resource, base + "/")
     wanted: set[Key] = set()
     for _, resource in items:
-        _targets(resource, base, wanted)
+        _targets(resource, base, wanted, localise=True)
     wanted -= known
     if not wanted:
         return

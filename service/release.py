@@ -47,6 +47,7 @@ from sqlalchemy import (
     true,
     tuple_,
 )
+from sqlalchemy.sql.elements import Grouping
 
 from consent import engine, projects
 from consent.projects import DIRECTORY_TYPES, PATIENT_DATA_TYPES, ProjectRecord
@@ -135,18 +136,19 @@ def restrict(project_id: str, minimum_tier: int, now: int | None = None, table: 
     `table` is the resources table, an alias of it, or a `Judged` (e.g. `Judged.version()`).
     Everything but the instant is built once per (project, tier, types, table) and process.
     """
-    instant = now if now is not None else db.now_us()
-    judged = table if isinstance(table, Judged) else Judged.current(table)
-    parts = _filter_parts(judged, project_id, minimum_tier, tuple(sorted(set(types))))
-    if parts.consented is None:
-        directory_only = parts.directory
-        return lambda statement: statement.where(directory_only)
-    allowed = or_(and_(parts.in_compartment, parts.consented.at(instant)), parts.directory,
-                  *(and_(is_target, named.at(instant)) for is_target, named in parts.through))
+    allowed = _allowed(project_id, minimum_tier, now if now is not None else db.now_us(), table,
+                       tuple(sorted(set(types))))
+    return lambda statement: statement.where(allowed)
 
-    def apply(statement: Select[Any]) -> Select[Any]:
-        return statement.where(allowed)
-    return apply
+
+def _allowed(project_id: str, minimum_tier: int, instant: Any, table: Any, types: tuple[str, ...]) -> Any:
+    """`restrict`'s condition on one row (`table`: as `restrict` takes it), judged at `instant`."""
+    judged = table if isinstance(table, Judged) else Judged.current(table)
+    parts = _filter_parts(judged, project_id, minimum_tier, types)
+    if parts.consented is None:
+        return parts.directory
+    return or_(and_(parts.in_compartment, parts.consented.at(instant)), parts.directory,
+               *(and_(is_target, named.at(instant)) for is_target, named in parts.through))
 
 
 @dataclass(frozen=True)
@@ -738,7 +740,29 @@ _VERSIONED_TARGETS = (select(resources.c.type, resources.c.id, history.c.version
 def _standing_filter(project_id: str, tier: int, types: tuple[str, ...], table: Any) -> search.RowFilter:
     """`restrict` built once per (project, tier, types, table), judging consent at the instant each
     statement it filters runs. It holds no answer: every statement reads the decisions anew."""
-    return restrict(project_id, tier, _RUN_INSTANT, table, types=types)
+    judged = table if isinstance(table, Judged) else Judged.current(table)
+    wanted = tuple(sorted(set(types)))
+    columns = tuple(f"{c.table.name}.{c.name}" for c in (
+        judged.type, judged.id, judged.patient_id, judged.sensitive_mask, judged.clinical_low, judged.clinical_high))
+    allowed = _Standing(_allowed(project_id, tier, _RUN_INSTANT, judged, wanted), (project_id, tier, wanted, columns))
+    return lambda statement: statement.where(allowed)
+
+
+class _Standing(Grouping[Any]):
+    """A standing filter's condition, in parentheses, known to SQLAlchemy's statement cache by what
+    built it (`_standing_filter`'s arguments, the judged columns by name) instead of by a walk over
+    its hundred-odd elements at every execution. Everything in its SQL and its parameters follows from
+    those arguments, so a statement compiled with one is right for any other with the same key; its
+    one changing value, the instant, is a callable parameter that every execution reads anew."""
+
+    inherit_cache = False
+
+    def __init__(self, condition: Any, key: tuple[Any, ...]) -> None:
+        super().__init__(condition)
+        self.key = key
+
+    def _gen_cache_key(self, anon_map: Any, bindparams: list[Any]) -> tuple[Any, ...]:
+        return (_Standing, self.key)
 
 
 @lru_cache(maxsize=2048)

@@ -3,6 +3,11 @@
 Every test that uses `app` runs once per backend. PostgreSQL runs when the server
 `tests/backends.py` chooses answers; otherwise the PostgreSQL variant is skipped on a
 laptop (one summary line says why) and fails in CI, where it must run.
+
+A test that uses `world` starts on a database that already holds the world `world_recipe`
+builds (tests/research_world.py's unless its module overrides `world_recipe`): each world is
+built once per test process, backend and UTC day through the real API, and every such test
+gets its own copy of that database, and of the master key it was built with, before its app starts.
 """
 from __future__ import annotations
 
@@ -10,14 +15,18 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from copy import deepcopy
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fhirpy import SyncFHIRClient
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from werkzeug.serving import make_server
 
@@ -66,6 +75,21 @@ def pg_schema() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def pg_engine(pg_schema: str) -> Iterator[Engine]:
+    """An engine on `pg_schema`, for the fixtures that empty it or restore a world into it."""
+    engine = db.make_engine(pg_schema)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_snapshot_schema() -> Iterator[str]:
+    """The name of a private PostgreSQL schema holding copies of the tables of the worlds built on `pg_schema`."""
+    for url in _new_schema(migrated=False):
+        yield make_url(url).query["options"].removeprefix("-csearch_path=")
+
+
+@pytest.fixture(scope="session")
 def pg_server_schema() -> Iterator[str]:
     """Another private PostgreSQL schema (migrated once per test process), for servers that serve it while
     other tests run: no fixture ever empties it."""
@@ -103,23 +127,97 @@ def _new_schema(migrated: bool = True) -> Iterator[str]:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty (but migrated) database: a SQLite file, or a private PostgreSQL schema."""
+    """A fresh migrated database, a SQLite file or a private PostgreSQL schema: empty or, when the test
+    uses `world`, holding the world (and then `tmp_path` holds the master key it was built with)."""
+    snapshot = None
+    if "world_snapshot" in request.fixturenames:
+        snapshot = request.getfixturevalue("world_snapshot")
+        shutil.copy(snapshot.master_key, tmp_path / "master.key")  # with its mode (600)
     if request.param == "sqlite":
         target = tmp_path / "passerelle.db"
-        shutil.copyfile(request.getfixturevalue("sqlite_template"), target)
+        shutil.copyfile(snapshot.database if snapshot else request.getfixturevalue("sqlite_template"), target)
         yield f"sqlite:///{target}"
         return
-    url = request.getfixturevalue("pg_schema")
-    engine = db.make_engine(url)
-    with engine.begin() as conn:
-        # DELETE, not TRUNCATE: on tables this small it is many times faster.
-        for table in reversed(metadata.sorted_tables):
+    with request.getfixturevalue("pg_engine").begin() as conn:
+        _empty(conn)
+        if snapshot:
+            for table in snapshot.tables:
+                conn.execute(text(f'INSERT INTO "{table}" SELECT * FROM {snapshot.database.format(table)}'))
+    yield request.getfixturevalue("pg_schema")
+
+
+def _empty(conn: Connection) -> None:
+    """Empty the tables of the connection's schema, and record it at head (a test of the schema's health
+    may have changed what it records). DELETE, not TRUNCATE: on tables this small it is many times faster,
+    and only from the tables holding rows (one query finds them)."""
+    holding = set(conn.execute(text(" UNION ALL ".join(
+        f"SELECT '{table.name}' WHERE EXISTS (SELECT FROM \"{table.name}\")" for table in metadata.sorted_tables
+    ))).scalars())
+    for table in reversed(metadata.sorted_tables):
+        if table.name in holding:
             conn.execute(table.delete())
-        # The schema is at head; a test of the schema's health may have changed what it records.
-        conn.execute(text("DELETE FROM alembic_version"))
-        conn.execute(text("INSERT INTO alembic_version (version_num) VALUES (:head)"), {"head": migrations.head()})
-    engine.dispose()
-    yield url
+    conn.execute(text("DELETE FROM alembic_version"))
+    conn.execute(text("INSERT INTO alembic_version (version_num) VALUES (:head)"), {"head": migrations.head()})
+
+
+#: What builds a world through the real app: (app, client, custodian headers) -> what tests need to know of it.
+Recipe = Callable[[Flask, FlaskClient, dict[str, str]], Any]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A built world: what its recipe returned, the master key it was built with, and its database: a SQLite
+    file, or on PostgreSQL the name (`"schema"."wN_{}"`) of the copy of each of its non-empty `tables`."""
+
+    made: Any
+    master_key: Path
+    database: Path | str
+    tables: tuple[str, ...] = ()
+
+
+class Worlds:
+    """The worlds of one test process, each built the first time a test asks for it on a backend on a UTC day
+    (a world may hold dates relative to today), in a database of its own (SQLite) or on `pg_schema`."""
+
+    def __init__(self, request: pytest.FixtureRequest, directory: Path):
+        self.request, self.directory = request, directory
+        self.built: dict[tuple[str, Recipe, str], Snapshot] = {}
+
+    def snapshot(self, backend: str, recipe: Recipe) -> Snapshot:
+        key = (backend, recipe, datetime.now(UTC).date().isoformat())
+        if key not in self.built:
+            self.built[key] = self._build(backend, recipe, self.directory / str(len(self.built)))
+        return self.built[key]
+
+    def _build(self, backend: str, recipe: Recipe, directory: Path) -> Snapshot:
+        directory.mkdir()
+        if backend == "sqlite":
+            path = directory / "passerelle.db"
+            shutil.copyfile(self.request.getfixturevalue("sqlite_template"), path)
+            url = f"sqlite:///{path}"
+        else:
+            url = self.request.getfixturevalue("pg_schema")
+            with self.request.getfixturevalue("pg_engine").begin() as conn:
+                _empty(conn)
+        application = initialised_app(url, directory)
+        client = application.test_client()
+        made = recipe(application, client, bearer(custodian_bearer(application, client)))
+        application.extensions["passerelle.engine"].dispose()  # on SQLite, checkpoints the WAL into the file
+        if backend == "sqlite":
+            return Snapshot(made, directory / "master.key", path)
+        copy = f'"{self.request.getfixturevalue("pg_snapshot_schema")}"."w{len(self.built)}_{{}}"'
+        tables = []
+        with self.request.getfixturevalue("pg_engine").begin() as conn:
+            for table in metadata.sorted_tables:
+                if conn.execute(text(f'SELECT EXISTS (SELECT FROM "{table.name}")')).scalar_one():
+                    conn.execute(text(f'CREATE TABLE {copy.format(table.name)} AS SELECT * FROM "{table.name}"'))
+                    tables.append(table.name)
+        return Snapshot(made, directory / "master.key", copy, tuple(tables))
+
+
+@pytest.fixture(scope="session")
+def worlds(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Worlds:
+    return Worlds(request, tmp_path_factory.mktemp("worlds"))
 
 
 def initialised_app(database_url: str, directory: Path) -> Flask:
@@ -175,14 +273,12 @@ def client(app: Flask) -> FlaskClient:
 @pytest.fixture
 def custodian_token(app: Flask, client: FlaskClient) -> str:
     """A bearer token of a freshly registered custodian client, from the real token endpoint."""
-    from service.auth import register_client
+    return custodian_bearer(app, client)
 
-    with app.app_context(), db.write() as conn:
-        registered = register_client(conn, "test custodian", "custodian")
-    response = client.post("/auth/token", data={"grant_type": "client_credentials"},
-                           auth=(registered["client_id"], registered["client_secret"]))
-    assert response.status_code == 200, response.get_json()
-    return response.get_json()["access_token"]
+
+def custodian_bearer(app: Flask, client: FlaskClient) -> str:
+    """Register a custodian client; its bearer token, from the real token endpoint."""
+    return token(client, app, "custodian")
 
 
 @pytest.fixture
@@ -199,9 +295,22 @@ def export_worker(app: Flask) -> Worker:
 
 
 @pytest.fixture
-def world(app: Flask, client: FlaskClient, custodian_headers: dict[str, str]) -> World:
-    """The research world of tests/research_world.py: three projects, patients in every consent situation."""
-    return build(app, client, custodian_headers)
+def world_recipe() -> Recipe:
+    """What builds `world`: the research world of tests/research_world.py (three projects, patients in every
+    consent situation), unless the test's module overrides this fixture."""
+    return build
+
+
+@pytest.fixture
+def world_snapshot(request: pytest.FixtureRequest, worlds: Worlds, world_recipe: Recipe) -> Snapshot:
+    """The built world the test's database starts with (see `database_url`)."""
+    return worlds.snapshot(request.node.callspec.params["database_url"], world_recipe)
+
+
+@pytest.fixture
+def world(app: Flask, world_snapshot: Snapshot) -> Any:
+    """What `world_recipe` returned when it built the world the test's database started with (a copy)."""
+    return deepcopy(world_snapshot.made)
 
 
 @pytest.fixture

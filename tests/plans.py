@@ -12,10 +12,15 @@ from service import db
 
 def paged_statements(app: Flask, prefix: str, request: Callable[[], Any]) -> list[tuple[str, Any]]:
     """The statements starting with `prefix` and holding a LIMIT that `request()` runs, with their parameters."""
+    return statements(app, prefix, request, holding="LIMIT")
+
+
+def statements(app: Flask, prefix: str, request: Callable[[], Any], holding: str = "") -> list[tuple[str, Any]]:
+    """The statements starting with `prefix` (and holding `holding`) that `request()` runs, with their parameters."""
     captured = []
 
     def capture(_conn, _cursor, statement, parameters, _context, _many):
-        if statement.lstrip().startswith(prefix) and "LIMIT" in statement:
+        if statement.lstrip().startswith(prefix) and holding in statement:
             captured.append((statement, parameters))
 
     engine = app.extensions["passerelle.engine"]

@@ -34,7 +34,12 @@ EXACT_BIRTH_DATE = "1961-04-05"
 
 
 @pytest.fixture
-def world(app, client, custodian_headers) -> World:
+def world_recipe():
+    return _build
+
+
+def _build(app, client, custodian_headers) -> World:
+    """The gate world, with the secrets above planted on patient `a` and a Provenance naming `b`."""
     world = build(app, client, custodian_headers)
     reference = world.refs["a"]
     stored = client.get(f"/fhir/{reference}", headers=custodian_headers).get_json()

@@ -190,6 +190,23 @@ def test_a_transaction_bundle_is_audited_in_its_transaction_with_its_types_and_p
     assert count_entries(app) == before
 
 
+def test_a_batch_bundle_is_audited_with_the_patients_of_what_its_entries_read_and_wrote(app, client,
+                                                                                         custodian_headers):
+    read, found, written, failed = (create(client, custodian_headers, patient(family=f))["id"]
+                                    for f in ("Adam", "Blanc", "Caron", "Dumas"))
+    create(client, custodian_headers, observation(found, identifier=[{"system": "urn:s", "value": "o1"}]))
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": f"Patient/{read}"}},
+        {"resource": observation(found), "request": {"method": "POST", "url": "Observation",
+                                                     "ifNoneExist": "identifier=urn:s|o1"}},
+        post_entry(observation(written)),
+        {"resource": {**patient(family="Dumas"), "id": failed},
+         "request": {"method": "PUT", "url": f"Patient/{failed}", "ifMatch": 'W/"7"'}}]}
+    response = client.post("/fhir", json=bundle, headers=custodian_headers)
+    assert [e["response"]["status"][:3] for e in response.get_json()["entry"]] == ["200", "200", "201", "412"]
+    assert last(app)["patients"] == {read, found, written}
+
+
 def test_a_failed_request_is_audited_with_the_status_it_got(app, client, custodian_headers):
     response = client.get("/fhir/Patient/nobody", headers={**custodian_headers, "X-Request-ID": "r1"})
     assert response.status_code == 404

@@ -383,3 +383,13 @@ def test_consent_set_takes_a_signing_date_and_time(app, client, custodian_header
         k: explained(client, custodian_headers, patient_id, project)[k] for k in ("tier", "excluded")}
     assert search(client, custodian_headers, f"Consent?patient={patient_id}")["entry"][0]["resource"]["dateTime"] == \
         "2026-01-05T09:30:00+01:00"
+
+
+@pytest.mark.parametrize("param,value", [("project", "a\x00b"), ("patient", "Patient/a\x00b"),
+                                         ("project", "a" * 65), ("project", "a b")])
+def test_explain_refuses_a_parameter_that_is_not_a_fhir_id(client: FlaskClient, custodian_headers, param, value):
+    """Found by the fuzzer: a NUL reached the query, and PostgreSQL's text columns cannot hold one (a 500)."""
+    query = {"patient": "someone", "project": "someproject", param: value}
+    response = client.get("/fhir/Consent/$explain", query_string=query, headers=custodian_headers)
+    assert response.status_code == 400
+    assert "not a valid FHIR id" in response.get_json()["issue"][0]["diagnostics"]

@@ -32,8 +32,8 @@ WITHHELD_FROM_OPEN = ("b", "b_obs", "b_service_request", "b_procedure", "b_speci
 
 
 @pytest.fixture
-def world(app, client, custodian_headers) -> World:
-    return build(app, client, custodian_headers)
+def world_recipe():
+    return build
 
 
 @dataclass

@@ -41,8 +41,13 @@ from tests.portal_world import sign_in as open_session
 
 
 @pytest.fixture
-def portal(app: Flask, client: FlaskClient, custodian_headers: dict[str, str]) -> Portal:
-    return build_portal(app, client, custodian_headers)
+def world_recipe():
+    return build_portal
+
+
+@pytest.fixture
+def portal(world: Portal) -> Portal:
+    return world
 
 
 @pytest.fixture

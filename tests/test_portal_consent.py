@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from flask import Flask
-from flask.testing import FlaskClient
 
 from consent import writer
 from consent.materialise import set_consent_default
@@ -24,8 +23,13 @@ from tests.portal_world import Portal, build_portal, consent_count, tier
 
 
 @pytest.fixture
-def portal(app: Flask, client: FlaskClient, custodian_headers: dict[str, str]) -> Portal:
-    return build_portal(app, client, custodian_headers)
+def world_recipe():
+    return build_portal
+
+
+@pytest.fixture
+def portal(world: Portal) -> Portal:
+    return world
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 
 import pytest
 from flask import Flask
-from flask.testing import FlaskClient
 
 from consent import projects
 from consent.web import disclosures
@@ -22,8 +21,13 @@ AGGREGATE = "/research/fhir/$aggregate"
 
 
 @pytest.fixture
-def portal(app: Flask, client: FlaskClient, custodian_headers: dict[str, str]) -> Portal:
-    return build_portal(app, client, custodian_headers)
+def world_recipe():
+    return build_portal
+
+
+@pytest.fixture
+def portal(world: Portal) -> Portal:
+    return world
 
 
 def count(epsilon: float) -> dict:

@@ -10,7 +10,6 @@ import html
 import re
 
 import pytest
-from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
@@ -26,8 +25,13 @@ POSTS = ["/consent/confirm", "/consent/save"]
 
 
 @pytest.fixture
-def portal(app: Flask, client: FlaskClient, custodian_headers: dict[str, str]) -> Portal:
-    return build_portal(app, client, custodian_headers)
+def world_recipe():
+    return build_portal
+
+
+@pytest.fixture
+def portal(world: Portal) -> Portal:
+    return world
 
 
 def page(portal: Portal, path: str) -> str:

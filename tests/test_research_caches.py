@@ -108,6 +108,36 @@ def test_the_standing_consent_filter_judges_each_statement_at_the_instant_it_run
             release.read("Patient", pseudonym)
 
 
+def _markers(client, headers, path: str) -> set[float]:
+    body = client.get(path, headers=headers).get_json()
+    return {entry["resource"]["valueQuantity"]["value"] for entry in body.get("entry", [])}
+
+
+def test_a_search_compiled_for_one_project_never_answers_for_another(app, client, custodian_headers):
+    world = build(app, client, custodian_headers)
+    first, second = (bearer(token(client, app, "research", project)) for project in (world.project,
+                                                                                     world.other_project))
+    path = "/research/fhir/Observation"
+    mine = {world.marker[role] for role in ("consented", "no_mental_health", "recent_only")}
+    theirs = {world.marker["other_project"]}
+    for _ in range(2):  # each project's statement found in the statement cache the second time round
+        assert _markers(client, first, path) == mine
+        assert _markers(client, second, path) == theirs
+
+
+def test_a_version_read_compiled_for_one_patient_and_project_never_answers_for_another(app, client,
+                                                                                      custodian_headers):
+    world = build(app, client, custodian_headers)
+    readers = {project: bearer(token(client, app, "research", project))
+               for project in (world.project, world.other_project)}
+    for _ in range(2):  # the second time round, every statement comes from the statement cache
+        for project, role in ((world.project, "consented"), (world.project, "refused"),
+                              (world.other_project, "other_project"), (world.other_project, "consented")):
+            allowed = (project, role) in ((world.project, "consented"), (world.other_project, "other_project"))
+            path = f"/research/fhir/Patient/{_pseudonym_of(app, project, world.patients[role])}/_history/1"
+            assert client.get(path, headers=readers[project]).status_code == (200 if allowed else 404)
+
+
 def test_the_standing_consent_filter_sees_a_withdrawal_at_once(app, client, custodian_headers):
     world = build(app, client, custodian_headers)
     consented = world.patients["consented"]

@@ -22,9 +22,13 @@ SUBSETTED = ("http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "SUBSE
 
 
 @pytest.fixture
-def world(app, client, custodian_headers) -> World:
+def world_recipe():
+    return _build
+
+
+def _build(app, client, custodian_headers) -> World:
+    """The gate world, with the refusing patient's data pointing at what a's released data points at too."""
     world = build(app, client, custodian_headers)
-    # The refusing patient's data pointing at what a's released data points at too.
     for name, extra in (("b_in_routine_visit", {"encounter": world.ref("routine_visit")}),
                         ("b_by_doctor", {"performer": [world.ref("practitioner")]})):
         made = create(client, custodian_headers, observation(world.patients["b"], value=len(world.marker) + 900.0,

@@ -14,7 +14,7 @@ from service import db
 from service.api.scopes import OWN_ACCESS_BLUEPRINTS, ROUTES
 from service.auth import register_client
 from tests.fhir_helpers import create, issue, observation, patient
-from tests.research_world import World, bearer, build
+from tests.research_world import bearer, build
 
 ONLY_OBSERVATIONS = "system/Observation.rs"
 
@@ -32,8 +32,8 @@ def scoped_token(app: Flask, client: FlaskClient, scope: str, project_id: str | 
 
 
 @pytest.fixture
-def world(app, client, custodian_headers) -> World:
-    return build(app, client, custodian_headers)
+def world_recipe():
+    return build
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ from tests.test_export import _files, _manifest, _markers
 
 
 @pytest.fixture
-def world(app, client, custodian_headers) -> World:
-    return build(app, client, custodian_headers)
+def world_recipe():
+    return build
 
 
 @pytest.fixture

@@ -94,7 +94,8 @@ class Cluster:
         return {**self.base_env, "PASSERELLE_EXPORT_WORKER": export_worker}
 
     def restart(self, name: str, export_worker: str) -> None:
-        """Stop node `name` (SIGQUIT) and start it again on its port, with `export_worker`."""
+        """Stop node `name` (at once, as `Gunicorn.__exit__` does) and start it again on its port, with
+        `export_worker`."""
         old = self.nodes[name]
         old.__exit__(None, None, None)
         new = Gunicorn(self.node_env(export_worker), self.tmp / f"node-{name}-{uuid.uuid4().hex[:6]}.log",

@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from flask import Blueprint, Response, current_app, request
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
 from consent.materialise import overruled_warnings
 from service import audit, auditevent, bundles, db, everything, history, patch, references
@@ -23,7 +23,6 @@ from service.errors import InvalidRequest, MethodNotAllowed, NotFound, operation
 from service.limits import check_bundle_entries, check_depth
 from service.store import repository
 from service.store.repository import Stored
-from service.store.schema import resources
 from service.store.search import custodian_view
 from service.validation import check_type, model_for, validate, version_number
 
@@ -87,29 +86,23 @@ def _noting(render: Render, patients: set[str]) -> Render:
     return noted
 
 
-def _bundle_entry(conn: Connection, body: dict[str, Any], result: dict[str, Any],
-                  searched: set[str]) -> tuple[dict[str, Any], set[str]]:
-    """The audit detail and patients of a processed Bundle: the types of its entries, and the patients
-    of the resources it wrote or read (found by the response's locations) or its searches returned."""
-    touched: set[tuple[str, str]] = set()
+def _bundle_entry(body: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """The audit detail of a processed Bundle: its type, the types of its entries (those it wrote or
+    read, found by the response's locations, and those its request URLs name) and their number."""
+    types: set[str] = set()
     for item in result["entry"]:
         location = (item.get("response") or {}).get("location", "")
         resource = item.get("resource")
         if location.count("/") >= 1:
-            touched.add(tuple(location.split("/")[:2]))
+            types.add(location.partition("/")[0])
         elif isinstance(resource, dict) and resource.get("resourceType") not in (None, "Bundle"):
-            touched.add((resource["resourceType"], str(resource.get("id"))))
-    types = {t for t, _ in touched}
+            types.add(resource["resourceType"])
     for entry in body.get("entry") or []:
         url = ((entry.get("request") or {}).get("url") if isinstance(entry, dict) else None) or ""
         name = url.partition("?")[0].strip("/").partition("/")[0]
         if model_for(name) is not None:
             types.add(name)
-    patients = set(searched)
-    if touched:
-        patients.update(conn.scalars(select(resources.c.patient_id).where(
-            repository.by_type_and_id(touched), resources.c.patient_id.is_not(None))))
-    return {"bundle": body.get("type"), "types": sorted(types), "entries": len(result["entry"])}, patients
+    return {"bundle": body.get("type"), "types": sorted(types), "entries": len(result["entry"])}
 
 
 def _strict() -> bool:
@@ -174,9 +167,10 @@ def bundle() -> Response:
             return run_search(conn, resource_type, args, base=base, view=ROLE, strict=True,
                               render=_noting(render_stored(base), searched), restrict=custodian_view)
 
+    patients: set[str] = set()  # of the resources the Bundle wrote or read
     with db.write() as conn:
-        result = bundles.process(conn, body, read_search, base)
-        audit.in_request(conn, *_bundle_entry(conn, body, result, searched))
+        result = bundles.process(conn, body, read_search, base, patients)
+        audit.in_request(conn, _bundle_entry(body, result), patients | searched)
     return fhir_response(result)
 
 

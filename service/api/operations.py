@@ -13,6 +13,7 @@ from service import audit, db, scoring
 from service.api.fhirjson import check_format, fhir_response, parse_body
 from service.api.scopes import require
 from service.errors import InvalidRequest
+from service.store import repository
 
 bp = Blueprint("custodian_operations", __name__)
 
@@ -22,10 +23,11 @@ bp.before_request(check_format)
 
 
 def _required(name: str) -> str:
+    """The id a required parameter names (`123` or `Patient/123`); refused unless it is a FHIR id."""
     value = request.args.get(name, "").strip()
     if not value:
         raise InvalidRequest(f"The parameter {name!r} is required", expression=name)
-    return value.split("/")[-1]
+    return repository.check_id(value.split("/")[-1])
 
 
 def _parameters(explanation: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,8 @@ from typing import Any
 
 import orjson
 from sqlalchemy import ColumnElement, Connection, Select, and_, bindparam, case, false, func, select
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import BinaryExpression
 
 from policies.fhirdates import date_range
 from service.store.schema import decisions, idx_date, idx_quantity, idx_token, resources
@@ -204,9 +206,17 @@ def ids(conn: Connection, statement: Select[Any]) -> set[str]:
 
 def having(expr: Expression, consented: RowFilter, *columns: Any) -> Select[Any]:
     """SELECT `columns` (by default patient_id) of the consented resources of `expr`:
-    uncorrelated, so the database reads it once, starting from the index `expr` filters on."""
+    uncorrelated, so the database reads it once, starting from the index `expr` filters on.
+    Rows an index found are read by their key: the type is then only checked on them."""
+    typed = unindexed(resources.c.type) if _index_driven(expr) else resources.c.type
     return consented(select(*(columns or (resources.c.patient_id,))).where(
-        resources.c.type == expr.resource_type, resources.c.deleted == false(), *expr.where))
+        typed == expr.resource_type, resources.c.deleted == false(), *expr.where))
+
+
+def _index_driven(expr: Expression) -> bool:
+    """Whether one of `expr`'s conditions is `pk IN (rows of an index table)`."""
+    return any(isinstance(c, BinaryExpression) and c.left is resources.c.pk and c.operator is operators.in_op
+               for c in expr.where)
 
 
 def cohort_members(cohort: Iterable[Expression], consented: RowFilter) -> tuple[Any, Select[Any]]:
