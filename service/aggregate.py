@@ -9,8 +9,9 @@ Order of work for one question:
    (403 `too-costly` when it does not fit);
 3. in a read transaction, which blocks no writer however long it takes
    (`Release.aggregate_rows`), the exact aggregate over the consented rows, bounded per
-   patient in SQL (`service/store/cohort.py`); then noise (`policies/dp.py`) and
-   suppression of small noisy counts;
+   patient in SQL (`service/store/cohort.py`), each statement bounded in time
+   (`PASSERELLE_STATISTICS_TIMEOUT_SECONDS`; past it 422 `too-costly`); then noise
+   (`policies/dp.py`) and suppression of small noisy counts;
 4. in another short write transaction (`Release.record`), the answer recorded
    with its audit entry naming the cohort's patients: if either cannot be written, nothing
    is released. A recorded answer given again is audited too (`Release.audit`), as a

@@ -6,6 +6,7 @@ deployment overrides them in the environment (see README, "Configuration").
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from pathlib import Path
@@ -36,6 +37,19 @@ def _positive(env: dict[str, str], name: str, default: int) -> int:
     value = _int(env, name, default)
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def _seconds(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {raw!r}")
     return value
 
 
@@ -143,6 +157,9 @@ def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
         "MIN_EPSILON": float(env.get("PASSERELLE_MIN_EPSILON") or 0.001),
         # The most patients one $train trains on: a larger cohort is refused (400) once counted.
         "TRAIN_MAX_ROWS": _positive(env, "PASSERELLE_TRAIN_MAX_ROWS", 1_000_000),
+        # How long one statement computing an $aggregate or $train answer may run before the
+        # request answers 422 too-costly (service/db.py `statistics_read`).
+        "STATISTICS_TIMEOUT_SECONDS": _seconds(env, "PASSERELLE_STATISTICS_TIMEOUT_SECONDS", 30.0),
         # How long a statement waits for a database lock before the request answers 503.
         "DB_BUSY_SECONDS": _int(env, "PASSERELLE_DB_BUSY_SECONDS", 30),
     }

@@ -15,6 +15,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
+from service.errors import TooCostly
 from service.store import migrations
 
 
@@ -93,6 +94,47 @@ def read(eng: Engine | None = None) -> Iterator[Connection]:
     eng = eng or engine()
     with eng.connect() as conn, conn.begin():
         yield conn
+
+
+@contextmanager
+def statistics_read(eng: Engine | None = None, seconds: float | None = None) -> Iterator[Connection]:
+    """The read transaction (`read`) a statistical answer is computed in: no statement of it runs
+    longer than `seconds` (PASSERELLE_STATISTICS_TIMEOUT_SECONDS unless given; at least 1 ms on
+    PostgreSQL): one that does is interrupted and `errors.TooCostly` raised. PostgreSQL's
+    `statement_timeout` is set for this transaction only; SQLite's progress handler only while
+    it lasts."""
+    seconds = current_app.config["STATISTICS_TIMEOUT_SECONDS"] if seconds is None else seconds
+    with read(eng) as conn:
+        try:
+            if is_sqlite(conn.engine):
+                with _sqlite_bound(conn, seconds):
+                    yield conn
+            else:
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}")
+                yield conn
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) != "57014" and str(exc.orig) != "interrupted":
+                raise
+            raise TooCostly(f"Computing this answer took longer than {seconds:g} s "
+                            "(PASSERELLE_STATISTICS_TIMEOUT_SECONDS); ask a smaller question") from exc
+
+
+@contextmanager
+def _sqlite_bound(conn: Connection, seconds: float) -> Iterator[None]:
+    """Interrupt any statement of `conn` still running `seconds` after it started."""
+    started = [time.monotonic()]
+
+    def start(*_: object) -> None:
+        started[0] = time.monotonic()
+
+    raw = conn.connection.driver_connection
+    event.listen(conn, "before_cursor_execute", start)
+    raw.set_progress_handler(lambda: time.monotonic() - started[0] > seconds, 1000)  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        raw.set_progress_handler(None, 0)  # type: ignore[union-attr]
+        event.remove(conn, "before_cursor_execute", start)
 
 
 @contextmanager

@@ -93,6 +93,14 @@ class PayloadTooLarge(FhirError):
     code = "too-costly"
 
 
+class TooCostly(FhirError):
+    """A statistical answer whose computation ran past its time bound (`db.statistics_read`):
+    the question as asked will not be answered, so retrying it unchanged does not help."""
+
+    status = 422
+    code = "too-costly"
+
+
 class UnsupportedMediaType(FhirError):
     status = 415
     code = "not-supported"

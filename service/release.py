@@ -686,17 +686,18 @@ class Release:
 
     def aggregate_rows(self, question: cohort.Question) -> tuple[cohort.Exact, str]:
         """In a read transaction, which holds up no writer: the exact aggregate over the consented
-        rows with the patients of its cohort, and the data version read before it."""
-        with db.read() as conn:
+        rows with the patients of its cohort, and the data version read before it. Bounded in
+        time (`db.statistics_read`)."""
+        with db.statistics_read() as conn:
             version = cohort.data_version(conn, self.project.project_id, question.types)
             return cohort.exact(conn, question, self.aggregate_filter(db.now_us(), question.types)), version
 
     def training_rows(self, design: features.Design, types: Iterable[str]) -> tuple[features.Matrix, str]:
         """In a read transaction, which holds up no writer: one row per consented cohort patient
         (`features.rows`, under the aggregate filter over `types`, the types the design reads)
-        and the data version read before them."""
+        and the data version read before them. Bounded in time (`db.statistics_read`)."""
         types = tuple(types)
-        with db.read() as conn:
+        with db.statistics_read() as conn:
             version = cohort.data_version(conn, self.project.project_id, types)
             return features.rows(conn, design, self.aggregate_filter(db.now_us(), types)), version
 

@@ -8,7 +8,8 @@ Order of work for one request, as for `$aggregate` (service/aggregate.py):
 2. in a short write transaction (`Release.reserve`), the answer already recorded for the
    same request on the same data, or ε reserved for computing it (403 `too-costly`);
 3. in a read transaction (`Release.training_rows`), one row per consented cohort patient
-   with every value clipped in SQL (`service/store/features.py`); then the training and, if
+   with every value clipped in SQL (`service/store/features.py`), each statement bounded in
+   time (`PASSERELLE_STATISTICS_TIMEOUT_SECONDS`; past it 422 `too-costly`); then the training and, if
    asked, the evaluation (`policies/learning.py`, whose docstring gives the privacy
    accounting). A cohort whose noisy size is above `PASSERELLE_TRAIN_MAX_ROWS` patients is
    refused there (400, `learning.RowLimit`): this limit alone depends on the data, so its

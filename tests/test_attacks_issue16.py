@@ -15,16 +15,17 @@ import orjson
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from consent import engine, projects
 from consent.materialise import refresh
 from policies import learning
 from policies.sensitivity import CUSTODIAN_ONLY_LABEL
 from service import db
+from service.config import load_config
 from service.release import release_for
 from service.store import repository
-from service.store.schema import audit, audit_patients
+from service.store.schema import answers, audit, audit_patients
 from tests.fhir_helpers import create, observation, patient
 from tests.gate_world import consent_to, encounter
 from tests.research_world import bearer, token
@@ -396,19 +397,59 @@ def test_a_deeply_nested_body_is_400_and_spends_nothing(app: Flask, client: Flas
     assert spent(app, project) == 0.0
 
 
+#: Twenty searches of twenty parameters each, as features and as the cohort: the largest question
+#: whose statements the database must still plan and run in bounded time.
+TWENTY = BMI_SEARCH + "".join(f"&value-quantity=ge{i}" for i in range(19))
+
+
+def twenty_by_twenty(app: Flask, project: str) -> dict[str, Any]:
+    """A `$train` of twenty TWENTY features over a cohort of twenty TWENTY searches, on twenty
+    consented patients, with the planner's statistics gathered as in production (init-db, ingest)."""
+    for patient_id in people(app, [(20.0 + i, "2022-03-01" if i % 2 else None, "female") for i in range(20)]):
+        consent(app, patient_id, project, "aggregate")
+    with app.app_context(), db.write() as conn:
+        for table in ("resources", "idx_quantity", "idx_token", "idx_date", "decisions", "decision_classes"):
+            conn.exec_driver_sql(f"ANALYZE {table}")
+    body = train(*(feature(f"f{i}", expression=TWENTY, reduce="mean", lower=0.0, upper=100.0) for i in range(20)))
+    body["parameter"] += [param("cohort", TWENTY) for _ in range(20)]
+    return body
+
+
 def test_twenty_features_and_cohorts_of_twenty_parameters_each_are_answered_in_bounded_time(
         app: Flask, client: FlaskClient, research: dict[str, str], project: str) -> None:
     import time
 
-    for patient_id in people(app, [(20.0 + i, "2022-03-01" if i % 2 else None, "female") for i in range(20)]):
-        consent(app, patient_id, project, "aggregate")
-    search = BMI_SEARCH + "".join(f"&value-quantity=ge{i}" for i in range(19))
-    body = train(*(feature(f"f{i}", expression=search, reduce="mean", lower=0.0, upper=100.0) for i in range(20)))
-    body["parameter"] += [param("cohort", search) for _ in range(20)]
+    body = twenty_by_twenty(app, project)
     started = time.monotonic()
     response = post(client, research, body)
     assert response.status_code == 200, response.get_json()
     assert time.monotonic() - started < 60
+
+
+def recorded_answers(app: Flask) -> int:
+    with app.app_context(), db.read() as conn:
+        return conn.scalar(select(func.count()).select_from(answers))
+
+
+@pytest.mark.parametrize("operation", ["$train", "$aggregate"])
+def test_a_statistic_that_takes_longer_than_its_bound_is_too_costly_and_records_nothing(
+        app: Flask, client: FlaskClient, research: dict[str, str], project: str, operation: str) -> None:
+    """No refunds (a failed computation keeps its reservation), no answer, and the question
+    itself is not spoiled: under the default bound it is answered."""
+    body = twenty_by_twenty(app, project)
+    if operation == "$aggregate":
+        body = count(*(TWENTY for _ in range(20)), epsilon=1.0)
+    send = post if operation == "$train" else ask
+    app.config["STATISTICS_TIMEOUT_SECONDS"] = 1e-6
+    response = send(client, research, body)
+    assert response.status_code == 422, response.get_json()
+    assert [issue["code"] for issue in response.get_json()["issue"]] == ["too-costly"]
+    assert spent(app, project) == 1.0
+    assert recorded_answers(app) == 0
+    app.config["STATISTICS_TIMEOUT_SECONDS"] = 30.0
+    assert send(client, research, body).status_code == 200
+    assert spent(app, project) == 2.0
+    assert recorded_answers(app) == 1
 
 
 @pytest.mark.parametrize("bounds", [(-1e9, 1e9), (0.0, 1e-9), (1e9 - 1, 1e9)])
@@ -577,3 +618,14 @@ def test_the_released_document_holds_no_patient_identifier(app: Flask, client: F
     body["parameter"].append(param("evaluate", True))
     text = json.dumps(post(client, research, body).get_json())
     assert not any(patient_id in text for patient_id in crowd)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf"])
+def test_a_statistics_time_bound_that_is_not_a_positive_number_of_seconds_is_refused_in_one_line(value: str) -> None:
+    with pytest.raises(ValueError, match="PASSERELLE_STATISTICS_TIMEOUT_SECONDS must be a positive number of seconds"):
+        load_config({"PASSERELLE_STATISTICS_TIMEOUT_SECONDS": value})
+
+
+def test_the_statistics_time_bound_is_read_in_seconds_with_a_default() -> None:
+    assert load_config({"PASSERELLE_STATISTICS_TIMEOUT_SECONDS": "2.5"})["STATISTICS_TIMEOUT_SECONDS"] == 2.5
+    assert load_config({})["STATISTICS_TIMEOUT_SECONDS"] == 30.0

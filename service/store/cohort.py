@@ -26,7 +26,7 @@ from itertools import pairwise
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, Connection, Select, and_, bindparam, case, false, func, select
+from sqlalchemy import ColumnElement, Connection, Select, and_, bindparam, case, false, func, intersect, select
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression
 
@@ -223,11 +223,16 @@ def cohort_members(cohort: Iterable[Expression], consented: RowFilter) -> tuple[
     """(p, SELECT p.id …): consented Patients matching every expression of `cohort`.
 
     `p` is a subquery of the consented Patient rows, so the expressions' own statements over
-    `resources` stay uncorrelated with it and each gets the consent filter itself.
+    `resources` stay uncorrelated with it and each gets the consent filter itself. Several
+    expressions are one INTERSECT, whose statements the database plans one at a time: their
+    conditions never become one join problem, however many there are.
     """
     p = consented(select(resources.c.pk, resources.c.id)
                   .where(resources.c.type == "Patient", resources.c.deleted == false())).subquery("p")
-    members = select(p.c.id).where(*(p.c.id.in_(having(expr, consented)) for expr in cohort))
+    matching = [having(expr, consented) for expr in cohort]
+    if len(matching) > 1:
+        matching = [intersect(*matching)]  # type: ignore[list-item]
+    members = select(p.c.id).where(*(p.c.id.in_(statement) for statement in matching))
     return p, members
 
 
