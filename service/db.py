@@ -97,14 +97,13 @@ def read(eng: Engine | None = None) -> Iterator[Connection]:
 
 
 @contextmanager
-def statistics_read(eng: Engine | None = None, seconds: float | None = None) -> Iterator[Connection]:
+def statistics_read() -> Iterator[Connection]:
     """The read transaction (`read`) a statistical answer is computed in: no statement of it runs
-    longer than `seconds` (PASSERELLE_STATISTICS_TIMEOUT_SECONDS unless given; at least 1 ms on
-    PostgreSQL): one that does is interrupted and `errors.TooCostly` raised. PostgreSQL's
-    `statement_timeout` is set for this transaction only; SQLite's progress handler only while
-    it lasts."""
-    seconds = current_app.config["STATISTICS_TIMEOUT_SECONDS"] if seconds is None else seconds
-    with read(eng) as conn:
+    longer than PASSERELLE_STATISTICS_TIMEOUT_SECONDS (at least 1 ms on PostgreSQL): one that does
+    is interrupted and `errors.TooCostly` raised. PostgreSQL's `statement_timeout` is set for this
+    transaction only; SQLite's progress handler only while it lasts."""
+    seconds = current_app.config["STATISTICS_TIMEOUT_SECONDS"]
+    with read() as conn:
         try:
             if is_sqlite(conn.engine):
                 with _sqlite_bound(conn, seconds):
