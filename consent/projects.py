@@ -82,7 +82,8 @@ class ProjectRecord:
                 "plain_language": self.plain_language, "ends": self.ends}
 
 
-def _record(row: Any) -> ProjectRecord:
+def record_of(row: Any) -> ProjectRecord:
+    """The record of a row holding the `projects` columns (by name)."""
     return ProjectRecord(row.project_id, row.name, row.max_tier, row.epsilon, row.delta,
                          tuple(json.loads(row.types)) if row.types else None, row.organization_id, row.status,
                          row.profile, row.epsilon_cap, row.suppression,
@@ -196,11 +197,11 @@ def get(conn: Connection, project_id: str) -> ProjectRecord:
     row = conn.execute(select(projects).where(projects.c.project_id == project_id)).first()
     if row is None:
         raise NotFound(f"Project {project_id!r} is not known")
-    return _record(row)
+    return record_of(row)
 
 
 def all_projects(conn: Connection) -> list[ProjectRecord]:
-    return [_record(row) for row in conn.execute(select(projects).order_by(projects.c.created))]
+    return [record_of(row) for row in conn.execute(select(projects).order_by(projects.c.created))]
 
 
 def close(conn: Connection, project_id: str) -> ProjectRecord:

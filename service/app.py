@@ -38,7 +38,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.before_request(check_host)
     app.before_request(scopes.enforce)
     app.before_request(limits.check_parameters)
-    app.before_request(limits.throttle_research)  # after scopes.enforce: it counts per authenticated client
     app.register_blueprint(health.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(custodian.bp, url_prefix="/fhir")

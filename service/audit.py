@@ -21,19 +21,19 @@ import hmac
 import logging
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
 from flask import Flask, Response, current_app, g, has_request_context, request
-from sqlalchemy import Connection, bindparam, insert, select, text, update
+from sqlalchemy import ColumnElement, Connection, Select, bindparam, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from policies.keys import derive_key
 from service import db, keyring
 from service.db import now_us
-from service.store.schema import audit, audit_head, audit_seals
+from service.store.schema import audit, audit_head, audit_seals, patient_sets
 from service.validation import model_for
 
 GENESIS = "0" * 64
@@ -47,12 +47,14 @@ _APPEND = insert(audit)
 _READ_HEAD = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
 _CREATE_HEAD = {module.dialect.name: module.insert(audit_head).values(id=1, seq=0, hash=GENESIS)
                 .on_conflict_do_nothing() for module in (postgresql, sqlite)}
-# The patients an entry names, in one statement whatever their number: their ids travel as
-# one parameter (a JSON array on SQLite, an array on PostgreSQL), not as one row each.
-_NAME_PATIENTS = {
-    "sqlite": text("INSERT INTO audit_patients (seq, patient_id) SELECT :seq, value FROM json_each(:ids)"),
-    "postgresql": text("INSERT INTO audit_patients (seq, patient_id) "
-                       "SELECT CAST(:seq AS BIGINT), unnest(CAST(:ids AS TEXT[]))"),
+# The patients an entry names, as a set stored once (schema.py `patient_sets`): whether it is
+# stored, by the set id's index; if not, its rows in one statement whatever their number, the
+# ids travelling as one parameter (a JSON array on SQLite, an array on PostgreSQL).
+_SET_STORED = select(patient_sets.c.set_id).where(patient_sets.c.set_id == bindparam("set_id")).limit(1)
+_STORE_SET = {
+    "sqlite": text("INSERT INTO patient_sets (set_id, patient_id) SELECT :set_id, value FROM json_each(:ids)"),
+    "postgresql": text("INSERT INTO patient_sets (set_id, patient_id) "
+                       "SELECT CAST(:set_id AS VARCHAR), unnest(CAST(:ids AS TEXT[]))"),
 }
 
 
@@ -60,9 +62,17 @@ def _digest(prev_hash: str, entry: dict[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode() + orjson.dumps(entry, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def set_id(patients: Iterable[str]) -> str:
+    """The id of a set of patients: the first 32 hex digits of the SHA-256 of its distinct ids,
+    sorted, as a JSON array (the same for the same set, however listed)."""
+    return hashlib.sha256(orjson.dumps(sorted(set(patients)))).hexdigest()[:32]
+
+
 def record(conn: Connection, *, actor: str, action: str, project_id: str | None, detail: dict[str, Any],
            patients: Iterable[str] = ()) -> int:
-    """Append one entry in the caller's write transaction; returns its sequence number."""
+    """Append one entry in the caller's write transaction; returns its sequence number. The entry
+    names `patients` by their set (stored once, the first time an entry names it), outside the
+    entry's digest."""
     head = conn.execute(_HEAD).first()
     if head is None:
         # The first writers may race to create the head: one row results, and each then locks it.
@@ -72,15 +82,49 @@ def record(conn: Connection, *, actor: str, action: str, project_id: str | None,
     entry = {"seq": seq, "ts": now_us(), "actor": actor, "action": action, "project_id": project_id,
              "detail": orjson.dumps(_in_context(detail), option=orjson.OPT_SORT_KEYS).decode()}
     digest = _digest(prev, entry)
-    conn.execute(_APPEND, {**entry, "prev_hash": prev, "hash": digest})
-    conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": digest})
     named = sorted(set(patients))
-    if named:
+    group = set_id(named) if named else None
+    conn.execute(_APPEND, {**entry, "prev_hash": prev, "hash": digest, "patients": group})
+    conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": digest})
+    # Writers hold the head's lock: no other can store the same set between the check and the insert.
+    if group is not None and conn.execute(_SET_STORED, {"set_id": group}).first() is None:
         ids = orjson.dumps(named).decode() if conn.dialect.name == "sqlite" else named
-        conn.execute(_NAME_PATIENTS[conn.dialect.name], {"seq": seq, "ids": ids})
+        conn.execute(_STORE_SET[conn.dialect.name], {"set_id": group, "ids": ids})
     if seq % SEAL_EVERY == 0:
         _seal(conn, seq, digest)
     return seq
+
+
+def entries_naming(patients: Iterable[str]) -> ColumnElement[bool]:
+    """The condition on `audit` of the entries that name any of these patients."""
+    return audit.c.patients.in_(select(patient_sets.c.set_id).where(patient_sets.c.patient_id.in_(list(patients))))
+
+
+def patients_named_by(*conditions: Any) -> Select[tuple[str]]:
+    """The patients named by the entries of `audit` matching `conditions`, one row per set naming them."""
+    return select(patient_sets.c.patient_id).where(patient_sets.c.set_id.in_(
+        select(audit.c.patients).where(*conditions)))
+
+
+def patients_named(conn: Connection, seqs: Sequence[int]) -> dict[int, tuple[str, ...]]:
+    """The patients each of these entries names, sorted (none for an entry naming none or unknown);
+    each distinct set read once."""
+    found: dict[int, tuple[str, ...]] = {seq: () for seq in seqs}
+    if not seqs:
+        return found
+    groups = {row.seq: row.patients for row in conn.execute(select(audit.c.seq, audit.c.patients)
+                                                             .where(audit.c.seq.in_(seqs)))}
+    members: dict[str, list[str]] = {}
+    wanted = sorted({group for group in groups.values() if group is not None})
+    if wanted:
+        for group, patient in conn.execute(select(patient_sets.c.set_id, patient_sets.c.patient_id)
+                                           .where(patient_sets.c.set_id.in_(wanted))
+                                           .order_by(patient_sets.c.set_id, patient_sets.c.patient_id)):
+            members.setdefault(group, []).append(patient)
+    for seq, group in groups.items():
+        if group is not None:
+            found[seq] = tuple(members.get(group, ()))
+    return found
 
 
 class ChainBroken(Exception):

@@ -1,6 +1,6 @@
 """The audit trail read back as FHIR R4 `AuditEvent` resources, coded after IHE BALP where it fits.
 
-One audit entry (service/audit.py: `audit` and the patients `audit_patients` names) is one
+One audit entry (service/audit.py: `audit` and the patients its set in `patient_sets` names) is one
 AuditEvent with id = its sequence number. A RESTful interaction (read, search, create, …) is
 `type` rest with its interaction as `subtype`, as the Basic Audit Log Patterns code it; a
 sign-in is DICOM User Authentication; anything else (key rotation, budget raise, …) DICOM
@@ -20,12 +20,13 @@ from typing import Any
 from urllib.parse import urlencode
 
 import orjson
-from sqlalchemy import Connection, exists, select
+from sqlalchemy import Connection, select
 
 from policies.fhirdates import DateFormatError, date_range, instant
+from service.audit import entries_naming, patients_named
 from service.errors import InvalidRequest, NotFound
 from service.params import page_size
-from service.store.schema import audit, audit_patients
+from service.store.schema import audit
 
 #: The resource type served from the audit trail, never stored: no interaction writes it.
 TYPE = "AuditEvent"
@@ -188,22 +189,12 @@ def render(row: Any, patients: Sequence[str]) -> dict[str, Any]:
     return event
 
 
-def _patients(conn: Connection, seqs: list[int]) -> dict[int, list[str]]:
-    named: dict[int, list[str]] = {seq: [] for seq in seqs}
-    if seqs:
-        for seq, patient in conn.execute(select(audit_patients.c.seq, audit_patients.c.patient_id)
-                                         .where(audit_patients.c.seq.in_(seqs))
-                                         .order_by(audit_patients.c.seq, audit_patients.c.patient_id)):
-            named[seq].append(patient)
-    return named
-
-
 def read(conn: Connection, event_id: str) -> dict[str, Any]:
     """The AuditEvent with this id (the entry's sequence number); NotFound otherwise."""
     row = conn.execute(select(audit).where(audit.c.seq == int(event_id))).first() if event_id.isdigit() else None
     if row is None:
         raise NotFound(f"AuditEvent/{event_id} is not known")
-    return render(row, _patients(conn, [row.seq])[row.seq])
+    return render(row, patients_named(conn, [row.seq])[row.seq])
 
 
 def _token(value: str) -> tuple[str | None, str]:
@@ -273,8 +264,7 @@ def parse(args: Sequence[tuple[str, str]], default_count: int, max_count: int) -
             found.conditions.append(audit.c.actor.in_([_token(v.rpartition("/")[2])[1] for v in values]))
         elif name == "patient":
             ids = [v.rpartition("/")[2] for v in values]
-            found.conditions.append(exists().where(audit_patients.c.seq == audit.c.seq,
-                                                   audit_patients.c.patient_id.in_(ids)))
+            found.conditions.append(entries_naming(ids))
         elif name == "subtype":
             found.subtype.append([_token(v) for v in values])
         elif name == "entity-type":
@@ -307,9 +297,9 @@ def search(conn: Connection, query: Search, base: str) -> dict[str, Any]:
     pending: list[Any] = []
 
     def flush() -> None:
-        named = _patients(conn, [row.seq for row in pending])
+        patients = patients_named(conn, [row.seq for row in pending])
         for row in pending:
-            event = render(row, named[row.seq])
+            event = render(row, patients[row.seq])
             if query.matches(event):
                 events.append(event)
         pending.clear()

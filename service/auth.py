@@ -18,17 +18,18 @@ import json
 import re
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
 import jwt
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from sqlalchemy import ColumnElement, Connection, Join, and_, delete, insert, or_, select
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
-from service import db, limits
+from consent.projects import ProjectRecord, record_of
+from service import db, keyring, limits
 from service.api.fhirjson import base_url
 from service.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
 from service.store.schema import access_tokens, clients, projects, used_jti
@@ -60,6 +61,10 @@ class Principal:
     role: str
     project_id: str | None
     scopes: tuple[str, ...]
+    #: A research client's project and its current key version as `authenticate` read them, in the
+    #: statement that checked the token; None for a custodian.
+    project: ProjectRecord | None = field(default=None, compare=False, repr=False)
+    key_version: int | None = field(default=None, compare=False)
 
     def permits(self, resource_type: str, permission: str) -> bool:
         """Whether a granted scope allows `permission` (one of c r u d s) on `resource_type`."""
@@ -389,19 +394,32 @@ def smart_configuration() -> Response:
 
 def authenticate(role: str) -> Principal:
     """The caller behind the request's bearer token; 401 without a valid one (unknown, expired, or
-    of a client that may no longer act: see `_may_act`), 403 for another role."""
+    of a client that may no longer act: see `_may_act`), 403 for another role. A research caller's
+    request is counted in the same transaction (`limits.count_research`), and refused (429) past
+    its limit."""
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
         raise Unauthorized("A bearer token is required (POST /auth/token)")
-    with db.read() as conn:
+    counted = None
+    with db.write() if role == "research" else db.read() as conn:
+        # The project's columns and key version come with the token (the outer join matches a
+        # research client's project, and nothing for a custodian's).
         row = conn.execute(
-            select(clients.c.client_id, clients.c.role, clients.c.project_id, access_tokens.c.scope)
+            select(clients.c.client_id, clients.c.role, access_tokens.c.scope, *projects.c,
+                   keyring.current_version_of(clients.c.project_id).label("key_version"))
             .select_from(_clients_with_projects().join(access_tokens,
                                                        access_tokens.c.client_id == clients.c.client_id))
             .where(access_tokens.c.token_hash == _hash(value.strip()), access_tokens.c.expires_at > db.now_us(),
                    _may_act())).first()
+        if row is not None and row.role == role == "research":
+            counted = limits.count_research(conn, row.client_id)
     if row is None:
         raise Unauthorized("The bearer token is unknown, expired or revoked (client disabled or project closed)")
     if row.role != role:
         raise Forbidden(f"A {row.role} token cannot use this API")
-    return Principal(row.client_id, row.role, row.project_id, tuple(row.scope.split()))
+    principal = Principal(row.client_id, row.role, row.project_id, tuple(row.scope.split()),
+                          record_of(row) if row.project_id else None, row.key_version)
+    if counted is not None:
+        g.principal = principal  # a refusal is then logged and audited as this caller's (service/audit.py)
+        limits.refuse_past(counted, current_app.config["RESEARCH_RATE_LIMIT"])
+    return principal

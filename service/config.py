@@ -149,6 +149,7 @@ def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
         "CONSENT_DEFAULT": consent_default,
         "EXPORT_TTL_SECONDS": _int(env, "PASSERELLE_EXPORT_TTL", 24 * 3600),
         "EXPORT_POLL_SECONDS": _int(env, "PASSERELLE_EXPORT_POLL_SECONDS", 2),
+        "EXPORT_HEARTBEAT_SECONDS": _seconds(env, "PASSERELLE_EXPORT_HEARTBEAT_SECONDS", 5.0),
         # Export jobs run in a worker thread of each serving process (thread), or only in
         # dedicated `flask --app wsgi export-worker` processes (off).
         "EXPORT_WORKER": export_worker,

@@ -16,15 +16,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, distinct, func, select
+from sqlalchemy import Connection, func, select
 
 from consent import projects
 from consent.patients import resolve
 from policies import budget
 from policies.fhirdates import instant
-from service.audit import STATISTICAL
+from service.audit import STATISTICAL, entries_naming, patients_named_by
 from service.errors import NotFound
-from service.store.schema import audit, audit_patients, export_files
+from service.store.schema import audit, export_files
 
 #: The kinds of release: a statistical answer (an `audit.STATISTICAL` action), or records (every
 #: other release with a project).
@@ -50,7 +50,7 @@ def patient_of(conn: Connection, text: str) -> str:
     try:
         return resolve(conn, text)
     except NotFound:
-        named = conn.scalar(select(audit_patients.c.seq).where(audit_patients.c.patient_id == text.strip()).limit(1))
+        named = conn.scalar(select(audit.c.seq).where(entries_naming([text.strip()])).limit(1))
         if named is None:
             raise
         return text.strip()
@@ -77,11 +77,10 @@ def _resource_type(detail: dict[str, Any], exports: dict[tuple[str, int], str]) 
 def disclosures(conn: Connection, patient_id: str, since: int | None = None) -> dict[str, Any]:
     """Every release of the patient's data to a project, oldest first, and a summary per project
     and kind (records: releases, resources; aggregate: answers, ε)."""
-    conditions = [audit_patients.c.patient_id == patient_id, audit.c.project_id.is_not(None)]
+    conditions = [entries_naming([patient_id]), audit.c.project_id.is_not(None)]
     if since is not None:
         conditions.append(audit.c.ts >= since)
-    rows = conn.execute(select(audit).join(audit_patients, audit_patients.c.seq == audit.c.seq)
-                        .where(*conditions).order_by(audit.c.seq)).all()
+    rows = conn.execute(select(audit).where(*conditions).order_by(audit.c.seq)).all()
     details = [_detail(row.detail) for row in rows]
     exports = _export_types(conn, details)
     names = {p.project_id: p.name for p in projects.all_projects(conn)}
@@ -131,9 +130,8 @@ def project_report(conn: Connection, project_id: str) -> dict[str, Any]:
 
     def patients(aggregate: bool) -> int:
         action = audit.c.action.in_(STATISTICAL) if aggregate else audit.c.action.not_in(STATISTICAL)
-        return conn.scalar(select(func.count(distinct(audit_patients.c.patient_id)))
-                           .select_from(audit_patients.join(audit, audit.c.seq == audit_patients.c.seq))
-                           .where(and_(audit.c.project_id == project_id, action))) or 0
+        return conn.scalar(select(func.count()).select_from(
+            patients_named_by(audit.c.project_id == project_id, action).distinct().subquery())) or 0
 
     report: dict[str, Any] = {
         "project": project_id, "name": project.name,

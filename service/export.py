@@ -60,11 +60,9 @@ _NEXT_QUERY = re.compile(r",(?=[A-Z][A-Za-z]*\?)")
 _BATCH = 500
 _PART_BYTES = 1 << 20
 LEASE_US = 60_000_000
-#: An idle worker looks for queued jobs this often; it records a heartbeat at most this often.
+#: An idle worker looks for queued jobs this often. It records a heartbeat at most every
+#: EXPORT_HEARTBEAT_SECONDS, and counts as gone three of those after its last (service/store/jobs.py).
 IDLE_SECONDS = 1.0
-HEARTBEAT_SECONDS = 5.0
-#: No heartbeat for three intervals: that worker is gone (and no worker runs when none has beaten).
-_SILENT_US = int(3 * HEARTBEAT_SECONDS * 1_000_000)
 _STARTED_IN = "passerelle.export_worker_pid"
 _start_lock = threading.Lock()
 
@@ -202,7 +200,7 @@ def _since(release: Release, value: str | None) -> int | None:
 
 
 def _require_worker() -> None:
-    if not jobs.worker_alive(_SILENT_US):
+    if not jobs.worker_alive():
         raise ServiceUnavailable("No export worker is running, so the export cannot progress; try again later or "
                                  "tell the data custodian")
 
@@ -295,14 +293,15 @@ class Worker:
     def __init__(self, app: Flask, worker_id: str | None = None):
         self.app = app
         self.worker_id = worker_id or f"{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._every = app.config["EXPORT_HEARTBEAT_SECONDS"]
         self._next_beat = 0.0
 
     def beat(self) -> None:
-        """Record that this worker is alive (at most once every HEARTBEAT_SECONDS)."""
+        """Record that this worker is alive (at most once every EXPORT_HEARTBEAT_SECONDS)."""
         if time.monotonic() >= self._next_beat:
             with self.app.app_context():
-                jobs.beat(self.worker_id)
-            self._next_beat = time.monotonic() + HEARTBEAT_SECONDS
+                jobs.beat(self.worker_id, round(self._every * 1_000_000))
+            self._next_beat = time.monotonic() + self._every
 
     def work(self) -> int:
         """Run queued jobs until none is left; returns how many ran."""
@@ -310,7 +309,7 @@ class Worker:
         with self.app.app_context():
             self.beat()
             jobs.purge_expired()
-            while (job_id := jobs.claim(self.worker_id, LEASE_US, _SILENT_US)) is not None:
+            while (job_id := jobs.claim(self.worker_id, LEASE_US)) is not None:
                 self._run(job_id)
                 ran += 1
         return ran

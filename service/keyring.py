@@ -3,15 +3,14 @@
 The master key file is read once; a node serves only while its fingerprint is the one
 `init-db` recorded in the database (`key_status`, checked by service/health.py). Each
 project's pseudonym key is derived from it for the project's current key version
-(`project_keys`), which `keys rotate` advances. A node keeps the current version it read
-for `VERSION_TTL` seconds, so a rotation takes effect on every node within `VERSION_TTL`
-seconds of its commit (the node that rotates forgets its copy at once).
+(`project_keys`), which `keys rotate` advances. The current version is read from the database
+for every release (with the token, for a search or read: service/auth.py `authenticate`), so a
+rotation takes effect on every node at the next request after its commit.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from flask import current_app
@@ -32,8 +31,6 @@ class KeyMissing(Forbidden):
 
 
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "policies" / "profiles" / "default.json"
-#: Seconds a node keeps using the current key version it read (see the module docstring).
-VERSION_TTL = 1.0
 #: The `settings` row holding the master key's fingerprint (policies.keys.fingerprint).
 FINGERPRINT = "master-key-fingerprint"
 
@@ -97,15 +94,24 @@ def current_version(conn: Connection, project_id: str) -> int:
     version = conn.execute(select(func.max(project_keys.c.version))
                            .where(project_keys.c.project_id == project_id)).scalar()
     if version is None:
-        raise KeyMissing(f"Project {project_id} has no pseudonym key; run `flask --app wsgi init-db`")
+        raise _missing(project_id)
     return version
+
+
+def current_version_of(project_id: Any) -> Any:
+    """`current_version` as a scalar subquery on a statement's project id column (NULL without one)."""
+    return (select(func.max(project_keys.c.version)).where(project_keys.c.project_id == project_id)
+            .scalar_subquery())
+
+
+def _missing(project_id: str) -> KeyMissing:
+    return KeyMissing(f"Project {project_id} has no pseudonym key; run `flask --app wsgi init-db`")
 
 
 def rotate(conn: Connection, project_id: str) -> int:
     """Start a new key version: new pseudonyms and date shifts from now on."""
     version = current_version(conn, project_id) + 1
     conn.execute(insert(project_keys).values(project_id=project_id, version=version, created=now_us()))
-    _known_versions().pop(project_id, None)
     return version
 
 
@@ -114,25 +120,15 @@ def versions(conn: Connection, project_id: str) -> list[int]:
                              .order_by(project_keys.c.version.desc())).scalars())
 
 
-def _known_versions() -> dict[str, tuple[int, float]]:
-    """project id → (current key version, monotonic time it was read), for this app."""
-    return current_app.extensions.setdefault("passerelle.key_versions", {})
-
-
-def recent_version(conn: Connection, project_id: str) -> int:
-    """`current_version` as read at most `VERSION_TTL` seconds ago on this node."""
-    known = _known_versions().get(project_id)
-    if known is not None and time.monotonic() - known[1] < VERSION_TTL:
-        return known[0]
-    read_at = time.monotonic()
-    version = current_version(conn, project_id)
-    _known_versions()[project_id] = (version, read_at)
-    return version
-
-
 def project_key(conn: Connection, project_id: str, version: int | None = None) -> PseudonymKey:
-    """The project's key at `version`, or at its recent current version (`recent_version`)."""
-    version = version or recent_version(conn, project_id)
+    """The project's key at `version`, or at its current version."""
+    return key_at(project_id, version or current_version(conn, project_id))
+
+
+def key_at(project_id: str, version: int | None) -> PseudonymKey:
+    """The project's key at `version`; KeyMissing for None (a project without a key version)."""
+    if version is None:
+        raise _missing(project_id)
     cache = current_app.extensions.setdefault("passerelle.keys", {})
     key = cache.get((project_id, version))
     if key is None:

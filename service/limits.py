@@ -8,10 +8,12 @@ and refused with an OperationOutcome before the request does any work.
 | query and form parameters | `MAX_SEARCH_PARAMS` | 400 (`check_parameters`, every request) |
 | Bundle entries | `MAX_BUNDLE_ENTRIES` | 413 (`check_bundle_entries`, transaction and batch) |
 | `_count` | `MAX_PAGE_SIZE` | clamped, not refused (service/store/search.py): FHIR lets a server return fewer |
-| requests per client | `TOKEN_RATE_LIMIT`, `RESEARCH_RATE_LIMIT` | 429 + `Retry-After` (`throttle_*`) |
+| requests per client | `TOKEN_RATE_LIMIT`, `RESEARCH_RATE_LIMIT` | 429 + `Retry-After` (`throttle_token`, below) |
 
 Rate limits count in the database (service/ratelimit.py), so they hold across workers and nodes;
-each window lasts `RATE_WINDOW_SECONDS`. On PostgreSQL a hit commits without waiting for the disk
+each window lasts `RATE_WINDOW_SECONDS`. A research request is counted (`count_research`) in the
+transaction that checks its token (service/auth.py `authenticate`).
+On PostgreSQL a hit commits without waiting for the disk
 (`synchronous_commit = off`: seen by every node at once, forgotten only by a database crash).
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from typing import IO, Any
 from urllib.parse import parse_qsl
 
-from flask import Request, current_app, g, request
+from flask import Request, current_app, request
 from sqlalchemy import Connection, select
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.utils import cached_property
@@ -66,16 +68,12 @@ class LimitedRequest(Request):
 
 
 def depth(value: Any) -> int:
-    """How deeply objects and arrays nest in a parsed JSON value (a scalar: 0); iterative, so any
+    """How deeply objects and arrays nest in a parsed JSON value (a scalar: 0); level by level, so any
     depth is measured without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        node, level = stack.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, level)
-        stack.extend((child, level + 1) for child in children)
+    deepest, level = 0, [value]
+    while containers := [node for node in level if isinstance(node, (dict, list))]:
+        deepest += 1
+        level = [child for node in containers for child in (node.values() if isinstance(node, dict) else node)]
     return deepest
 
 
@@ -130,12 +128,22 @@ def _throttle(who: Callable[[Connection, int], str], limit: int) -> None:
     """Count one hit on the bucket `who(conn, now)` names, in its own transaction (so that a
     refusal is counted too)."""
     with db.write() as conn:
-        if conn.dialect.name == "postgresql":
-            # Every node sees the count as soon as it commits; only the wait for the disk is skipped
-            # (several milliseconds a request): a database crash may forget the last moment's hits.
-            conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-        now = db.now_us()
+        now = _counting(conn)
         verdict = ratelimit.hit(conn, who(conn, now), limit, RATE_WINDOW_SECONDS, now)
+    refuse_past(verdict, limit)
+
+
+def _counting(conn: Connection) -> int:
+    """Prepare `conn`'s write transaction to count a hit; returns the instant it counts at."""
+    if conn.dialect.name == "postgresql":
+        # Every node sees the count as soon as it commits; only the wait for the disk is skipped
+        # (several milliseconds a request): a database crash may forget the last moment's hits.
+        conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+    return db.now_us()
+
+
+def refuse_past(verdict: ratelimit.Verdict, limit: int) -> None:
+    """429 for a hit past the limit (raise it once the hit is committed, so that it counts)."""
     if not verdict.allowed:
         raise TooManyRequests(f"Too many requests: at most {limit} every {RATE_WINDOW_SECONDS} s; "
                               f"retry in {verdict.retry_after} s", headers={"Retry-After": str(verdict.retry_after)})
@@ -155,9 +163,9 @@ def throttle_token(claimed: str | None) -> None:
     _throttle(who, current_app.config["TOKEN_RATE_LIMIT"])
 
 
-def throttle_research() -> None:
-    """The app's before_request, after authentication: count one request of the research client;
-    429 past `RESEARCH_RATE_LIMIT` a window. Other requests are not counted."""
-    principal = g.get("principal")
-    if request.blueprint == "research" and principal is not None:
-        _throttle(lambda _conn, _now: RESEARCH_BUCKET + principal.client_id, current_app.config["RESEARCH_RATE_LIMIT"])
+def count_research(conn: Connection, client_id: str) -> ratelimit.Verdict:
+    """Count one request of a research client, in the write transaction that checked its token
+    (`auth.authenticate`); refuse it with `refuse_past` past `RESEARCH_RATE_LIMIT` a window,
+    once that transaction has committed."""
+    return ratelimit.hit(conn, RESEARCH_BUCKET + client_id, current_app.config["RESEARCH_RATE_LIMIT"],
+                         RATE_WINDOW_SECONDS, _counting(conn))

@@ -35,12 +35,13 @@ from sqlalchemy import (
     BigInteger,
     Connection,
     Select,
+    String,
     and_,
     bindparam,
     exists,
     false,
     func,
-    literal,
+    literal_column,
     not_,
     or_,
     select,
@@ -57,6 +58,7 @@ from policies.pseudonym import PseudonymKey
 from policies.sensitivity import CUSTODIAN_ONLY
 from service import audit, db, keyring, released_forms
 from service.api.searchset import run_search
+from service.auth import Principal
 from service.errors import Forbidden, InvalidRequest, NotFound
 from service.store import cohort, features, jobs, project_groups, search
 from service.store.indexer import parse_reference
@@ -88,7 +90,8 @@ _COMPARTMENT_TYPES = frozenset({"Patient", *COMPARTMENT})
 _THROUGH_REFERRERS = {"Medication": "medication"}
 #: A "reference" member with a string value in JSON text. It cannot match inside a string
 #: value, where every quote is escaped and the pattern allows no backslash before one.
-_REFERENCE = re.compile(rb'"reference"\s*:\s*"((?:[^"\\]|\\.)*)"')
+#: The string's characters are `(?:[^"\\]|\\.)*` unrolled: the same strings, without an alternation per character.
+_REFERENCE = re.compile(rb'"reference"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ class _Consented:
 
     def at(self, instant: int) -> Any:
         """The decision must also be in force at `instant`."""
-        return exists(select(literal(1)).where(
+        return exists(select(_ONE).where(
             *self.clauses,
             or_(decisions.c.valid_from.is_(None), decisions.c.valid_from <= instant),
             or_(decisions.c.valid_until.is_(None), decisions.c.valid_until >= instant),
@@ -178,7 +181,7 @@ class _Named:
     correlate: tuple[Any, ...]
 
     def at(self, instant: int) -> Any:
-        return exists(select(literal(1)).select_from(self.join)
+        return exists(select(_ONE).select_from(self.join)
                       .where(*self.clauses, self.consented.at(instant)).correlate(*self.correlate))
 
 
@@ -203,33 +206,46 @@ def _filter_parts(judged: Judged, project_id: str, minimum_tier: int, types: tup
     for target, param in _THROUGH_REFERRERS.items():
         if target in directory:
             referrer = resources.alias(f"referrer_{target.lower()}")
-            named = _Named((idx_reference.c.param == param, idx_reference.c.target_id == judged.id,
-                            idx_reference.c.target_type == target, referrer.c.deleted == false(),
+            named = _Named((idx_reference.c.param == _constant(param), idx_reference.c.target_id == judged.id,
+                            idx_reference.c.target_type == _constant(target), referrer.c.deleted == false(),
                             _one_of(referrer.c.type, in_compartment)),
                            _consented(Judged.current(referrer), project_id, minimum_tier),
                            idx_reference.join(referrer, referrer.c.pk == idx_reference.c.resource_pk),
                            judged.tables)
-            through.append((judged.type == target, named))
+            through.append((judged.type == _constant(target), named))
     return _FilterParts(_one_of(judged.type, in_compartment), _consented(judged, project_id, minimum_tier),
                         directory_clause, tuple(through))
 
 
 def _one_of(column: Any, names: Iterable[str]) -> Any:
-    """`column IN (names)` with one bound parameter per name, so a statement's compiled form is
-    reused whole (an expanding list is rendered again at every execution); FALSE for no names."""
+    """`column IN (names)` with the names written into the SQL (`_constant`), so a statement's compiled
+    form is reused whole (an expanding list is rendered again at every execution); FALSE for no names."""
     chosen = sorted(names)
-    return column.in_([literal(name) for name in chosen]) if chosen else false()
+    return column.in_([_constant(name) for name in chosen]) if chosen else false()
+
+
+#: Constants of the consent filter written into its SQL, not bound: a statement filtered by it then
+#: carries only the parameters that change (project, tier, instant and the statement's own).
+_ONE = literal_column("1")
+_NAME = re.compile(r"[A-Za-z]+")
+
+
+def _constant(name: str) -> Any:
+    """A type or parameter name as an SQL string constant (only letters: nothing to escape)."""
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"not a name: {name!r}")
+    return literal_column(f"'{name}'", String)
 
 
 def _open(judged: Judged) -> Any:
     """The row is not custodian-only (policies.sensitivity.CUSTODIAN_ONLY): no consent releases one."""
-    return judged.sensitive_mask.op("&")(literal(CUSTODIAN_ONLY, BigInteger)) == 0
+    return judged.sensitive_mask.op("&")(literal_column(str(CUSTODIAN_ONLY), BigInteger)) == 0
 
 
 def _consented(judged: Judged, project_id: str, minimum_tier: int) -> _Consented:
     """A decision of the project that releases this patient-compartment row (`_Consented.at` an instant)."""
     in_period = or_(
-        judged.type == "Patient",
+        judged.type == _constant("Patient"),
         and_(decisions.c.period_start.is_(None), decisions.c.period_end.is_(None)),
         and_(judged.clinical_low.is_not(None),
              or_(decisions.c.period_start.is_(None), judged.clinical_low >= decisions.c.period_start),
@@ -243,7 +259,7 @@ def _consented(judged: Judged, project_id: str, minimum_tier: int) -> _Consented
         _open(judged),
         in_period,
         # Correlate explicitly: two levels down, auto-correlation would not reach the outer row.
-        not_(exists(select(literal(1)).where(
+        not_(exists(select(_ONE).where(
             decision_classes.c.patient_id == judged.patient_id,
             decision_classes.c.project_id == project_id,
             decision_classes.c.resource_type == judged.type).correlate(*judged.tables))),
@@ -259,8 +275,7 @@ class Release:
     tier: int
     key: PseudonymKey
     deid: Deidentifier
-    #: The read transaction the project was checked in (`record_release`), which search and
-    #: read then use; None: each opens its own.
+    #: The read transaction search and read use (`record_release`); None: each opens its own.
     reading: Connection | None = field(default=None, repr=False)
 
     # -- what the project may see ------------------------------------------------------------
@@ -629,7 +644,7 @@ class Release:
         judged on that version (for every reference in the stored JSON, and possibly more)."""
         current: set[tuple[str, str]] = set()
         versioned: set[tuple[str, str, str]] = set()
-        for reference in {reference for text in stored for reference in _references(text)}:
+        for reference in _references(stored):
             parsed = parse_reference(reference)
             if parsed and parsed[0] in self.types:
                 current.add((parsed[0], parsed[1]))
@@ -783,12 +798,11 @@ def patients_of(rows: Iterable[Any]) -> set[str]:
     return {row.patient_id for row in rows if row.patient_id}
 
 
-def _references(stored: bytes) -> Iterator[str]:
-    """The string value of every "reference" member in stored JSON, found without parsing it
-    (and perhaps a few more values, of keys that end in an escaped quote and "reference")."""
-    for match in _REFERENCE.finditer(stored):
-        raw = match.group(1)
-        yield orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
+def _references(stored: Iterable[bytes]) -> set[str]:
+    """The string value of every "reference" member in stored JSON documents, found without parsing
+    them (and perhaps a few more values, of keys that end in an escaped quote and "reference")."""
+    raw = {value for text in stored for value in _REFERENCE.findall(text)}
+    return {orjson.loads(b'"' + value + b'"') if b"\\" in value else value.decode() for value in raw}
 
 
 def release_for(client_id: str, project_id: str | None, minimum_tier: int) -> Release:
@@ -799,27 +813,39 @@ def release_for(client_id: str, project_id: str | None, minimum_tier: int) -> Re
 
 
 @contextmanager
-def record_release(client_id: str, project_id: str | None) -> Iterator[Release]:
-    """The record-level release of a research client (refused as by `release_for`), whose
-    search and read run in the read transaction its project was checked in."""
+def record_release(principal: Principal) -> Iterator[Release]:
+    """The record-level release of a research caller (refused as by `release_for`) on its project and
+    key version as they were read with its token (`auth.authenticate`), so not read again; its
+    search and read run in one read transaction."""
+    if principal.project is None:
+        raise Forbidden("This client is not bound to a research project")
+    project = _receiving(principal.project, engine.RECORD)
+    key = keyring.key_at(project.project_id, principal.key_version)
     with db.read() as conn:
-        yield _release_in(conn, client_id, project_id, engine.RECORD, reading=conn)
+        yield _release(principal.client_id, project, engine.RECORD, key, conn)
 
 
-def _release_in(conn: Connection, client_id: str, project_id: str | None, minimum_tier: int,
-                reading: Connection | None = None) -> Release:
+def _release_in(conn: Connection, client_id: str, project_id: str | None, minimum_tier: int) -> Release:
     if project_id is None:
         raise Forbidden("This client is not bound to a research project")
-    project = projects.get(conn, project_id)
+    project = _receiving(projects.get(conn, project_id), minimum_tier)
+    return _release(client_id, project, minimum_tier, keyring.project_key(conn, project_id), None)
+
+
+def _receiving(project: ProjectRecord, minimum_tier: int) -> ProjectRecord:
+    """`project`, refused if it is closed or cannot receive at `minimum_tier`."""
     if project.status != "active":
-        raise Forbidden(f"Project {project_id} is closed and receives nothing more")
+        raise Forbidden(f"Project {project.project_id} is closed and receives nothing more")
     if project.max_tier < minimum_tier:
-        raise Forbidden(f"Project {project_id} may only receive aggregate results; "
+        raise Forbidden(f"Project {project.project_id} may only receive aggregate results; "
                         "record-level paths are refused")
-    key = keyring.project_key(conn, project_id)
-    return Release(project, client_id, minimum_tier, key,
-                   Deidentifier(keyring.profile_for(project), key, reference_year=datetime.now(UTC).year),
-                   reading)
+    return project
+
+
+def _release(client_id: str, project: ProjectRecord, tier: int, key: PseudonymKey,
+             reading: Connection | None) -> Release:
+    return Release(project, client_id, tier, key,
+                   Deidentifier(keyring.profile_for(project), key, reference_year=datetime.now(UTC).year), reading)
 
 
 def research_param_allowed(param: SearchParam) -> bool:

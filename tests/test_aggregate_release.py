@@ -18,8 +18,9 @@ from sqlalchemy import select
 
 from consent import engine
 from service import aggregate, db
+from service.audit import patients_named
 from service.release import release_for
-from service.store.schema import audit, audit_patients
+from service.store.schema import audit
 from tests.research_world import bearer, token
 from tests.test_aggregate import (
     HYPERTENSION,
@@ -41,9 +42,8 @@ def aggregate_entries(app: Flask) -> list[tuple[dict[str, Any], set[str]]]:
     with app.app_context(), db.read() as conn:
         entries = conn.execute(select(audit.c.seq, audit.c.detail).where(audit.c.action == "aggregate")
                                .order_by(audit.c.seq)).all()
-        return [(json.loads(e.detail), set(conn.execute(select(audit_patients.c.patient_id)
-                                                          .where(audit_patients.c.seq == e.seq)).scalars()))
-                for e in entries]
+        named = patients_named(conn, [e.seq for e in entries])
+        return [(json.loads(e.detail), set(named[e.seq])) for e in entries]
 
 
 @pytest.fixture

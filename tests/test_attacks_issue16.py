@@ -22,10 +22,11 @@ from consent.materialise import refresh
 from policies import learning
 from policies.sensitivity import CUSTODIAN_ONLY_LABEL
 from service import db
+from service.audit import patients_named
 from service.config import load_config
 from service.release import release_for
 from service.store import repository
-from service.store.schema import answers, audit, audit_patients
+from service.store.schema import answers, audit
 from tests.fhir_helpers import create, observation, patient
 from tests.gate_world import consent_to, encounter
 from tests.research_world import bearer, token
@@ -583,8 +584,8 @@ def test_a_training_is_audited_with_its_patients_and_a_replay_without_any(app: F
     with app.app_context(), db.read() as conn:
         entries = conn.execute(select(audit.c.seq, audit.c.detail).where(
             audit.c.action == "train", audit.c.project_id == project).order_by(audit.c.seq)).all()
-        named = [set(conn.execute(select(audit_patients.c.patient_id).where(audit_patients.c.seq == seq)).scalars())
-                 for seq, _ in entries]
+        patients = patients_named(conn, [seq for seq, _ in entries])
+        named = [set(patients[seq]) for seq, _ in entries]
     assert named == [set(crowd), set()]
     assert [json.loads(detail).get("replayed", False) for _, detail in entries] == [False, True]
 
@@ -597,8 +598,7 @@ def test_a_training_refused_by_the_row_limit_is_audited_with_the_patients_it_rea
     with app.app_context(), db.read() as conn:
         entries = conn.execute(select(audit.c.seq).where(audit.c.action == "train",
                                                          audit.c.project_id == project)).scalars().all()
-        named = set(conn.execute(select(audit_patients.c.patient_id).where(audit_patients.c.seq.in_(entries)))
-                    .scalars())
+        named = {patient for patients in patients_named(conn, entries).values() for patient in patients}
     assert named == set(crowd)
 
 

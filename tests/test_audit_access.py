@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from service import audit, db
 from service.store.schema import audit as audit_table
-from service.store.schema import audit_patients, clients, resources
+from service.store.schema import clients, resources
 from tests.fhir_helpers import create, observation, patient, post_entry, transaction
 from tests.portal_helpers import PASSPHRASE, cli, form_token, sign_in, signed_in_patient
 from tests.research_world import bearer, token
@@ -29,11 +29,9 @@ def entries(app: Flask) -> list[dict[str, Any]]:
     """Every audit entry, oldest first: its columns, its detail parsed and the patients it names."""
     with app.app_context(), db.read() as conn:
         rows = conn.execute(select(audit_table).order_by(audit_table.c.seq)).all()
-        named: dict[int, set[str]] = {}
-        for seq, patient_id in conn.execute(select(audit_patients.c.seq, audit_patients.c.patient_id)):
-            named.setdefault(seq, set()).add(patient_id)
+        named = audit.patients_named(conn, [r.seq for r in rows])
     return [{"actor": r.actor, "action": r.action, "project_id": r.project_id, "detail": json.loads(r.detail),
-             "patients": named.get(r.seq, set())} for r in rows]
+             "patients": set(named[r.seq])} for r in rows]
 
 
 def text_of(app: Flask) -> str:

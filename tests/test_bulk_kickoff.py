@@ -261,6 +261,6 @@ def test_progress_of_a_claimed_job_starts_with_a_percentage(app, client, world, 
     app.config["EXPORT_POLL_SECONDS"] = 0
     kick = _kick(client, research)
     with app.app_context():
-        assert jobs.claim(export_worker.worker_id, 60_000_000, 60_000_000) is not None
+        assert jobs.claim(export_worker.worker_id, 60_000_000) is not None
     status = _get(client, kick.headers["Content-Location"], research)
     assert status.headers["X-Progress"] == "0% (starting)"

@@ -15,9 +15,10 @@ only, pseudonymised, no identifying element.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import requests
@@ -30,6 +31,8 @@ from fhirpy.base.exceptions import ForbiddenError, MultipleResourcesFound, Opera
 from fhirpy.base.searchset import Raw
 
 from tests.research_world import World
+
+T = TypeVar("T")
 
 SYSTOLIC = "http://loinc.org|8480-6"
 HEART_RATE = "http://loinc.org|8867-4"
@@ -620,6 +623,15 @@ def test_fhirpy_batch_answers_each_entry_on_its_own(server: Server, seeded: Seed
 # -- fhirpy (async) ------------------------------------------------------------------------------
 
 
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run an async client's scenario in a thread of its own: a session fixture (playwright's sync API, in
+    tests/browser) keeps an event loop running in the test's thread once a browser test ran there, and
+    asyncio.run refuses to start another one in it."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
 def test_async_fhirpy_create_read_search_delete(server: Server):
     async def scenario() -> None:
         fhir = server.async_fhirpy()
@@ -631,21 +643,21 @@ def test_async_fhirpy_create_read_search_delete(server: Server):
         await patient.delete()
         assert await fhir.resources("Patient").search(family="Async").fetch() == []
 
-    asyncio.run(scenario())
+    _run(scenario())
 
 
 def test_async_fhirpy_fetch_all_follows_every_page(server: Server, seeded: Seeded):
     async def every() -> list[str]:
         return [o.id for o in await server.async_fhirpy().resources("Observation").limit(4).fetch_all()]
 
-    assert sorted(asyncio.run(every())) == sorted(i for ids in seeded.observations.values() for i in ids)
+    assert sorted(_run(every())) == sorted(i for ids in seeded.observations.values() for i in ids)
 
 
 def test_async_fhirpy_count_answers_the_number_of_matches(server: Server, seeded: Seeded):
     async def count() -> int:
         return await server.async_fhirpy().resources("Observation").search(code=HEART_RATE).count()
 
-    assert asyncio.run(count()) == 3
+    assert _run(count()) == 3
 
 
 def test_async_fhirpy_get_or_create_never_makes_a_duplicate(server: Server):
@@ -656,7 +668,7 @@ def test_async_fhirpy_get_or_create_never_makes_a_duplicate(server: Server):
         created = [(await search.get_or_create(patient))[1] for _ in range(2)]
         return created, len(await search.fetch_all())
 
-    assert asyncio.run(twice()) == ([True, False], 1)
+    assert _run(twice()) == ([True, False], 1)
 
 
 # -- fhirclient (SMART on FHIR) -------------------------------------------------------------------

@@ -86,7 +86,7 @@ EPSILON_BASE_MICRO = 10_000
 #: How long a kill may wait for its target to appear, and a replacement worker to serve.
 AIM_SECONDS = 20.0
 READY_SECONDS = 30.0
-#: Exports killed mid-job are taken over once their worker's heartbeats stop (service/export.py).
+#: Exports killed mid-job are taken over once their worker's heartbeats stop (every second here, three missed).
 EXPORTS_END_SECONDS = 45.0
 
 
@@ -155,7 +155,8 @@ def _gunicorn(app: Flask, log: Path) -> Gunicorn:
     env = {**os.environ, "PASSERELLE_DATABASE_URL": app.config["DATABASE_URL"],
            "PASSERELLE_MASTER_KEY_FILE": app.config["MASTER_KEY_FILE"],
            "PASSERELLE_INSTANCE_DIR": app.config["INSTANCE_DIR"], "PASSERELLE_EXPORT_WORKER": "thread",
-           "PASSERELLE_EXPORT_POLL_SECONDS": "0", "PASSERELLE_THREADS": "4", "PASSERELLE_LOG_LEVEL": "warning"}
+           "PASSERELLE_EXPORT_POLL_SECONDS": "0", "PASSERELLE_THREADS": "4", "PASSERELLE_LOG_LEVEL": "warning",
+           "PASSERELLE_EXPORT_HEARTBEAT_SECONDS": "1"}
     return Gunicorn(env, log, WORKERS, preload=True)
 
 
@@ -496,6 +497,27 @@ def test_a_job_whose_worker_fell_silent_is_taken_over_before_its_lease_ends(app,
     assert [f["count"] for f in done.get_json()["output"]] == [5]  # the world's record-visible Observations
 
 
+def test_a_worker_is_gone_three_of_its_own_heartbeat_intervals_after_its_last_beat(app, client, world, research,
+                                                                                     export_worker):
+    """Worker "A" declared a 1 s heartbeat (its node's PASSERELLE_EXPORT_HEARTBEAT_SECONDS): 3.5 s after its
+    last beat a worker whose own interval is 5 s takes its job over."""
+    app.config["EXPORT_HEARTBEAT_SECONDS"] = 1.0
+    job_id = _claimed_job(app, client, research, silent_us=3_500_000, lease_us=LEASE_US)
+    assert export_worker.work() == 1
+    assert _status(client, research, job_id).status_code == 200
+
+
+def test_a_worker_silent_for_less_than_three_of_its_own_intervals_keeps_its_job(app, client, world, research,
+                                                                                export_worker):
+    """Worker "A" declared a 5 s heartbeat: 3.5 s after its last beat it is alive to every worker, however
+    often that worker beats itself."""
+    job_id = _claimed_job(app, client, research, silent_us=3_500_000, lease_us=LEASE_US)
+    app.config["EXPORT_HEARTBEAT_SECONDS"] = 1.0
+    assert Worker(app, "B").work() == 0
+    with app.app_context(), db.read() as conn:
+        assert conn.execute(select(export_jobs.c.owner).where(export_jobs.c.job_id == job_id)).scalar_one() == "A"
+
+
 def test_a_worker_whose_job_was_taken_over_can_no_longer_change_it(app, client, world, research, export_worker):
     """A worker too slow to renew its lease loses its job to another; what it does after changes nothing."""
     job_id = _claimed_job(app, client, research, silent_us=0, lease_us=-1)
@@ -524,7 +546,7 @@ def test_a_claim_skips_a_job_another_worker_is_claiming_and_takes_the_next(app, 
 
     def claim() -> None:
         with app.app_context():
-            claimed.append(jobs.claim("B", LEASE_US, LEASE_US))
+            claimed.append(jobs.claim("B", LEASE_US))
 
     with app.app_context(), db.write() as other:  # another worker, inside its claim of the oldest job
         other.execute(select(export_jobs.c.job_id).where(export_jobs.c.job_id == first).with_for_update())

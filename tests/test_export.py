@@ -22,9 +22,10 @@ from sqlalchemy import select, update
 from consent import projects, writer
 from consent.materialise import refresh
 from service import db
+from service.audit import patients_named
 from service.config import load_config
 from service.export import Worker
-from service.store.schema import audit, audit_patients, export_workers
+from service.store.schema import audit, export_workers
 from tests.fhir_helpers import create, issue, observation
 from tests.research_world import DEPRESSION, HYPERTENSION, World, bearer, token
 
@@ -255,8 +256,8 @@ def _download_audits(app) -> list[set[str]]:
     with app.app_context(), db.read() as conn:
         seqs = conn.execute(select(audit.c.seq).where(audit.c.action == "export-download")
                             .order_by(audit.c.seq)).scalars().all()
-        return [set(conn.execute(select(audit_patients.c.patient_id).where(audit_patients.c.seq == seq)).scalars())
-                for seq in seqs]
+        named = patients_named(conn, seqs)
+        return [set(named[seq]) for seq in seqs]
 
 
 def test_every_download_is_audited_with_the_patients_its_lines_carried(app, client, world, research, export_worker):
@@ -375,6 +376,12 @@ def test_a_poll_of_an_unfinished_job_once_workers_fell_silent_is_503(app, client
     response = _get(client, kick.headers["Content-Location"], research)
     assert response.status_code == 503
     assert issue(response)["code"] == "transient"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf"])
+def test_a_heartbeat_interval_that_is_not_a_positive_number_of_seconds_is_refused(value):
+    with pytest.raises(ValueError, match="PASSERELLE_EXPORT_HEARTBEAT_SECONDS must be a positive number of seconds"):
+        load_config({"PASSERELLE_EXPORT_HEARTBEAT_SECONDS": value})
 
 
 def test_an_unknown_export_worker_setting_is_refused():

@@ -3,13 +3,18 @@ on research endpoints, held in the database so that they hold across workers and
 from __future__ import annotations
 
 import base64
+import json
+import logging
 
 import pytest
+from sqlalchemy import select
 
 from consent import projects
 from service import db
 from service.app import create_app
 from service.auth import register_client
+from service.limits import RESEARCH_BUCKET
+from service.store.schema import audit, rate_limits
 from tests.fhir_helpers import issue
 from tests.research_world import bearer
 
@@ -95,3 +100,47 @@ def test_custodian_requests_are_not_counted_as_research(app, client, custodian_h
     app.config["RESEARCH_RATE_LIMIT"] = 1
     for _ in range(3):
         assert client.get("/fhir/Patient", headers=custodian_headers).status_code == 200
+
+
+def _research_client(app, client) -> tuple[dict[str, str], dict[str, str]]:
+    """A research client of a new record-tier project, and headers with its token."""
+    with app.app_context(), db.write() as conn:
+        project_id = projects.create(conn, name="p", tier="record", epsilon=1.0).project_id
+    registered = _client(app, "research", project_id)
+    token = _ask(client, registered["client_id"], registered["client_secret"]).get_json()["access_token"]
+    return registered, bearer(token)
+
+
+def _research_count(app, client_id: str) -> int:
+    with app.app_context(), db.read() as conn:
+        return conn.scalar(select(rate_limits.c.count).where(rate_limits.c.bucket == RESEARCH_BUCKET + client_id))
+
+
+def test_a_research_request_refused_past_the_limit_is_counted_too(app, client):
+    app.config["RESEARCH_RATE_LIMIT"] = 2
+    registered, headers = _research_client(app, client)
+    assert [client.get("/research/fhir/Patient", headers=headers).status_code for _ in range(4)] == [200, 200,
+                                                                                                      429, 429]
+    assert _research_count(app, registered["client_id"]) == 4
+
+
+def test_a_research_request_refused_past_the_limit_is_audited_and_logged_as_its_clients(app, client, caplog):
+    app.config["RESEARCH_RATE_LIMIT"] = 1
+    registered, headers = _research_client(app, client)
+    assert client.get("/research/fhir/Patient", headers=headers).status_code == 200
+    with caplog.at_level(logging.INFO, logger="passerelle.requests"):
+        _assert_throttled(client.get("/research/fhir/Patient", headers=headers))
+    assert json.loads(caplog.records[-1].getMessage())["client_id"] == registered["client_id"]
+    with app.app_context(), db.read() as conn:
+        failed = [json.loads(row.detail) for row in conn.execute(
+            select(audit.c.detail).where(audit.c.actor == registered["client_id"], audit.c.action == "search"))]
+    assert 429 in [entry.get("outcome") for entry in failed]
+
+
+def test_a_research_request_refused_for_its_scope_is_counted(app, client):
+    registered, _ = _research_client(app, client)
+    response = client.post("/auth/token", data={"grant_type": "client_credentials", "scope": "system/Observation.rs"},
+                           auth=(registered["client_id"], registered["client_secret"]))
+    headers = bearer(response.get_json()["access_token"])
+    assert client.get("/research/fhir/Patient", headers=headers).status_code == 403
+    assert _research_count(app, registered["client_id"]) == 1

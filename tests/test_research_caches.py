@@ -1,6 +1,6 @@
 """What the research path remembers between requests, and what it still reads every time:
-pseudonyms are remembered per key, the key version for at most `keyring.VERSION_TTL`
-seconds, released forms while nothing they depend on changes, and consent is judged at each
+pseudonyms are remembered per key, released forms while nothing they depend on changes; the
+project and its key version are read for every request, and consent is judged at each
 request's own instant."""
 from __future__ import annotations
 
@@ -51,21 +51,52 @@ def test_a_remembered_pseudonym_is_never_given_for_another_type() -> None:
     assert key.pseudonym("Patient", 7) != key.pseudonym("Observation", 7)
 
 
-def test_a_rotation_on_another_node_takes_effect_within_the_version_ttl(app, client, custodian_headers):
+def _other_node(app):
+    """A second node on the same database and master key: its own process state, shared tables."""
+    return create_app({key: app.config[key] for key in ("TESTING", "DATABASE_URL", "INSTANCE_DIR",
+                                                        "MASTER_KEY_FILE")})
+
+
+def test_a_rotation_on_another_node_takes_effect_on_the_next_search_and_read(app, client, custodian_headers):
     world = build(app, client, custodian_headers)
     research = bearer(token(client, app, "research", world.project))
     before = _first_subject(client, research)
-    other_node = create_app({key: app.config[key] for key in ("TESTING", "DATABASE_URL", "INSTANCE_DIR",
-                                                              "MASTER_KEY_FILE")})
+    assert client.get(f"/research/fhir/{before}", headers=research).status_code == 200
+    other_node = _other_node(app)
     try:
-        with other_node.app_context(), db.write() as conn:
-            assert keyring.rotate(conn, world.project) == 2
+        result = other_node.test_cli_runner().invoke(args=["keys", "rotate", "--project", world.project])
+        assert result.exit_code == 0, result.output
     finally:
         other_node.extensions["passerelle.engine"].dispose()
-    time.sleep(keyring.VERSION_TTL)
-    after = _first_subject(client, research)
-    assert after != before
     assert client.get(f"/research/fhir/{before}", headers=research).status_code == 404
+    assert _first_subject(client, research) != before
+
+
+def test_a_project_closed_on_another_node_receives_nothing_on_the_next_request(app, client, custodian_headers):
+    world = build(app, client, custodian_headers)
+    research = bearer(token(client, app, "research", world.project))
+    subject = _first_subject(client, research)
+    other_node = _other_node(app)
+    try:
+        result = other_node.test_cli_runner().invoke(args=["project", "close", world.project])
+        assert result.exit_code == 0, result.output
+    finally:
+        other_node.extensions["passerelle.engine"].dispose()
+    assert client.get("/research/fhir/Observation", headers=research).status_code == 401
+    assert client.get(f"/research/fhir/{subject}", headers=research).status_code == 401
+
+
+def test_a_release_made_after_a_rotation_on_another_node_uses_the_new_key(app, client, custodian_headers):
+    world = build(app, client, custodian_headers)
+    with app.app_context():
+        assert release_for("exporter", world.project, engine.RECORD).key.version == 1
+        other_node = _other_node(app)
+        try:
+            with other_node.app_context(), db.write() as conn:
+                assert keyring.rotate(conn, world.project) == 2
+        finally:
+            other_node.extensions["passerelle.engine"].dispose()
+        assert release_for("exporter", world.project, engine.RECORD).key.version == 2
 
 
 def test_consent_is_judged_at_each_instant_asked(app, client, custodian_headers):

@@ -149,13 +149,14 @@ def test_included_patients_are_audited_as_released(open_project, world, app):
     from sqlalchemy import select
 
     from service import db
-    from service.store.schema import audit, audit_patients
+    from service.audit import patients_named
+    from service.store.schema import audit
 
     patient = open_project.pseudonym(f"Observation/{world.refs['a_plain'].split('/')[1]}")
     open_project.search(f"Observation?_id={patient}&_include=Observation:subject")
     with app.app_context(), db.read() as conn:
         seq = conn.execute(select(audit.c.seq).order_by(audit.c.seq.desc()).limit(1)).scalar_one()
-        named = set(conn.execute(select(audit_patients.c.patient_id).where(audit_patients.c.seq == seq)).scalars())
+        named = set(patients_named(conn, [seq])[seq])
     assert world.patients["a"] in named
 
 

@@ -22,8 +22,9 @@ from policies import learning
 from policies.fhirdates import date_range
 from policies.sensitivity import CUSTODIAN_ONLY_LABEL, MODEL_SYSTEM
 from service import db
+from service.audit import patients_named
 from service.scoring import assessment_id
-from service.store.schema import audit, audit_patients, models
+from service.store.schema import audit, models
 from tests.fhir_helpers import create, observation, patient
 from tests.gate_world import consent_to
 from tests.research_world import bearer, token
@@ -268,8 +269,7 @@ def test_score_is_audited_with_the_scored_patients(app, client, custodian_header
     assert score(client, custodian_headers, named("model", valueString="diabetes")).status_code == 200
     with app.app_context(), db.read() as conn:
         seq = conn.execute(select(audit.c.seq).where(audit.c.action == "score")).scalar_one()
-        named_patients = set(conn.execute(select(audit_patients.c.patient_id).where(audit_patients.c.seq == seq))
-                             .scalars())
+        named_patients = set(patients_named(conn, [seq])[seq])
     assert named_patients == set(hospital["ids"].values())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import and_, select, update
@@ -13,6 +14,7 @@ from policies.sensitivity import BIT
 from service import db
 from service.store import masks, repository
 from service.store.schema import history, resources, settings
+from tests.conftest import Recipe
 from tests.fhir_helpers import create, patient
 
 SNOMED = "http://snomed.info/sct"
@@ -137,14 +139,24 @@ def test_after_a_demo_ingest_every_stored_mask_equals_a_fresh_classification(app
     assert_masks_are_fresh(app)
 
 
+def _demo_patients(app: Flask, client: FlaskClient, headers: dict[str, str]) -> None:
+    """The world of the tests below: ten demo patients (seed 3), loaded by the CLI."""
+    result = app.test_cli_runner().invoke(args=["demo-data", "--patients", "10", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture
+def world_recipe() -> Recipe:
+    return _demo_patients
+
+
 def _spoil_every_mask(app: Flask) -> None:
     with app.app_context(), db.write() as conn:
         conn.execute(update(resources).values(sensitive_mask=0))
         conn.execute(update(history).values(sensitive_mask=31))
 
 
-def test_sensitivity_refresh_restores_every_mask_and_prints_a_json_summary(app):
-    assert app.test_cli_runner().invoke(args=["demo-data", "--patients", "10", "--seed", "3"]).exit_code == 0
+def test_sensitivity_refresh_restores_every_mask_and_prints_a_json_summary(app, world):
     _spoil_every_mask(app)
     result = app.test_cli_runner().invoke(args=["sensitivity", "refresh"])
     assert result.exit_code == 0, result.output
@@ -154,8 +166,7 @@ def test_sensitivity_refresh_restores_every_mask_and_prints_a_json_summary(app):
     assert_masks_are_fresh(app)
 
 
-def test_init_db_reclassifies_when_the_classifier_version_changed(app):
-    assert app.test_cli_runner().invoke(args=["demo-data", "--patients", "10", "--seed", "3"]).exit_code == 0
+def test_init_db_reclassifies_when_the_classifier_version_changed(app, world):
     _spoil_every_mask(app)
     with app.app_context(), db.write() as conn:
         conn.execute(update(settings).where(settings.c.name == masks.SETTING).values(value="an older classifier"))
@@ -163,8 +174,7 @@ def test_init_db_reclassifies_when_the_classifier_version_changed(app):
     assert_masks_are_fresh(app)
 
 
-def test_init_db_leaves_masks_alone_when_the_classifier_is_unchanged(app):
-    assert app.test_cli_runner().invoke(args=["demo-data", "--patients", "5", "--seed", "3"]).exit_code == 0
+def test_init_db_leaves_masks_alone_when_the_classifier_is_unchanged(app, world):
     assert app.test_cli_runner().invoke(args=["init-db"]).exit_code == 0
     with app.app_context(), db.write() as conn:
         conn.execute(update(resources).values(sensitive_mask=0))

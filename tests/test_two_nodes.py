@@ -46,7 +46,6 @@ from service import db
 from service.app import create_app
 from service.auth import ASSERTION_TYPE, register_client
 from service.cli import database
-from service.export import HEARTBEAT_SECONDS
 from service.store.schema import budget_spends, budgets, export_jobs
 from tests.backends import in_ci
 from tests.fhir_helpers import observation
@@ -67,7 +66,9 @@ QUESTIONS = 200
 EPSILON_BASE_MICRO = 10_000
 #: The ε of the project the 200 questions spend: about half of them fit.
 AGGREGATE_BUDGET = 1.0
-#: A worker silent for three heartbeats has died (service/export.py); its job is taken over then.
+#: How often the nodes' export workers beat (PASSERELLE_EXPORT_HEARTBEAT_SECONDS): a worker silent for three
+#: of its intervals has died (service/store/jobs.py) and its job is taken over then.
+HEARTBEAT_SECONDS = 1
 TAKEOVER_SECONDS = 3 * HEARTBEAT_SECONDS + 30
 
 
@@ -136,7 +137,8 @@ def cluster(pg_server_schema: str, tmp_path_factory: pytest.TempPathFactory) -> 
                 "PASSERELLE_DATABASE_URL": pg_server_schema, "PASSERELLE_MASTER_KEY_FILE": str(key_file),
                 "PASSERELLE_INSTANCE_DIR": str(tmp), "PASSERELLE_BASE_URL": PUBLIC,
                 "PASSERELLE_FORWARDED_ALLOW_IPS": "127.0.0.1", "PASSERELLE_LOG_LEVEL": "warning",
-                "PASSERELLE_EXPORT_POLL_SECONDS": "0", "PASSERELLE_TOKEN_RATE_LIMIT": str(TOKEN_LIMIT)}
+                "PASSERELLE_EXPORT_POLL_SECONDS": "0", "PASSERELLE_TOKEN_RATE_LIMIT": str(TOKEN_LIMIT),
+                "PASSERELLE_EXPORT_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS)}
     nodes = {"A": Gunicorn({**base_env, "PASSERELLE_EXPORT_WORKER": "off"}, tmp / "node-A.log", preload=True),
              "B": Gunicorn({**base_env, "PASSERELLE_EXPORT_WORKER": "thread"}, tmp / "node-B.log", preload=True)}
     for node in nodes.values():

@@ -18,11 +18,24 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from click.testing import Result
 from flask import Flask
-from sqlalchemy import Engine, MetaData, inspect, select, text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Index,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    inspect,
+    select,
+    text,
+)
 
-from service import db
+from service import audit, db
 from service.app import create_app
 from service.store import masks, migrations, reindex
+from service.store.schema import audit as audit_table
 from service.store.schema import metadata, projects, resources
 from tests.research_world import bearer, token
 
@@ -74,16 +87,28 @@ def init_db(node: Flask) -> Result:
 RECORDS = (migrations.FLOOR_SETTING, masks.SETTING, reindex.SETTING)
 
 
+#: Columns later revisions added to tables the baseline made (0003: `audit.patients`, 0004:
+#: `export_workers.beat_every_us`).
+ADDED_COLUMNS = {"audit": ("patients",), "export_workers": ("beat_every_us",)}
+
+
+def baseline_columns(name: str) -> list[str]:
+    """The columns of table `name` as the baseline made it."""
+    return [column.name for column in metadata.tables[name].c if column.name not in ADDED_COLUMNS.get(name, ())]
+
+
 def contents(engine: Engine) -> dict[str, tuple[int, str]]:
     """Every table of the database (but the records of the code that wrote it: Alembic's table and the
-    `RECORDS` rows of `settings`) → (row count, SHA-256 of its sorted rows)."""
+    `RECORDS` rows of `settings`; of tables given columns since the baseline, the baseline's columns) →
+    (row count, SHA-256 of its sorted rows)."""
     found = {}
     with engine.connect() as conn:
         for name in inspect(conn).get_table_names():
             if name == "alembic_version":
                 continue
             kept = " WHERE name NOT IN (:r0, :r1, :r2)" if name == "settings" else ""
-            query = text(f'SELECT * FROM "{name}"{kept}')
+            columns = ", ".join(baseline_columns(name)) if name in ADDED_COLUMNS else "*"
+            query = text(f'SELECT {columns} FROM "{name}"{kept}')
             rows = sorted(orjson.dumps([bytes(v).hex() if isinstance(v, bytes | memoryview) else v for v in row])
                           for row in conn.execute(query, {f"r{i}": record for i, record in enumerate(RECORDS)}))
             found[name] = (len(rows), hashlib.sha256(b"\n".join(rows)).hexdigest())
@@ -101,8 +126,19 @@ def baseline_definitions(directory: Path) -> MetaData:
     engine.dispose()
     chosen = MetaData()
     for table in metadata.sorted_tables:
-        if table.name in created:
+        if table.name in created and table.name not in ADDED_COLUMNS:
             table.to_metadata(chosen)
+        elif table.name in created:  # as the baseline made it: without the columns added since, nor their indexes
+            kept = baseline_columns(table.name)
+            Table(table.name, chosen,
+                  *(Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable, autoincrement=False)
+                    for c in table.c if c.name in kept),
+                  *(Index(index.name, *(c.name for c in index.columns)) for index in table.indexes
+                    if all(c.name in kept for c in index.columns)))
+    # What revision 0003 replaced: the patients each entry names as rows of their own.
+    Table("audit_patients", chosen, Column("seq", BigInteger, nullable=False),
+          Column("patient_id", String(64), nullable=False),
+          PrimaryKeyConstraint("patient_id", "seq", name="pk_audit_patients"))
     return chosen
 
 
@@ -122,10 +158,19 @@ def test_init_db_upgrades_the_previous_release_keeping_every_row_of_every_table(
     engine = node.extensions["passerelle.engine"]
     before = contents(engine)
     assert before["resources"][0] > 40 and before["audit"][0] > 5 and before["export_parts"][0] > 0
+    with engine.connect() as conn:
+        named = sorted(tuple(row) for row in conn.execute(text("SELECT seq, patient_id FROM audit_patients")))
+    assert named
     init_db(node)
     after = contents(engine)
-    assert {name: found for name, found in after.items() if name in before} == before
-    assert all(count == 0 for name, (count, _) in after.items() if name not in before)  # tables added since
+    # Revision 0003 turned the rows of `audit_patients` into `patient_sets`: each entry names the same patients.
+    assert {name: found for name, found in after.items() if name in before} == {
+        name: found for name, found in before.items() if name != "audit_patients"}
+    with db.read(engine) as conn:
+        seqs = conn.execute(select(audit_table.c.seq)).scalars().all()
+        assert sorted((seq, p) for seq, patients in audit.patients_named(conn, seqs).items() for p in patients) == named
+    assert all(count == 0 for name, (count, _) in after.items()  # tables added since
+               if name not in before and name != "patient_sets")
     with db.read(engine) as conn:
         assert migrations.current(conn) == (migrations.head(),)
         assert migrations.recorded_floor(conn) == migrations.serving_floor(migrations.script())

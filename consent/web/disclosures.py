@@ -19,8 +19,8 @@ from sqlalchemy import Connection, select
 
 from consent import projects
 from consent.projects import ProjectRecord
-from service.audit import STATISTICAL
-from service.store.schema import audit, audit_patients
+from service.audit import STATISTICAL, entries_naming
+from service.store.schema import audit
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,7 @@ class Received:
 def received(conn: Connection, patient_id: str) -> list[Received]:
     """Per project (by name) that received anything of this patient's data, what it received."""
     rows = conn.execute(select(audit.c.ts, audit.c.action, audit.c.project_id, audit.c.detail)
-                        .join(audit_patients, audit_patients.c.seq == audit.c.seq)
-                        .where(audit_patients.c.patient_id == patient_id).order_by(audit.c.seq))
+                        .where(entries_naming([patient_id])).order_by(audit.c.seq))
     days: dict[str, Counter[date]] = {}
     answers: dict[str, list[float]] = {}
     for row in rows:

@@ -65,14 +65,14 @@ def _search_args() -> list[tuple[str, str]]:
 @bp.post("/<resource_type>/_search")
 def search_type(resource_type: str) -> Response:
     check_type(resource_type)
-    with record_release(g.principal.client_id, g.principal.project_id) as release:
+    with record_release(g.principal) as release:
         return fhir_response(release.search(resource_type, _search_args(), _base()))
 
 
 @bp.get("/<resource_type>/<pseudonym>")
 def read(resource_type: str, pseudonym: str) -> Response:
     check_type(resource_type)
-    with record_release(g.principal.client_id, g.principal.project_id) as release:
+    with record_release(g.principal) as release:
         return fhir_response(release.read(resource_type, pseudonym))
 
 
@@ -80,7 +80,7 @@ def read(resource_type: str, pseudonym: str) -> Response:
 def vread(resource_type: str, pseudonym: str, version: str) -> Response:
     check_type(resource_type)
     number = version_number(version, f"{resource_type}/{pseudonym}")
-    with record_release(g.principal.client_id, g.principal.project_id) as release:
+    with record_release(g.principal) as release:
         return fhir_response(release.read(resource_type, pseudonym, number))
 
 

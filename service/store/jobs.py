@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, Connection, and_, delete, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, delete, exists, func, insert, or_, select, update
 
 from service import db
 from service.errors import NotFound
@@ -174,16 +174,16 @@ def part_content(job_id: str, file_no: int, part: int) -> bytes | None:
 # -- what workers do ------------------------------------------------------------------------------
 
 
-def claim(owner: str, lease_us: int, silent_us: int) -> str | None:
-    """Take the oldest queued job, or one whose worker's lease ran out or whose worker has not beaten
-    within `silent_us` (it died); None if there is none.
+def claim(owner: str, lease_us: int) -> str | None:
+    """Take the oldest queued job, or one whose worker's lease ran out or whose worker is gone (`_alive`);
+    None if there is none.
 
     The job's row stays locked until the claim commits. On PostgreSQL a claim passes over rows other
     claims hold (`FOR UPDATE SKIP LOCKED`), so workers of every node claiming at once take different
     jobs; SQLite ignores it (one writer at a time). The conditional UPDATE claims a job once either way.
     """
     now = db.now_us()
-    alive = select(export_workers.c.worker_id).where(export_workers.c.last_beat >= now - silent_us)
+    alive = select(export_workers.c.worker_id).where(_alive(now))
     claimable = or_(export_jobs.c.state == "accepted",
                     and_(export_jobs.c.state == "in-progress",
                          or_(export_jobs.c.lease_until < now, export_jobs.c.owner.not_in(alive))))
@@ -288,18 +288,24 @@ def _purge_files(conn: Connection, job_id: str) -> None:
 # -- heartbeats -----------------------------------------------------------------------------------
 
 
-def beat(worker_id: str) -> None:
-    """Record that a worker is alive now (a new worker also forgets workers silent for a day)."""
+def beat(worker_id: str, every_us: int) -> None:
+    """Record that a worker is alive now and beats every `every_us` microseconds (a new worker also
+    forgets workers silent for a day)."""
     now = db.now_us()
     with db.write() as conn:
         if conn.execute(update(export_workers).where(export_workers.c.worker_id == worker_id)
-                        .values(last_beat=now)).rowcount == 0:
+                        .values(last_beat=now, beat_every_us=every_us)).rowcount == 0:
             conn.execute(delete(export_workers).where(export_workers.c.last_beat < now - _FORGET_WORKERS_US))
-            conn.execute(insert(export_workers).values(worker_id=worker_id, last_beat=now))
+            conn.execute(insert(export_workers).values(worker_id=worker_id, last_beat=now, beat_every_us=every_us))
 
 
-def worker_alive(within_us: int) -> bool:
-    """Whether some worker has beaten within the last `within_us` microseconds."""
+def _alive(now: int) -> ColumnElement[bool]:
+    """A worker is alive until three of the intervals it declared have passed since its last beat: a
+    worker is judged by its own interval, whatever the judging node's configuration."""
+    return export_workers.c.last_beat + 3 * export_workers.c.beat_every_us >= now
+
+
+def worker_alive() -> bool:
+    """Whether some worker is alive (`_alive`)."""
     with db.read() as conn:
-        latest = conn.execute(select(func.max(export_workers.c.last_beat))).scalar()
-    return latest is not None and latest >= db.now_us() - within_us
+        return conn.execute(select(exists().where(_alive(db.now_us())))).scalar_one()

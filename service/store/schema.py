@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 metadata = MetaData()
@@ -251,7 +252,12 @@ audit = Table(
     Column("detail", Text, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    # The set of patients the entry names (`patient_sets.set_id`), NULL when it names none. Not
+    # covered by the hash chain: `hash` covers seq, ts, actor, action, project_id, detail and
+    # prev_hash (service/audit.py `_digest`), not this column.
+    Column("patients", String(32)),
     Index("ix_audit_project", "project_id", "seq"),
+    Index("ix_audit_patients", "patients"),
 )
 
 #: The chain's head, one row: writers lock it so the chain stays linear across nodes.
@@ -263,13 +269,20 @@ audit_head = Table(
     Column("hash", String(64), nullable=False),
 )
 
-#: Which patients' data each audited release carried (what the patient form shows them).
-audit_patients = Table(
-    "audit_patients",
+#: Which patients' data each audited release carried (what the patient form shows them), as sets:
+#: each distinct set of patients stored once, under the id service/audit.py `set_id` gives it, and
+#: named by every entry whose `audit.patients` is that id (research partners ask many questions of
+#: one cohort). The patients an entry names are not covered by the audit's hash chain (neither the
+#: set id on the entry nor these rows enter an entry's digest): whoever can write the database can
+#: change them undetected, as with the per-entry rows before.
+patient_sets = Table(
+    "patient_sets",
     metadata,
-    Column("seq", BigInteger, nullable=False),
+    Column("set_id", String(32), nullable=False),
     Column("patient_id", ID, nullable=False),
-    PrimaryKeyConstraint("patient_id", "seq", name="pk_audit_patients"),
+    PrimaryKeyConstraint("patient_id", "set_id", name="pk_patient_sets"),
+    Index("ix_patient_sets_set", "set_id"),
+    sqlite_with_rowid=False,  # SQLite keeps the rows in the primary key's B-tree: one fewer to write per row
 )
 
 #: Seals of the audit chain: an HMAC, under a key derived from the master key, over the chain's
@@ -396,12 +409,15 @@ export_parts = Table(
     PrimaryKeyConstraint("job_id", "file_no", "part", name="pk_export_parts"),
 )
 
-#: Export workers' heartbeats: a kick-off or poll with no recent beat is told no worker runs.
+#: Export workers' heartbeats: a kick-off or poll with no recent beat is told no worker runs. Each worker
+#: declares how often it beats (`beat_every_us`; 5 s for rows of code that did not declare it), and counts as
+#: gone three of its own intervals after its last beat, so nodes configured differently agree on it.
 export_workers = Table(
     "export_workers",
     metadata,
     Column("worker_id", String(128), primary_key=True),
     Column("last_beat", BigInteger, nullable=False),
+    Column("beat_every_us", BigInteger, nullable=False, server_default=text("5000000")),
 )
 
 #: The custodian's Groups a project may export (`project group add`); no other Group exists for it.
