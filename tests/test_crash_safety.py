@@ -16,7 +16,7 @@ gunicorn replaces each killed worker. Afterwards:
 
 - no Bundle is stored in part: each Bundle's Observations (tagged with the Bundle's key)
   are all there or none, and all there for every Bundle answered 200;
-- every export job ends, completed (on another worker than the killed one) with files
+- every export job ends, completed (by another worker when its own was killed) with files
   whose parts hold exactly the lines the manifest counts, or failed;
 - the budget ledger is the ε of the answered questions plus the ε of questions that
   failed after their reservation, never less: every recorded answer, and every answer a
@@ -361,7 +361,7 @@ def _seed(app: Flask, client: FlaskClient, custodian_headers: dict[str, str], wo
 
 def test_workers_killed_mid_bundle_export_and_aggregate_leave_everything_whole(
         app, client, database_url, tmp_path, world, research, custodian_headers):
-    killed: list[tuple[str, int]] = []
+    killed: list[tuple[str, int, int]] = []  # (kind, pid, instant of the kill)
     server = _gunicorn(app, tmp_path / "gunicorn.log").start()
     try:
         _seed(app, client, custodian_headers, world)  # while gunicorn starts
@@ -374,13 +374,13 @@ def test_workers_killed_mid_bundle_export_and_aggregate_leave_everything_whole(
                     assert time.monotonic() < deadline, f"no worker was in the middle of {kind} work; killed {killed}"
                     time.sleep(0.005)
                 os.kill(target, signal.SIGKILL)
-                killed.append((kind, target))
+                killed.append((kind, target, db.now_us()))
                 workers = _wait_replaced(server, target)
         _wait_exports_end(app, server)
     finally:
         server.kill()
     _check_bundles(app, traffic)
-    _check_exports(app, traffic, {pid for kind, pid in killed if kind == "export"})
+    _check_exports(app, traffic, {pid: at for kind, pid, at in killed})
     _check_ledger(app, world.project, traffic)
     _check_audit(server)
 
@@ -416,15 +416,21 @@ def _check_bundles(app: Flask, traffic: Traffic) -> None:
     assert any(c.status is None for c in calls), "no Bundle was interrupted"
 
 
-def _check_exports(app: Flask, traffic: Traffic, killed: set[int]) -> None:
+def _check_exports(app: Flask, traffic: Traffic, killed: dict[int, int]) -> None:
+    """Every job ended, whole; a job completed by a worker that was killed later (it ran jobs before the one it
+    was killed in) completed before its kill, never after."""
+    ttl_us = app.config["EXPORT_TTL_SECONDS"] * 1_000_000
     with app.app_context(), db.read() as conn:
-        ended = conn.execute(select(export_jobs.c.job_id, export_jobs.c.state, export_jobs.c.owner)).all()
+        ended = conn.execute(select(export_jobs.c.job_id, export_jobs.c.state, export_jobs.c.owner,
+                                    export_jobs.c.expires)).all()
         assert {job.job_id for job in ended} >= set(traffic.jobs)
         for job in ended:
             assert job.state in ("completed", "failed"), job
             if job.state == "failed":
                 continue
-            assert int(job.owner.split("-")[-2]) not in killed, f"job {job.job_id} completed by a killed worker"
+            owner = int(job.owner.split("-")[-2])
+            assert owner not in killed or job.expires - ttl_us <= killed[owner], \
+                f"job {job.job_id} completed by worker {owner} after it was killed"
             files = dict(conn.execute(select(export_files.c.file_no, export_files.c.count)
                                       .where(export_files.c.job_id == job.job_id)).all())
             lines: dict[int, list[str]] = {}
