@@ -5,13 +5,14 @@ from typing import Any
 
 from flask import Flask
 
-from service import db, errors
+from service import db, errors, urlrules
 from service.config import load_config
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build a Passerelle app; `config` overrides values read from the environment."""
     app = Flask(__name__, instance_relative_config=False, static_folder=None)
+    app.url_rule_class = urlrules.Rule  # URL builders generated once per process
     app.config.update(load_config())
     app.config.update(config or {})
     app.json.sort_keys = False

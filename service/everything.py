@@ -25,7 +25,7 @@ from sqlalchemy import ColumnElement, Connection, and_, false, or_, select
 from service.errors import InvalidRequest
 from service.params import date_param, page_size
 from service.references import targets
-from service.store.repository import by_type_and_id
+from service.store.keyed import by_type_and_id
 from service.store.schema import resources
 from service.validation import model_for
 

@@ -22,7 +22,7 @@ from sqlalchemy import Connection, select
 
 from service.errors import UnresolvedReference
 from service.store.indexer import LOCAL_REFERENCE
-from service.store.repository import by_type_and_id
+from service.store.keyed import by_type_and_id
 from service.store.schema import resources
 
 Key = tuple[str, str]

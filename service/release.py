@@ -34,9 +34,12 @@ import orjson
 from sqlalchemy import (
     BigInteger,
     Connection,
+    Integer,
     Select,
     String,
+    TypeDecorator,
     and_,
+    any_,
     bindparam,
     exists,
     false,
@@ -48,6 +51,7 @@ from sqlalchemy import (
     true,
     tuple_,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import Grouping
 
 from consent import engine, projects
@@ -438,22 +442,23 @@ class Release:
 
             def render(rows: list[Any], mode: str) -> list[dict[str, Any]]:
                 released.extend(rows)
-                return [{"fullUrl": f"{base}/{res['resourceType']}/{res['id']}", "resource": res,
-                         "search": {"mode": mode}} for res in self.deidentify(conn, rows)]
+                return [{"fullUrl": f"{base}/{form.resource_type}/{form.id}", "resource": form.json,
+                         "search": {"mode": mode}} for form in self.released_forms(conn, rows)]
 
             body = run_search(conn, resource_type, real, base=base, view=f"project:{self.project.project_id}",
                               strict=True, render=render, restrict=self.rows_filter(), echo=echo)
         self.audit("search", {"type": resource_type, "query": echo}, patients_of(released), len(released))
         return body
 
-    def read(self, resource_type: str, pseudonym: str, version: int | None = None) -> dict[str, Any]:
-        """One resource (or one version of it) by pseudonym; NotFound unless this project may see it."""
+    def read(self, resource_type: str, pseudonym: str, version: int | None = None) -> bytes:
+        """One resource (or one version of it) by pseudonym, as JSON text; NotFound unless this
+        project may see it."""
         self.require_type(resource_type)
         with self._read() as conn:
             row = self._visible_row(conn, resource_type, pseudonym, version)
             if row is None:
                 raise NotFound(f"{resource_type}/{pseudonym} is not known")
-            resource = self.deidentify(conn, [row])[0]
+            resource = self.released_forms(conn, [row])[0].json
         self.audit("read", {"type": resource_type, "id": pseudonym, "version": version}, patients_of([row]), 1)
         return resource
 
@@ -551,7 +556,7 @@ class Release:
         with db.read() as conn:
             rows = conn.execute(self.rows_filter()(statement).order_by(resources.c.pk).limit(limit)).all()
             # Each row is exported once: remembering its form would only push out the forms asked again.
-            released = self.deidentify(conn, rows, remember=False)
+            released = self.deidentify(conn, rows)
         return [((row.pk, row.version, row.patient_id), resource)
                 for row, resource in zip(rows, released, strict=True)]
 
@@ -625,16 +630,19 @@ class Release:
 
     # -- rendering -----------------------------------------------------------------------------
 
-    def deidentify(self, conn: Connection, rows: Sequence[Any], *, remember: bool = True) -> list[dict[str, Any]]:
+    def deidentify(self, conn: Connection, rows: Sequence[Any]) -> list[dict[str, Any]]:
         """De-identify stored rows (pk, type, id, json, patient_id) for this project.
 
         References are rewritten only to targets this project may receive now; any other
-        reference element is removed (required ones get a data-absent-reason). With `remember`,
-        forms are kept and given again under the conditions of service/released_forms.py.
+        reference element is removed (required ones get a data-absent-reason).
         """
         pks = self._released_targets(conn, [row.json for row in rows])
-        if not remember:
-            return [self.deid.apply(orjson.loads(row.json), row.pk, row.patient_id, pks) for row in rows]
+        return [self.deid.apply(orjson.loads(row.json), row.pk, row.patient_id, pks) for row in rows]
+
+    def released_forms(self, conn: Connection, rows: Sequence[Any]) -> list[released_forms.Form]:
+        """The released forms of stored rows, as `deidentify` makes them, kept and given again
+        under the conditions of service/released_forms.py."""
+        pks = self._released_targets(conn, [row.json for row in rows])
         forms = released_forms.of_app()
         return [forms.release(self.deid, row, pks) for row in rows]
 
@@ -644,24 +652,28 @@ class Release:
         judged on that version (for every reference in the stored JSON, and possibly more)."""
         current: set[tuple[str, str]] = set()
         versioned: set[tuple[str, str, str]] = set()
+        receivable = frozenset(self.types)
         for reference in _references(stored):
             parsed = parse_reference(reference)
-            if parsed and parsed[0] in self.types:
+            if parsed and parsed[0] in receivable:
                 current.add((parsed[0], parsed[1]))
                 version = reference.rpartition("/_history/")[2] if "/_history/" in reference else ""
                 if VERSION_NUMBER.fullmatch(version):
                     versioned.add((parsed[0], parsed[1], version))
         if not current:
             return {}
-        # One statement form for any set of references: every (type, id) of the lists' product
-        # is looked up, and only the pairs asked for are kept.
-        lists = {"types": _padded({t for t, _ in current}), "ids": _padded({i for _, i in current})}
+        # SQLite looks up the pairs asked for; PostgreSQL every (type, id) of the lists' product,
+        # and only the pairs asked for are kept.
+        dialect = conn.dialect.name
+        lists = ({"pairs": sorted(current)} if dialect == "sqlite"
+                 else {"types": sorted({t for t, _ in current}), "ids": sorted({i for _, i in current})})
         found: dict[tuple[str, ...], int] = {
-            (t, i): pk for t, i, pk in conn.execute(_filtered(_TARGETS, self.rows_filter()), lists)
+            (t, i): pk for t, i, pk in conn.execute(_filtered(_TARGETS[dialect], self.rows_filter()), lists)
             if (t, i) in current}
         if versioned:
-            rows = conn.execute(_filtered(_VERSIONED_TARGETS, self.rows_filter(table=Judged.version())),
-                                {**lists, "versions": _padded({int(v) for _, _, v in versioned})})
+            rows = conn.execute(_filtered(_VERSIONED_TARGETS[dialect], self.rows_filter(table=Judged.version())),
+                                {"triples": sorted((t, i, int(v)) for t, i, v in versioned)} if dialect == "sqlite"
+                                else {**lists, "versions": sorted({int(v) for _, _, v in versioned})})
             for t, i, v, pk in rows:
                 if (t, i, str(v)) in versioned:
                     found[(t, i, str(v))] = pk
@@ -743,13 +755,60 @@ _VERSION_ROW = (select(resources.c.pk, resources.c.type, resources.c.id, history
 _IDS_OF_PKS = select(resources.c.pk, resources.c.id).where(
     resources.c.pk.in_(bindparam("pks", expanding=True)), resources.c.type == bindparam("resource_type"),
     resources.c.deleted == false())
-_LIVE_TARGETS = (resources.c.type.in_(bindparam("types", expanding=True)),
-                 resources.c.id.in_(bindparam("ids", expanding=True)), resources.c.deleted == false())
-_TARGETS = select(resources.c.type, resources.c.id, resources.c.pk).where(*_LIVE_TARGETS)
-_VERSIONED_TARGETS = (select(resources.c.type, resources.c.id, history.c.version, resources.c.pk)
-                      .join(history, history.c.resource_pk == resources.c.pk)
-                      .where(*_LIVE_TARGETS, history.c.version.in_(bindparam("versions", expanding=True)),
-                             history.c.deleted == false()))
+
+
+class _JsonList(TypeDecorator[list[Any]]):
+    """A list bound as one JSON array (the text SQLite's `json_each` reads)."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: list[Any] | None, dialect: Any) -> str | None:
+        return None if value is None else orjson.dumps(value).decode()
+
+
+def _listed(name: str) -> Any:
+    """SQLite: the list parameter `name` (one JSON array) as a table of its values (column `value`)."""
+    return func.json_each(bindparam(name, type_=_JsonList())).table_valued("value").alias(f"listed_{name}")
+
+
+def _item(listed: Any, index: int) -> Any:
+    """SQLite: item `index` of each value of a `_listed` table (each value a JSON array)."""
+    return func.json_extract(listed.c.value, literal_column(f"'$[{index}]'"))
+
+
+def _any(name: str, item: Any) -> Any:
+    """PostgreSQL: any value of the list parameter `name` (an array of `item` values), to compare with."""
+    return any_(bindparam(name, type_=ARRAY(item)))
+
+
+def _targets_statements() -> tuple[dict[str, Select[Any]], dict[str, Select[Any]]]:
+    """The look-ups of referenced resources (`Release._released_targets`), per dialect, each list one
+    parameter whatever its length, so that each statement's SQL is one for every list.
+
+    SQLite: the current rows of the (type, id) pairs in the JSON array `pairs`, and the versions of
+    the (type, id, version) triples in `triples`; each row is found through the unique index on
+    (type, id) by the items of a listed value, the only index the join can use, so the plan does
+    not depend on the database's statistics. PostgreSQL: the current rows whose type and id are in
+    the arrays `types` and `ids`, and those rows' versions in the array `versions`.
+    """
+    pairs, triples = _listed("pairs"), _listed("triples")
+    columns = (resources.c.type, resources.c.id, resources.c.pk)
+    versioned_columns = (resources.c.type, resources.c.id, history.c.version, resources.c.pk)
+    live = resources.c.deleted == false()
+    postgresql_live = (resources.c.type == _any("types", String), resources.c.id == _any("ids", String), live)
+    with_version = (history.c.resource_pk == resources.c.pk, history.c.deleted == false())
+    return ({"sqlite": select(*columns).select_from(pairs.join(resources, and_(
+                 resources.c.type == _item(pairs, 0), resources.c.id == _item(pairs, 1)))).where(live),
+             "postgresql": select(*columns).where(*postgresql_live)},
+            {"sqlite": select(*versioned_columns).select_from(triples.join(resources, and_(
+                 resources.c.type == _item(triples, 0), resources.c.id == _item(triples, 1))).join(
+                 history, and_(*with_version, history.c.version == _item(triples, 2)))).where(live),
+             "postgresql": select(*versioned_columns).join(history, and_(*with_version))
+             .where(*postgresql_live, history.c.version == _any("versions", Integer))})
+
+
+_TARGETS, _VERSIONED_TARGETS = _targets_statements()
 
 
 @lru_cache(maxsize=512)

@@ -11,7 +11,7 @@ the form is asked again of the request's own released targets, and must answer t
 Which rows are released is never remembered: the consent filter runs in every request, and only
 the rows it lets through are rendered here. A profile that encrypts is never remembered: each
 release must encrypt afresh. Each app keeps at most `MAX_BYTES` of released JSON, dropping the
-least recently used forms first.
+least recently used forms first. A form is given as JSON text, as it is remembered (`Form`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from flask import current_app
@@ -31,6 +31,19 @@ MAX_BYTES = 32 * 1024 * 1024
 Targets = Mapping[tuple[str, ...], int]
 #: Each look-up the engine made, with what it found (None: not released).
 Asked = tuple[tuple[tuple[str, ...], int | None], ...]
+
+
+class Form(NamedTuple):
+    """A released form: its resource type, its id (the pseudonym) and its JSON text."""
+
+    resource_type: str
+    id: str
+    json: bytes
+
+
+def form_of(released: dict[str, Any]) -> Form:
+    """The form of a resource the engine released."""
+    return Form(released["resourceType"], released["id"], orjson.dumps(released))
 
 
 class _Noting(Mapping[tuple[str, ...], int]):
@@ -64,17 +77,17 @@ class ReleasedForms:
     def __init__(self, max_bytes: int = MAX_BYTES) -> None:
         self.max_bytes = max_bytes
         self.size = 0
-        self._forms: OrderedDict[tuple[Any, ...], tuple[Asked, bytes]] = OrderedDict()
+        self._forms: OrderedDict[tuple[Any, ...], tuple[Asked, Form]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._forms)
 
-    def release(self, deid: Deidentifier, row: Any, targets: Targets) -> dict[str, Any]:
+    def release(self, deid: Deidentifier, row: Any, targets: Targets) -> Form:
         """The released form of a stored row (pk, json, patient_id) under `deid`, whose references
         are followed only to `targets` ((type, id) and (type, id, version) → row number)."""
         if deid.profile.randomised:
-            return deid.apply(orjson.loads(row.json), row.pk, row.patient_id, targets)
+            return form_of(deid.apply(orjson.loads(row.json), row.pk, row.patient_id, targets))
         key = (deid.key, deid.profile, deid.reference_year, row.pk, row.patient_id,
                hashlib.blake2b(row.json, digest_size=16).digest())
         with self._lock:
@@ -82,27 +95,27 @@ class ReleasedForms:
             if known is not None:
                 self._forms.move_to_end(key)
         if known is not None and all(targets.get(target) == found for target, found in known[0]):
-            return orjson.loads(known[1])
+            return known[1]
         noting = _Noting(targets)
         # A Deidentifier of its own, so that nothing another row taught it answers a look-up.
         fresh = Deidentifier(deid.profile, deid.key, reference_year=deid.reference_year)
-        released = fresh.apply(orjson.loads(row.json), row.pk, row.patient_id, noting)
+        form = form_of(fresh.apply(orjson.loads(row.json), row.pk, row.patient_id, noting))
         if not noting.listed:
-            self._keep(key, (tuple(noting.asked.items()), orjson.dumps(released)))
-        return released
+            self._keep(key, (tuple(noting.asked.items()), form))
+        return form
 
-    def _keep(self, key: tuple[Any, ...], form: tuple[Asked, bytes]) -> None:
-        if len(form[1]) > self.max_bytes:
+    def _keep(self, key: tuple[Any, ...], kept: tuple[Asked, Form]) -> None:
+        if len(kept[1].json) > self.max_bytes:
             return
         with self._lock:
             replaced = self._forms.pop(key, None)
             if replaced is not None:
-                self.size -= len(replaced[1])
-            self._forms[key] = form
-            self.size += len(form[1])
+                self.size -= len(replaced[1].json)
+            self._forms[key] = kept
+            self.size += len(kept[1].json)
             while self.size > self.max_bytes:
                 _, dropped = self._forms.popitem(last=False)
-                self.size -= len(dropped[1])
+                self.size -= len(dropped[1].json)
 
 
 def of_app() -> ReleasedForms:

@@ -521,6 +521,29 @@ def test_a_reference_to_an_unreleased_contained_resource_is_removed(key: Pseudon
     assert "subject" not in engine(rules, key).apply(source, 701, "p1")
 
 
+def test_keys_that_are_not_elements_of_their_object_are_dropped_wherever_they_sit(deid: Deidentifier,
+                                                                                   key: PseudonymKey) -> None:
+    # At the root, in an object, in an item of a repeating object, in a Coding, in a Quantity
+    # and in a contained resource: the released form is the one of the resource without them.
+    stray = {"patientName": FAMILY, "resourceType": "Patient", "fullUrl": f"urn:{MRN}"}
+    clean, planted = observation(), observation()
+    planted.update(patientName=FAMILY, fullUrl=f"urn:{MRN}")
+    planted["code"].update(stray)
+    planted["category"][0]["coding"][0].update(stray)
+    planted["component"][1].update(stray)
+    planted["component"][0]["valueQuantity"].update(stray)
+    assert dumped(deid.apply(planted, 701, "p1")) == dumped(deid.apply(clean, 701, "p1"))
+
+    rules = [{"path": "MedicationRequest.contained", "method": "keep"},
+             {"path": "MedicationRequest.medication[x]", "method": "keep"},
+             {"path": "Medication.code", "method": "keep"}]
+    contained = {"resourceType": "Medication", "id": "med", "code": coding(RXNORM, "1", "x")}
+    clean = {**medication_request(), "medicationReference": {"reference": "#med"}, "contained": [contained]}
+    planted = {**clean, "contained": [{**contained, **stray, "resourceType": "Medication"}]}
+    released = engine(rules, key)
+    assert dumped(released.apply(planted, 901, "p1")) == dumped(released.apply(clean, 901, "p1"))
+
+
 def test_an_unresolvable_reference_is_removed_with_its_type(deid: Deidentifier) -> None:
     source = {**observation(), "performer": [{"reference": "Practitioner/unknown", "type": "Practitioner",
                                               "display": DOCTOR}, {"reference": "Practitioner/gone"}]}

@@ -319,6 +319,20 @@ def test_a_profile_may_add_code_systems_to_the_allowlist(key: PseudonymKey) -> N
     assert released["code"] == {"coding": [{"system": local, "code": "K+"}]}
 
 
+def test_two_profiles_in_one_process_each_release_only_their_own_code_systems(key: PseudonymKey) -> None:
+    local = "http://hospital.example/codes/lab"
+    rules = [{"path": "Observation.code", "method": "keep"}]
+    listing, other = parse_profile({"code_systems": [local], "rules": rules}), parse_profile({"rules": rules})
+    source = observation(code={"coding": [{"system": local, "code": "K+"}, {"system": LOINC, "code": "8867-4"}]},
+                         meta={"security": [{"system": local, "code": "K+"}]})
+    for _ in range(2):  # each profile remembers the codings it released: the second time answers from there
+        by_listing, by_other = release(listing, key, source), release(other, key, source)
+        assert [c["system"] for c in by_listing["code"]["coding"]] == [local, LOINC]
+        assert [c["system"] for c in by_other["code"]["coding"]] == [LOINC]
+        assert {"system": local, "code": "K+"} in by_listing["meta"]["security"]
+        assert local not in orjson.dumps(by_other).decode()
+
+
 def test_a_named_string_inside_a_coding_is_released_by_the_rule_that_names_it(key: PseudonymKey) -> None:
     profile = parse_profile({"rules": [{"path": "Observation.code.text", "method": "keep"},
                                        {"path": "Observation.code", "method": "keep"}]})

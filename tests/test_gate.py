@@ -426,6 +426,18 @@ def test_a_versioned_reference_to_a_withheld_version_is_removed(world, open_proj
     assert "derivedFrom" not in open_project.released("versioned")
 
 
+def test_a_versioned_reference_to_a_released_version_is_kept_and_one_to_no_stored_version_removed(
+        world, open_project, client, custodian_headers):
+    a = world.patients["a"]
+    target = _stored(client, custodian_headers, condition(a, HYPERTENSION))
+    _update(client, custodian_headers, target, {**condition(a, HYPERTENSION), "note": [{"text": "revised"}]})
+    create(client, custodian_headers, observation(a, value=1102.0, derivedFrom=[
+        {"reference": f"{target}/_history/1"}, {"reference": f"{target}/_history/7"}]))
+    world.marker["versioned_released"] = 1102.0
+    assert open_project.released("versioned_released")["derivedFrom"] == [
+        {"reference": f"{open_project.reference(target)}/_history/1"}]
+
+
 # -- _include with cross-patient references ----------------------------------------------------
 
 

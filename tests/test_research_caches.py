@@ -133,7 +133,7 @@ def test_the_standing_consent_filter_judges_each_statement_at_the_instant_it_run
     pseudonym = _pseudonym_of(app, world.project, brief)
     with app.app_context():
         release = release_for("a-client", world.project, engine.RECORD)
-        assert release.read("Patient", pseudonym)["id"] == pseudonym
+        assert orjson.loads(release.read("Patient", pseudonym))["id"] == pseudonym
         time.sleep(max(0.0, (ends - datetime.now(UTC)).total_seconds()) + 1.1)
         with pytest.raises(NotFound):
             release.read("Patient", pseudonym)
@@ -212,27 +212,35 @@ def _afresh(deid: Deidentifier, row: Row, targets: dict) -> dict:
         orjson.loads(row.json), row.pk, row.patient_id, targets)
 
 
+def _release(forms: ReleasedForms, deid: Deidentifier, row: Row, targets: dict) -> dict:
+    """The released form `forms` gives, as a resource; its type and id are given as the resource has them."""
+    form = forms.release(deid, row, targets)
+    released = orjson.loads(form.json)
+    assert (form.resource_type, form.id) == (released["resourceType"], released["id"])
+    return released
+
+
 def test_a_remembered_form_is_the_form_computed_afresh() -> None:
     forms, deid, row = ReleasedForms(), _engine(PseudonymKey(MASTER, "project-a", 1)), _stored()
-    first, again = forms.release(deid, row, RELEASED), forms.release(deid, row, RELEASED)
+    first, again = _release(forms, deid, row, RELEASED), _release(forms, deid, row, RELEASED)
     assert first == again == _afresh(deid, row, RELEASED)
     assert len(forms) == 1
 
 
 def test_a_remembered_form_is_not_given_once_a_resource_it_references_is_withheld() -> None:
     forms, deid, row = ReleasedForms(), _engine(PseudonymKey(MASTER, "project-a", 1)), _stored()
-    assert forms.release(deid, row, RELEASED)["performer"]
+    assert _release(forms, deid, row, RELEASED)["performer"]
     withheld = {("Patient", "p1"): 101}
-    released = forms.release(deid, row, withheld)
+    released = _release(forms, deid, row, withheld)
     assert released == _afresh(deid, row, withheld)
     assert "performer" not in released
 
 
 def test_a_remembered_form_is_not_given_under_a_rotated_key() -> None:
     forms, row = ReleasedForms(), _stored()
-    before = forms.release(_engine(PseudonymKey(MASTER, "project-a", 1)), row, RELEASED)
+    before = _release(forms, _engine(PseudonymKey(MASTER, "project-a", 1)), row, RELEASED)
     rotated = _engine(PseudonymKey(MASTER, "project-a", 2))
-    after = forms.release(rotated, row, RELEASED)
+    after = _release(forms, rotated, row, RELEASED)
     assert after == _afresh(rotated, row, RELEASED)
     assert after["id"] != before["id"]
     assert after["subject"] != before["subject"]
@@ -240,26 +248,26 @@ def test_a_remembered_form_is_not_given_under_a_rotated_key() -> None:
 
 def test_a_remembered_form_is_never_given_to_another_project() -> None:
     forms, row = ReleasedForms(), _stored()
-    mine = forms.release(_engine(PseudonymKey(MASTER, "project-a", 1)), row, RELEASED)
+    mine = _release(forms, _engine(PseudonymKey(MASTER, "project-a", 1)), row, RELEASED)
     other = _engine(PseudonymKey(MASTER, "project-b", 1))
-    theirs = forms.release(other, row, RELEASED)
+    theirs = _release(forms, other, row, RELEASED)
     assert theirs == _afresh(other, row, RELEASED)
     assert theirs["id"] != mine["id"]
 
 
 def test_a_remembered_form_is_not_given_under_another_profile() -> None:
     forms, row, key = ReleasedForms(), _stored(), PseudonymKey(MASTER, "project-a", 1)
-    assert "valueQuantity" in forms.release(_engine(key), row, RELEASED)
+    assert "valueQuantity" in _release(forms, _engine(key), row, RELEASED)
     without_values = _engine(key, parse_profile({"rules": [{"path": "Observation.value[x]", "method": "redact"}]}))
-    released = forms.release(without_values, row, RELEASED)
+    released = _release(forms, without_values, row, RELEASED)
     assert released == _afresh(without_values, row, RELEASED)
     assert "valueQuantity" not in released
 
 
 def test_a_remembered_form_is_not_given_once_the_resource_changed() -> None:
     forms, deid = ReleasedForms(), _engine(PseudonymKey(MASTER, "project-a", 1))
-    forms.release(deid, _stored(120.0), RELEASED)
-    assert forms.release(deid, _stored(95.0), RELEASED)["valueQuantity"]["value"] == 95.0
+    _release(forms, deid, _stored(120.0), RELEASED)
+    assert _release(forms, deid, _stored(95.0), RELEASED)["valueQuantity"]["value"] == 95.0
 
 
 def test_a_profile_that_encrypts_is_never_remembered() -> None:
@@ -268,7 +276,7 @@ def test_a_profile_that_encrypts_is_never_remembered() -> None:
                    parse_profile({"rules": [{"path": "Observation.code.text", "method": "encrypt"}]}))
     row = Row(7, orjson.dumps({"resourceType": "Observation", "id": "o1", "status": "final",
                                "code": {"text": "pulse"}}), None)
-    first, again = forms.release(deid, row, {}), forms.release(deid, row, {})
+    first, again = _release(forms, deid, row, {}), _release(forms, deid, row, {})
     assert first["code"]["text"] != again["code"]["text"]
     assert len(forms) == 0
 
@@ -278,7 +286,7 @@ def test_the_remembered_forms_stay_within_their_byte_budget() -> None:
     one = len(orjson.dumps(_afresh(deid, _stored(), RELEASED)))
     forms = ReleasedForms(max_bytes=one * 2 + one // 2)
     for value in (1.0, 2.0, 3.0, 4.0):
-        forms.release(deid, _stored(value), RELEASED)
+        _release(forms, deid, _stored(value), RELEASED)
     assert forms.size <= forms.max_bytes
     assert len(forms) == 2
 

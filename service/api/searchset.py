@@ -61,14 +61,15 @@ def _link(relation: str, base: str, path: str, echo: list[tuple[str, str]], curs
 
 
 #: Turns stored rows into Bundle entries (fullUrl, resource, search.mode); research de-identifies here.
+#: An entry's resource is the JSON text to send (bytes: embedded as is, never re-encoded) or a dict.
 Render = Callable[[list[Any], str], list[dict[str, Any]]]
 
 
 def render_stored(base: str) -> Render:
-    """Entries holding the stored JSON as is (the custodian view): embedded, never re-encoded."""
+    """Entries holding the stored JSON as is (the custodian view)."""
     def render(rows: list[Any], mode: str) -> list[dict[str, Any]]:
-        return [{"fullUrl": f"{base}/{row.type}/{row.id}", "resource": orjson.Fragment(row.json),
-                 "search": {"mode": mode}} for row in rows]
+        return [{"fullUrl": f"{base}/{row.type}/{row.id}", "resource": row.json, "search": {"mode": mode}}
+                for row in rows]
     return render
 
 
@@ -87,24 +88,25 @@ def bundle(page: Page, query: Query, *, base: str, view: str, path: str, request
     if page.total is not None:
         result["total"] = page.total
     result["link"] = links
-    entries = (_subsetted(render(page.rows, "match"), page.rows, query, match=True)
-               + _subsetted(render(page.included, "include"), page.included, query, match=False))
+    entries = (_subsetted(render(page.rows, "match"), query, match=True)
+               + _subsetted(render(page.included, "include"), query, match=False))
+    for entry in entries:
+        if type(entry["resource"]) is bytes:
+            entry["resource"] = orjson.Fragment(entry["resource"])
     if entries:
         result["entry"] = entries
     return result
 
 
-def _subsetted(entries: list[dict[str, Any]], rows: list[Any], query: Query, *, match: bool
-               ) -> list[dict[str, Any]]:
-    """The entries with their resources subsetted as `_summary`/`_elements` ask (service/subsetting.py),
-    after rendering: on the research view, after de-identification."""
+def _subsetted(entries: list[dict[str, Any]], query: Query, *, match: bool) -> list[dict[str, Any]]:
+    """The entries with their rendered resources subsetted as `_summary`/`_elements` ask
+    (service/subsetting.py): on the research view, subsets of the de-identified forms."""
     if query.subset is None or not query.subset.applies(match=match):
         return entries
-    for entry, row in zip(entries, rows, strict=True):
+    for entry in entries:
         resource = entry["resource"]
-        if isinstance(resource, orjson.Fragment):  # the stored JSON, embedded as is
-            resource = orjson.loads(row.json)
-        entry["resource"] = query.subset.apply(resource, match=match)
+        entry["resource"] = query.subset.apply(orjson.loads(resource) if type(resource) is bytes else resource,
+                                               match=match)
     return entries
 
 

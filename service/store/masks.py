@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, bindparam, delete, false, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, insert, select, update
 
 from policies.sensitivity import VERSION, Key, Node, classify, propagate, with_inherited
 from service.store.indexer import INHERITS, inherited_targets
+from service.store.keyed import by_type_and_id
 from service.store.schema import history, idx_reference, resources, settings
 
 SETTING = "sensitivity-classifier"
@@ -77,14 +78,6 @@ def apply(conn: Connection, changed: Iterable[Recomputed]) -> None:
                  .values(sensitive_mask=bindparam("m")), params)
 
 
-def _of_keys(keys: Iterable[Key], type_column: Any, id_column: Any) -> Any:
-    """A condition matching these (type, id) keys, grouped per type so the (type, id) indexes serve it."""
-    by_type: dict[str, list[str]] = {}
-    for resource_type, resource_id in keys:
-        by_type.setdefault(resource_type, []).append(resource_id)
-    return or_(false(), *(and_(type_column == t, id_column.in_(sorted(ids))) for t, ids in sorted(by_type.items())))
-
-
 def _referring(conn: Connection, targets: list[Key]) -> list[Any]:
     """The current, undeleted resources holding an `INHERITS` reference to one of `targets`."""
     wanted = set(targets)
@@ -111,7 +104,7 @@ def _settled(conn: Connection, keys: list[Key]) -> dict[Key, tuple[str | None, i
     for start in range(0, len(keys), _CHUNK):
         rows = conn.execute(
             select(resources.c.type, resources.c.id, resources.c.patient_id, resources.c.sensitive_mask)
-            .where(_of_keys(keys[start:start + _CHUNK], resources.c.type, resources.c.id),
+            .where(by_type_and_id(keys[start:start + _CHUNK]),
                    resources.c.deleted.is_(False)))
         settled.update({(row.type, row.id): (row.patient_id, row.sensitive_mask) for row in rows})
     return settled

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, Connection, Table, and_, delete, false, insert, or_, select, text
+from sqlalchemy import ColumnElement, Connection, Table, and_, delete, insert, or_, select, text
 from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 
@@ -25,6 +25,7 @@ from policies.sensitivity import Key, Node
 from service.db import now_us
 from service.errors import Conflict, Gone, InvalidRequest, NotFound, PreconditionFailed
 from service.store import indexer, masks
+from service.store.keyed import by_type_and_id
 from service.store.schema import INDEX_TABLES, history, resources
 
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -85,15 +86,6 @@ class Stored:
 
     def resource(self) -> dict[str, Any]:
         return orjson.loads(self.json) if self.json else {}
-
-
-def by_type_and_id(pairs: Iterable[tuple[str, str]]) -> ColumnElement[bool]:
-    """Rows for these (type, id) pairs, grouped per type so both databases use the unique
-    (type, id) index (a row-value `IN (VALUES …)` makes SQLite scan the whole index)."""
-    ids: dict[str, list[str]] = {}
-    for resource_type, resource_id in pairs:
-        ids.setdefault(resource_type, []).append(resource_id)
-    return or_(false(), *(and_(resources.c.type == t, resources.c.id.in_(sorted(v))) for t, v in sorted(ids.items())))
 
 
 def check_id(resource_id: str) -> str:

@@ -37,8 +37,8 @@ from policies.fhirdates import DateFormatError, date_range
 from service import subsetting
 from service.errors import InvalidRequest, NotSupported
 from service.params import page_size
-from service.store import repository
 from service.store.indexer import normalise, parse_reference
+from service.store.keyed import by_type_and_id
 from service.store.schema import idx_date, idx_quantity, idx_reference, idx_string, idx_token, resources
 from service.store.searchparams import (
     SearchParam,
@@ -760,7 +760,7 @@ def _follow(conn: Connection, rule: Include, frontier: list[Any], restrict: RowF
         targets = conn.execute(select(idx_reference.c.target_type, idx_reference.c.target_id).where(*clauses)).all()
         if not targets:
             return []
-        statement = select(*ROW_COLUMNS).where(repository.by_type_and_id(targets), resources.c.deleted == false())
+        statement = select(*ROW_COLUMNS).where(by_type_and_id(targets), resources.c.deleted == false())
     return conn.execute(restrict(statement).order_by(resources.c.pk).limit(MAX_INCLUDED + 1)).all()
 
 
