@@ -583,10 +583,12 @@ class Gunicorn:
     serves and stops it."""
 
     def __init__(self, env: dict[str, str], log: Path, workers: int = 2, preload: bool = False,
-                 port: int | None = None):
+                 port: int | None = None, recycle: bool = True):
         self.env = env
         self.workers = workers
         self.preload = preload
+        #: False: workers are never recycled (`--max-requests 0`, over the file's `max_requests`).
+        self.recycle = recycle
         self.config = "deploy/gunicorn.conf.py"
         if preload:
             self.config = str(log.with_suffix(".conf.py"))
@@ -600,15 +602,19 @@ class Gunicorn:
 
     @classmethod
     def of(cls, instance: Instance, workers: int = 2, **extra_env: str) -> Gunicorn:
-        """A server of a benchmark's instance, its log in the instance's directory."""
-        return cls(instance.env(**extra_env), instance.dir / f"gunicorn-{secrets.token_hex(3)}.log", workers)
+        """A server of a benchmark's instance, its log in the instance's directory, whose workers are
+        not recycled: a worker replaced during a measured run would take its CPU time with it (the
+        run's server CPU could not be read) and put its successor's warm-up into that run."""
+        return cls(instance.env(**extra_env), instance.dir / f"gunicorn-{secrets.token_hex(3)}.log", workers,
+                   recycle=False)
 
     def start(self) -> Gunicorn:
         """Start the server; it serves once `wait_ready` returns."""
         env = {**self.env, "PASSERELLE_BIND": f"127.0.0.1:{self.port}", "PASSERELLE_WORKERS": str(self.workers)}
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                [str(BIN / "gunicorn"), "-c", self.config, "wsgi:app"], cwd=ROOT, env=env,
+                [str(BIN / "gunicorn"), "-c", self.config, *(() if self.recycle else ("--max-requests", "0")),
+                 "wsgi:app"], cwd=ROOT, env=env,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
