@@ -2,7 +2,7 @@
 
 When a rule is added to an app, werkzeug generates the source of two Python functions that
 build its URL (`Rule._compile_builder`: with and without unknown arguments as a query
-string) and compiles them: about three quarters of the time it takes to build an app, paid
+string) and compiles them: about two thirds of the time it takes to build an app, paid
 again by every `flask --app wsgi` command and every app a test builds. A builder depends on
 the rule's text, its parsed parts and the names of its defaults, and on nothing of the app
 (it reaches the rule's converters through the rule it is bound to), so `Rule` keeps each one
