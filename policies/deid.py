@@ -1086,7 +1086,9 @@ class Deidentifier:
     so are the patients' date offsets, shifted dates and rewritten references.
     """
 
-    _CACHE_LIMIT = 65536
+    #: Entries per cache; a full cache is emptied. With the key's own memory of pseudonyms,
+    #: the caches of one Deidentifier hold about 10 MB at most however large an export is.
+    _CACHE_LIMIT = 16_384
 
     def __init__(self, profile: Profile, key: PseudonymKey, *, reference_year: int,
                  resolve_pk: Callable[[str, str], int | None] | None = None) -> None:

@@ -1,6 +1,7 @@
 """Specifications of the per-project keyed pseudonyms, date shifts and encryption."""
 from __future__ import annotations
 
+import hmac
 import re
 import uuid
 
@@ -8,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.pseudonym import MAX_SHIFT_DAYS, PSEUDONYM_LENGTH, PseudonymError, PseudonymKey
+from policies.pseudonym import MAX_SHIFT_DAYS, PSEUDONYM_LENGTH, PseudonymError, PseudonymKey, _Hmac
 from tests.deid_helpers import MASTER
 
 OTHER_MASTER = bytes(range(1, 33))
@@ -20,6 +21,37 @@ PKS = st.integers(min_value=0, max_value=2**64 - 1)
 
 def test_pseudonym_is_stable_for_the_same_key(key: PseudonymKey) -> None:
     assert key.pseudonym("Patient", 42) == PseudonymKey(MASTER, "project-a", 1).pseudonym("Patient", 42)
+
+
+# What releases under the tests' master key have always given. Partners link the rows of successive
+# releases of one project by these values: an implementation change must not alter one of them.
+PUBLISHED = [  # (key version, resource type, row number, pseudonym)
+    (1, "Patient", 0, "en6ftbjkozggjiljcvg7nvkbra"),
+    (1, "Patient", 1, "zzkfpopxzp7jjvfcmdbj3sfa7i"),
+    (1, "Observation", 12345, "jaxfmo5qwxzahgcs3h7ukmnn54"),
+    (1, "Observation", 2**64 - 1, "bcv2aqaicgchvburgtmoasz37i"),
+    (2, "Patient", 0, "dp43krwj5phkyoo3zukcbczesm"),
+    (2, "Observation", 12345, "uwujmbwu3tipu2mmdd2tnokczq"),
+]
+
+
+@pytest.mark.parametrize(("version", "resource_type", "pk", "pseudonym"), PUBLISHED)
+def test_pseudonyms_are_those_earlier_releases_published(version: int, resource_type: str, pk: int,
+                                                         pseudonym: str) -> None:
+    key = PseudonymKey(MASTER, "project-a", version)
+    assert key.pseudonym(resource_type, pk) == pseudonym
+    assert key.resolve(resource_type, pseudonym) == pk
+
+
+def test_date_offsets_and_value_pseudonyms_are_those_earlier_releases_published(key: PseudonymKey) -> None:
+    assert (key.date_offset_days("Patient/p1"), key.date_offset_days("pat-42")) == (46, -107)
+    assert key.pseudonymise_value("MRN-1234") == "mpc6pcldsp46a74yiydwofs7fa"
+    assert key.pseudonymise_uuid("9b2f3f6e-8a38-4d42-a6a4-2a6b1b0c9e11") == "0efb5890-d22e-4348-b03a-3621d63b7df6"
+
+
+@given(secret=st.binary(min_size=1, max_size=200), prefix=st.binary(max_size=3), message=st.binary(max_size=150))
+def test_the_keyed_hash_is_hmac_sha256_of_the_prefixed_message(secret: bytes, prefix: bytes, message: bytes) -> None:
+    assert _Hmac(secret, prefix).digest(message) == hmac.digest(secret, prefix + message, "sha256")
 
 
 def test_pseudonyms_differ_between_projects(key: PseudonymKey) -> None:
