@@ -7,8 +7,12 @@ element's path and the FHIR issue code, and skipped; the valid
 ones stored in chunks of one transaction each (update-or-create by id). A load may hold a
 resource before the one it refers to, so literal references are checked once everything
 is stored: each that resolves neither to the load nor to the database is reported (its
-resource stays stored) and the load exits 1. A load that stores anything ends by
-refreshing the query planner's statistics.
+resource stays stored) and the load exits 1. The query planner's statistics are
+refreshed as a load grows — once it has stored `repository.LARGE_WRITE` resources, then
+each time that count doubles — and when it ends, if it stored anything: the statements a
+load runs per chunk (which of its resources exist, which references resolve) otherwise
+keep the plans chosen for a store a fraction of its new size (on PostgreSQL without
+autovacuum, a look-up by id became a scan of every resource of its type).
 """
 from __future__ import annotations
 
@@ -71,6 +75,7 @@ class _Loader:
         self.chunk: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         self.anonymous: list[tuple[str, dict[str, Any]]] = []
         self.references = references.Pending()  # checked at the end: a target may come later in the load
+        self.refresh_at = repository.LARGE_WRITE  # stored count at which the statistics are next refreshed
 
     def add(self, where: str, resource: Any) -> None:
         if isinstance(resource, Exception):
@@ -100,6 +105,10 @@ class _Loader:
             with db.write(self.engine) as conn:
                 self.report.stored += len(repository.upsert(conn, items))
                 self.references.note(conn, [resource for _, resource in items])
+        if self.report.stored >= self.refresh_at:
+            with db.write(self.engine) as conn:
+                repository.refresh_statistics(conn)
+            self.refresh_at = 2 * self.report.stored
 
 
 def _load_json(path: Path, engine: Engine, loader: _Loader) -> None:
