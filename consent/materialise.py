@@ -226,7 +226,8 @@ def refresh(conn: Connection, *, patient_ids: Sequence[str] | None = None,
 
     A decision that comes out identical to the stored one keeps its `updated` instant, which
     versions the project's recorded aggregate answers: an unrelated change (another
-    project's consent) does not make them stale.
+    project's consent) does not make them stale. A refresh of many patients refreshes the
+    planner's statistics on the decisions as it writes them (`repository.GrowingWrite`).
     """
     default = consent_default(conn)
     chosen = [p for p in projects.all_projects(conn) if project_ids is None or p.project_id in project_ids]
@@ -240,6 +241,7 @@ def refresh(conn: Connection, *, patient_ids: Sequence[str] | None = None,
     defaults = {view.id: engine.default_decision(default, view) for view in views}
     now = now_us()
     written = 0
+    growth = repository.GrowingWrite((decisions, decision_classes))
     for chunk in _patient_chunks(conn, patient_ids):
         project_filter = decisions.c.project_id.in_([v.id for v in views])
         stored = {(r.patient_id, r.project_id): r._asdict() for r in conn.execute(
@@ -265,6 +267,7 @@ def refresh(conn: Connection, *, patient_ids: Sequence[str] | None = None,
             written += len(rows)
         if classes:
             conn.execute(insert(decision_classes), classes)
+        growth.added(conn, written)
     return written
 
 

@@ -8,11 +8,9 @@ ones stored in chunks of one transaction each (update-or-create by id). A load m
 resource before the one it refers to, so literal references are checked once everything
 is stored: each that resolves neither to the load nor to the database is reported (its
 resource stays stored) and the load exits 1. The query planner's statistics are
-refreshed as a load grows — once it has stored `repository.LARGE_WRITE` resources, then
-each time that count doubles — and when it ends, if it stored anything: the statements a
-load runs per chunk (which of its resources exist, which references resolve) otherwise
-keep the plans chosen for a store a fraction of its new size (on PostgreSQL without
-autovacuum, a look-up by id became a scan of every resource of its type).
+refreshed as a load grows (`repository.GrowingWrite`) and when it ends, if it stored
+anything: the statements a load runs per chunk (which of its resources exist, which
+references resolve) would otherwise be planned for a store a fraction of its new size.
 """
 from __future__ import annotations
 
@@ -75,7 +73,7 @@ class _Loader:
         self.chunk: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         self.anonymous: list[tuple[str, dict[str, Any]]] = []
         self.references = references.Pending()  # checked at the end: a target may come later in the load
-        self.refresh_at = repository.LARGE_WRITE  # stored count at which the statistics are next refreshed
+        self.growth = repository.GrowingWrite()
 
     def add(self, where: str, resource: Any) -> None:
         if isinstance(resource, Exception):
@@ -105,10 +103,7 @@ class _Loader:
             with db.write(self.engine) as conn:
                 self.report.stored += len(repository.upsert(conn, items))
                 self.references.note(conn, [resource for _, resource in items])
-        if self.report.stored >= self.refresh_at:
-            with db.write(self.engine) as conn:
-                repository.refresh_statistics(conn)
-            self.refresh_at = 2 * self.report.stored
+                self.growth.added(conn, self.report.stored)
 
 
 def _load_json(path: Path, engine: Engine, loader: _Loader) -> None:

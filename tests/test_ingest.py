@@ -72,3 +72,17 @@ def test_a_long_ingest_gives_the_planner_statistics_before_it_ends(app: Flask, t
         report = ingest(engine, [first, second], after_each_file)
     assert report.stored == LARGE_WRITE + 1
     assert {"resources", "history", "idx_string"} <= seen[0]
+
+
+def test_a_new_project_over_many_patients_leaves_planner_statistics_on_its_decisions(app: Flask, tmp_path: Path):
+    # Materialising a project's decisions writes a row per patient in one transaction; on PostgreSQL
+    # without statistics each chunk's look-up read every decision written so far (100k patients: hours).
+    path = tmp_path / "Patient.ndjson"
+    path.write_text("".join(json.dumps(patient(id=f"p-{n}", family=f"F{n}")) + "\n" for n in range(LARGE_WRITE)))
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["ingest", str(path)]).exit_code == 0
+    made = runner.invoke(args=["project", "create", "--name", "study", "--tier", "aggregate", "--epsilon", "1"])
+    assert made.exit_code == 0, made.output
+    with db.read(app.extensions["passerelle.engine"]) as conn:
+        assert conn.scalar(text("SELECT count(*) FROM decisions")) == LARGE_WRITE
+        assert "decisions" in analysed_tables(conn)

@@ -26,7 +26,7 @@ from service.db import now_us
 from service.errors import Conflict, Gone, InvalidRequest, NotFound, PreconditionFailed
 from service.store import indexer, masks
 from service.store.keyed import by_type_and_id
-from service.store.schema import INDEX_TABLES, history, resources
+from service.store.schema import INDEX_TABLES, decision_classes, decisions, history, resources
 
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
@@ -354,24 +354,47 @@ def upsert(conn: Connection, items: Sequence[tuple[str, dict[str, Any]]]) -> lis
 
 #: A write of at least this many resources refreshes the planner's statistics afterwards.
 LARGE_WRITE = 1_000
-#: What a load writes most: the tables whose statistics steer the search and cohort plans.
-_LOADED = (resources, history, *INDEX_TABLES)
+#: What a load writes most: the tables whose statistics steer the search and cohort plans, and the
+#: consent decisions its new patients get.
+_LOADED = (resources, history, *INDEX_TABLES, decisions, decision_classes)
 
 
-def refresh_statistics(conn: Connection) -> None:
-    """Give the query planner statistics on the tables a load writes (run after a large one).
+class GrowingWrite:
+    """When a write that keeps adding rows to `tables` refreshes their planner statistics: once it
+    has added LARGE_WRITE rows, then each time that count doubles — a few refreshes (one per
+    doubling), and no statement of the write is planned on statistics of less than half the rows.
+
+    Without statistics, PostgreSQL takes a 500-value `IN` list to match every row and a one-value
+    filter to match 0.5 %, so its look-ups by id used the index of a low-cardinality column and
+    read every row written so far: a load or a refresh of decisions slowed down as it grew. On
+    PostgreSQL `ANALYZE` counts the rows of the transaction running it, so this works inside one.
+    """
+
+    def __init__(self, tables: Sequence[Table] = _LOADED) -> None:
+        self.tables = tuple(tables)
+        self._next = LARGE_WRITE
+
+    def added(self, conn: Connection, total: int) -> None:
+        """`total` rows are added so far; refresh the statistics if that is due."""
+        if total >= self._next:
+            refresh_statistics(conn, self.tables)
+            self._next = 2 * total
+
+
+def refresh_statistics(conn: Connection, tables: Sequence[Table] = _LOADED) -> None:
+    """Give the query planner statistics on `tables` (by default, those a load writes).
 
     SQLite `ANALYZE`s (sampled: `analysis_limit`) each of them that has none yet, then runs
     `PRAGMA optimize`, which refreshes the statistics that grew stale; PostgreSQL `ANALYZE`s them.
     """
     if conn.dialect.name != "sqlite":
-        conn.execute(text(f"ANALYZE {', '.join(table.name for table in _LOADED)}"))
+        conn.execute(text(f"ANALYZE {', '.join(table.name for table in tables)}"))
         return
     has_stats = conn.scalar(text("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'"))
     analysed = set(conn.scalars(text("SELECT DISTINCT tbl FROM sqlite_stat1"))) if has_stats else set()
     conn.execute(text("PRAGMA analysis_limit = 1000"))
     try:
-        for table in _LOADED:
+        for table in tables:
             if table.name not in analysed:
                 conn.execute(text(f"ANALYZE {table.name}"))
         conn.execute(text("PRAGMA optimize"))
