@@ -242,8 +242,15 @@ def _constant(name: str) -> Any:
 
 
 def _open(judged: Judged) -> Any:
-    """The row is not custodian-only (policies.sensitivity.CUSTODIAN_ONLY): no consent releases one."""
-    return judged.sensitive_mask.op("&")(literal_column(str(CUSTODIAN_ONLY), BigInteger)) == 0
+    """The row is not custodian-only (policies.sensitivity.CUSTODIAN_ONLY): no consent releases one.
+
+    Written as a range, which for a mask is the same test (masks are never negative and no
+    category bit lies above CUSTODIAN_ONLY; a negative one fails it), so that the planner
+    estimates it from the column's statistics: PostgreSQL gives `mask & bit = 0` a fixed 0.5 %,
+    and expected a few dozen consented rows where 100,000 passed (nested loops, no parallelism).
+    """
+    return judged.sensitive_mask.between(literal_column("0", BigInteger),
+                                         literal_column(str(CUSTODIAN_ONLY - 1), BigInteger))
 
 
 def _consented(judged: Judged, project_id: str, minimum_tier: int) -> _Consented:

@@ -17,13 +17,13 @@ import orjson
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, text, update
 
 from consent import engine, projects
-from policies.sensitivity import CUSTODIAN_ONLY_LABEL, MODEL_SYSTEM
+from policies.sensitivity import CUSTODIAN_ONLY, CUSTODIAN_ONLY_LABEL, MODEL_SYSTEM
 from service import aggregate, db, training
 from service.export import Worker
-from service.release import release_for
+from service.release import Judged, _open, release_for
 from service.store import masks
 from service.store.schema import history, resources, settings
 from tests.fhir_helpers import create, observation, patient
@@ -296,3 +296,26 @@ def test_the_custodian_reads_the_labelled_risk_assessment(client, custodian_head
     response = client.get(f"/fhir/RiskAssessment/{scores.labelled}", headers=custodian_headers)
     assert response.status_code == 200
     assert response.get_json()["meta"]["security"] == [CUSTODIAN_ONLY_LABEL]
+
+
+def test_a_row_whose_mask_is_negative_is_withheld(app, client, scores):
+    # No code writes one; were the top bit ever set, the row fails closed rather than reading as open.
+    with app.app_context(), db.write() as conn:
+        conn.execute(update(resources).where(resources.c.type == "RiskAssessment", resources.c.id == scores.unlabelled)
+                     .values(sensitive_mask=-(2**63)))
+    assert found(client, scores, "RiskAssessment?_count=100") == []
+
+
+def test_postgresql_expects_the_rows_the_custodian_only_test_lets_through(pg_engine):
+    # With `mask & bit = 0` it expected 0.5 % of them: at 100,000 consented patients the aggregate
+    # cohort was planned as a few dozen rows (nested loops, no parallel workers), 2-3x plain SQL.
+    with pg_engine.connect() as conn, conn.begin() as transaction:
+        conn.execute(insert(resources), [
+            {"type": "Patient", "id": f"estimate-{n}", "version": 1, "last_updated": 0, "deleted": False,
+             "sensitive_mask": CUSTODIAN_ONLY if n % 100 == 0 else n % 3, "json": b"{}"} for n in range(1_000)])
+        conn.execute(text("ANALYZE resources"))
+        query = select(resources.c.pk).where(_open(Judged.current(resources)))
+        sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+        plan = conn.execute(text(f"EXPLAIN (FORMAT JSON) {sql}")).scalar_one()
+        transaction.rollback()
+    assert 900 <= plan[0]["Plan"]["Plan Rows"] <= 1_000
