@@ -246,8 +246,8 @@ def _open(judged: Judged) -> Any:
 
     Written as a range, which for a mask is the same test (masks are never negative and no
     category bit lies above CUSTODIAN_ONLY; a negative one fails it), so that the planner
-    estimates it from the column's statistics: PostgreSQL gives `mask & bit = 0` a fixed 0.5 %,
-    and expected a few dozen consented rows where 100,000 passed (nested loops, no parallelism).
+    estimates it from the column's statistics: PostgreSQL gives `mask & bit = 0` a fixed 0.5 %
+    (one of the misestimates that planned the full-scale `$aggregate` cohort at 66 rows for 99,877).
     """
     return judged.sensitive_mask.between(literal_column("0", BigInteger),
                                          literal_column(str(CUSTODIAN_ONLY - 1), BigInteger))

@@ -361,8 +361,8 @@ _LOADED = (resources, history, *INDEX_TABLES, decisions, decision_classes)
 
 class GrowingWrite:
     """When a write that keeps adding rows to `tables` refreshes their planner statistics: once it
-    has added LARGE_WRITE rows, then each time that count doubles — a few refreshes (one per
-    doubling), and no statement of the write is planned on statistics of less than half the rows.
+    has added LARGE_WRITE rows, then each time that count doubles — one refresh per doubling, and
+    from the first on, the statistics describe at least half of the rows the write has added.
 
     Without statistics, PostgreSQL takes a 500-value `IN` list to match every row and a one-value
     filter to match 0.5 %, so its look-ups by id used the index of a low-cardinality column and
