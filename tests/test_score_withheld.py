@@ -298,12 +298,23 @@ def test_the_custodian_reads_the_labelled_risk_assessment(client, custodian_head
     assert response.get_json()["meta"]["security"] == [CUSTODIAN_ONLY_LABEL]
 
 
-def test_a_row_whose_mask_is_negative_is_withheld(app, client, scores):
-    # No code writes one; were the top bit ever set, the row fails closed rather than reading as open.
+def corrupt_mask(app: Flask, resource_id: str) -> None:
+    """Set the top bit of a stored RiskAssessment's mask (no code writes one)."""
     with app.app_context(), db.write() as conn:
-        conn.execute(update(resources).where(resources.c.type == "RiskAssessment", resources.c.id == scores.unlabelled)
+        conn.execute(update(resources).where(resources.c.type == "RiskAssessment", resources.c.id == resource_id)
                      .values(sensitive_mask=-(2**63)))
+
+
+def test_a_row_whose_mask_is_negative_is_withheld_from_searches(app, client, scores):
+    # Were the top bit ever set, the row fails closed rather than reading as open.
+    corrupt_mask(app, scores.unlabelled)
     assert found(client, scores, "RiskAssessment?_count=100") == []
+
+
+def test_a_row_whose_mask_is_negative_is_not_read(app, client, scores):
+    corrupt_mask(app, scores.unlabelled)
+    hidden = scores.pseudonym(app, f"RiskAssessment/{scores.unlabelled}")
+    assert client.get(f"/research/fhir/RiskAssessment/{hidden}", headers=scores.headers).status_code == 404
 
 
 def test_postgresql_expects_the_rows_the_custodian_only_test_lets_through(pg_engine):
