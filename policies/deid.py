@@ -53,7 +53,7 @@ import json
 import re
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache, lru_cache, partial
 from pathlib import Path
@@ -489,30 +489,78 @@ def _resolve(scope: str, segments: tuple[str, ...], where: str) -> list[_Element
 
 def _check_reachable(rules: list[Rule], source: str) -> None:
     """Refuse a rule that an earlier keep/redact rule always decides first (first match wins)."""
+    decided = _Deciding()
     for later in rules:
-        for earlier in rules[:later.index]:
-            if _shadows(earlier, later):
-                raise ProfileError(
-                    f"{source}: rule {later.index + 1} ({later.path}) can never apply: rule {earlier.index + 1} "
-                    f"({earlier.path}, {earlier.method}) comes first and covers it. Rules are ordered and the "
-                    "first match wins: put the more specific rule first")
+        earlier = decided.first_deciding(later)
+        if earlier is not None:
+            raise ProfileError(
+                f"{source}: rule {later.index + 1} ({later.path}) can never apply: rule {earlier.index + 1} "
+                f"({earlier.path}, {earlier.method}) comes first and covers it. Rules are ordered and the "
+                "first match wins: put the more specific rule first")
+        decided.add(later)
 
 
-def _shadows(earlier: Rule, later: Rule) -> bool:
-    if earlier.scope not in ("*", later.scope) or (earlier.url is None) != (later.url is None):
-        return False
-    if earlier.url is not None:
-        return earlier.url == later.url and earlier.segments == later.segments
-    if earlier.method not in ("keep", "redact") or len(earlier.segments) > len(later.segments):
-        return False
-    return all(_covers(a, b) for a, b in zip(earlier.segments, later.segments, strict=False))
+@dataclass(slots=True)
+class _Segments:
+    """A tree of the path segments of rules: the rule ending at each node, and its children."""
+
+    rule: Rule | None = None
+    children: dict[str, _Segments] = field(default_factory=dict)
+    choices: dict[str, _Segments] = field(default_factory=dict)  # "value[x]"'s child under "value"
 
 
-def _covers(segment: str, other: str) -> bool:
-    if segment == other:
-        return True
-    base = segment[:-3] if segment.endswith("[x]") else None
-    return base is not None and other.startswith(base) and other[len(base):len(base) + 1].isupper()
+class _Deciding:
+    """The rules seen so far that decide whatever a later rule names, indexed so that finding the first
+    of them costs a walk along the later rule's path, not a comparison with every earlier rule.
+
+    An earlier rule decides a later one when it applies to the same resource type (or to every type,
+    `*`) and either both select the same extension (`url`) at the same path, or neither selects an
+    extension, the earlier one keeps or redacts, and its path is a prefix of the later one's in which a
+    choice segment (`value[x]`) also stands for each of its typed names (`valueQuantity`)."""
+
+    def __init__(self) -> None:
+        self.trees: dict[str, _Segments] = {}
+        self.extensions: dict[tuple[str, str, tuple[str, ...]], Rule] = {}
+
+    def add(self, rule: Rule) -> None:
+        if rule.url is not None:
+            self.extensions.setdefault((rule.scope, rule.url, rule.segments), rule)
+            return
+        if rule.method not in ("keep", "redact"):
+            return
+        node = self.trees.setdefault(rule.scope, _Segments())
+        for segment in rule.segments:
+            child = node.children.get(segment)
+            if child is None:
+                child = node.children[segment] = _Segments()
+                if segment.endswith("[x]"):
+                    node.choices[segment[:-3]] = child
+            node = child
+        node.rule = rule  # none ended here before: that one would decide this one, which is refused
+
+    def first_deciding(self, later: Rule) -> Rule | None:
+        scopes = {"*", later.scope}
+        if later.url is not None:
+            found = [self.extensions.get((scope, later.url, later.segments)) for scope in scopes]
+        else:
+            found = [rule for scope in scopes if scope in self.trees
+                     for rule in _ending_along(self.trees[scope], later.segments)]
+        return min((rule for rule in found if rule is not None), key=lambda rule: rule.index, default=None)
+
+
+def _ending_along(node: _Segments, segments: tuple[str, ...]) -> Iterator[Rule]:
+    """The rules of the tree whose paths lead along `segments` (each ends on its way or at its end)."""
+    if node.rule is not None:
+        yield node.rule
+    if not segments:
+        return
+    segment, rest = segments[0], segments[1:]
+    exact = node.children.get(segment)
+    if exact is not None:
+        yield from _ending_along(exact, rest)
+    for base, choice in node.choices.items():
+        if segment.startswith(base) and segment[len(base):len(base) + 1].isupper():
+            yield from _ending_along(choice, rest)
 
 
 # -- compiled plans -----------------------------------------------------------------------------

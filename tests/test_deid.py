@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policies.deid import (
     DATA_ABSENT_REASON,
@@ -758,6 +760,55 @@ def test_a_bad_profile_is_refused_with_a_clear_message(rules: list[Any], message
         parse_profile({"name": "bad", "rules": rules}, source="bad.json")
     assert message in str(caught.value)
     assert str(caught.value).startswith("bad.json")
+
+
+#: Rules that parse alone, for profiles whose rules may shadow one another: nested paths, a choice
+#: (`value[x]`) and its typed names, `*` and a resource type, extensions by URL, a transforming method.
+SHADOWING_CANDIDATES = [
+    {"path": "Patient.name", "method": "keep"}, {"path": "Patient.name.family", "method": "redact"},
+    {"path": "*.code", "method": "keep"}, {"path": "Observation.code", "method": "redact"},
+    {"path": "Observation.code.coding", "method": "keep"}, {"path": "Observation.value[x]", "method": "keep"},
+    {"path": "Observation.value[x]", "method": "dateshift"}, {"path": "Observation.valueQuantity", "method": "redact"},
+    {"path": "Observation.valueQuantity.value", "method": "keep"},
+    {"path": "Observation.component", "method": "keep"},
+    {"path": "Observation.component.value[x]", "method": "redact"},
+    {"path": "Observation.component.valueQuantity", "method": "keep"},
+    {"path": "Observation.effective[x]", "method": "dateshift"},
+    {"path": "Observation.effectiveDateTime", "method": "keep"}, {"path": "*.identifier", "method": "redact"},
+    {"path": "Patient.birthDate", "method": "dateshift"}, {"path": "Patient.birthDate", "method": "keep"},
+    {"path": "*.extension", "url": "http://a", "method": "keep"},
+    {"path": "Patient.extension", "url": "http://a", "method": "redact"},
+    {"path": "Patient.extension", "url": "http://b", "method": "keep"},
+]
+
+
+def _decides(earlier: dict[str, str], later: dict[str, str]) -> bool:
+    """The rule's definition, pair by pair: `earlier` keeps or redacts (or selects the same extension
+    at the same path as) everything `later` names, for the same or every resource type."""
+    (scope, *segments), (later_scope, *later_segments) = earlier["path"].split("."), later["path"].split(".")
+    if scope not in ("*", later_scope) or ("url" in earlier) != ("url" in later):
+        return False
+    if "url" in earlier:
+        return earlier["url"] == later["url"] and segments == later_segments
+    if earlier["method"] not in ("keep", "redact") or len(segments) > len(later_segments):
+        return False
+    return all(a == b or (a.endswith("[x]") and b.startswith(a[:-3]) and b[len(a) - 3:len(a) - 2].isupper())
+               for a, b in zip(segments, later_segments, strict=False))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(SHADOWING_CANDIDATES), min_size=1, max_size=12))
+def test_a_rule_is_refused_exactly_when_an_earlier_rule_decides_it(rules: list[dict[str, str]]) -> None:
+    shadowed = next(((later, earlier) for later, rule in enumerate(rules)
+                     for earlier in range(later) if _decides(rules[earlier], rule)), None)
+    if shadowed is None:
+        assert parse_profile({"rules": rules}).rules
+        return
+    later, earlier = shadowed
+    with pytest.raises(ProfileError, match=re.escape(
+            f"rule {later + 1} ({rules[later]['path']}) can never apply: rule {earlier + 1} "
+            f"({rules[earlier]['path']}, {rules[earlier]['method']}) comes first")):
+        parse_profile({"rules": rules})
 
 
 @pytest.mark.parametrize(("name", "text", "message"), [
