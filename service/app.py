@@ -4,19 +4,24 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask
+from sqlalchemy import Engine
 
 from service import db, errors, urlrules
 from service.config import load_config
 
 
-def create_app(config: dict[str, Any] | None = None) -> Flask:
-    """Build a Passerelle app; `config` overrides values read from the environment."""
+def create_app(config: dict[str, Any] | None = None, *, engine: Engine | None = None) -> Flask:
+    """Build a Passerelle app; `config` overrides values read from the environment.
+
+    The app makes its database engine from the config, unless given `engine` (on its `DATABASE_URL`):
+    a process that builds many apps on one database (the tests) then shares one pool and one cache of
+    compiled statements among them."""
     app = Flask(__name__, instance_relative_config=False, static_folder=None)
     app.url_rule_class = urlrules.Rule  # URL builders generated once per process
     app.config.update(load_config())
     app.config.update(config or {})
     app.json.sort_keys = False
-    db.init_app(app)
+    db.init_app(app, engine)
     errors.register(app)
 
     import consent.materialise  # noqa: F401 - registers decision materialisation on every write

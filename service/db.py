@@ -79,9 +79,10 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def init_app(app: Flask) -> None:
-    app.extensions["passerelle.engine"] = make_engine(app.config["DATABASE_URL"], app.config["DB_POOL_SIZE"],
-                                                      app.config["DB_BUSY_SECONDS"])
+def init_app(app: Flask, given: Engine | None = None) -> None:
+    """The app's engine: `given`, else one made from its config."""
+    app.extensions["passerelle.engine"] = given if given is not None else make_engine(
+        app.config["DATABASE_URL"], app.config["DB_POOL_SIZE"], app.config["DB_BUSY_SECONDS"])
 
 
 def engine() -> Engine:

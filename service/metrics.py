@@ -28,6 +28,7 @@ import hmac
 import ipaddress
 import os
 import secrets
+import weakref
 from collections import Counter as Tally
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -207,8 +208,15 @@ def _written(conn: Connection, stored: list[repository.Stored], _changes: Any) -
     pending[(_CONSENTS, path)] += sum(1 for version in stored if version.type == "Consent")
 
 
+#: The engines `_watch` counts on: an engine shared by several apps (create_app's `engine`) is counted once.
+_WATCHED: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
 def _watch(engine: Engine) -> None:
-    """Count on `engine`'s commits what its transactions noted, and its pool's checkouts."""
+    """Count on `engine`'s commits what its transactions noted, and its pool's checkouts (once per engine)."""
+    if engine in _WATCHED:
+        return
+    _WATCHED.add(engine)
 
     def committed(conn: Connection) -> None:
         totals: Tally[tuple[Counter, str]] = Tally()

@@ -26,7 +26,7 @@ import pytest
 from fhirpy import SyncFHIRClient
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, TableClause, column, create_engine, text
 from sqlalchemy.engine import make_url
 from werkzeug.serving import make_server
 
@@ -36,8 +36,8 @@ from policies.pseudonym import PseudonymKey
 from service import db
 from service.app import create_app
 from service.cli import database
+from service.config import load_config
 from service.export import Worker
-from service.store import migrations
 from service.store.schema import metadata
 from tests.backends import admin_url, in_ci, postgres_problem, postgres_url
 from tests.deid_helpers import DEFAULT_PROFILE, MASTER
@@ -80,6 +80,23 @@ def pg_engine(pg_schema: str) -> Iterator[Engine]:
     engine = db.make_engine(pg_schema)
     yield engine
     engine.dispose()
+
+
+#: The table in which the migrations record the schema's revision (alembic's).
+ALEMBIC_VERSION = TableClause("alembic_version", column("version_num"))
+#: Every table of the schema, parents first.
+_TABLES = (*metadata.sorted_tables, ALEMBIC_VERSION)
+#: Each table's rows, as column → value mappings.
+Rows = dict[str, list[dict[str, Any]]]
+
+
+@pytest.fixture(scope="session")
+def pg_migrated(pg_engine: Engine) -> Rows:
+    """The rows `pg_schema` holds as migrated (its revision, and the settings the revisions record, such as
+    the serving floor), read before any test writes to it: what every test's copy of the SQLite template
+    also starts with."""
+    with pg_engine.connect() as conn:
+        return {table.name: [dict(row._mapping) for row in conn.execute(table.select())] for table in _TABLES}
 
 
 @pytest.fixture(scope="session")
@@ -138,26 +155,34 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         shutil.copyfile(snapshot.database if snapshot else request.getfixturevalue("sqlite_template"), target)
         yield f"sqlite:///{target}"
         return
+    migrated = request.getfixturevalue("pg_migrated")
     with request.getfixturevalue("pg_engine").begin() as conn:
         _empty(conn)
         if snapshot:
             for table in snapshot.tables:
                 conn.execute(text(f'INSERT INTO "{table}" SELECT * FROM {snapshot.database.format(table)}'))
+        else:
+            _restore(conn, migrated)
     yield request.getfixturevalue("pg_schema")
 
 
 def _empty(conn: Connection) -> None:
-    """Empty the tables of the connection's schema, and record it at head (a test of the schema's health
-    may have changed what it records). DELETE, not TRUNCATE: on tables this small it is many times faster,
-    and only from the tables holding rows (one query finds them)."""
+    """Empty the tables of the connection's schema, its revision's record included. DELETE, not TRUNCATE:
+    on tables this small it is many times faster, and only from the tables holding rows (one query finds
+    them)."""
     holding = set(conn.execute(text(" UNION ALL ".join(
-        f"SELECT '{table.name}' WHERE EXISTS (SELECT FROM \"{table.name}\")" for table in metadata.sorted_tables
+        f"SELECT '{table.name}' WHERE EXISTS (SELECT FROM \"{table.name}\")" for table in _TABLES
     ))).scalars())
-    for table in reversed(metadata.sorted_tables):
+    for table in reversed(_TABLES):
         if table.name in holding:
             conn.execute(table.delete())
-    conn.execute(text("DELETE FROM alembic_version"))
-    conn.execute(text("INSERT INTO alembic_version (version_num) VALUES (:head)"), {"head": migrations.head()})
+
+
+def _restore(conn: Connection, rows: Rows) -> None:
+    """Insert `rows` into the tables of the connection's schema (after `_empty`)."""
+    for table in _TABLES:
+        if rows[table.name]:
+            conn.execute(table.insert(), rows[table.name])
 
 
 #: What builds a world through the real app: (app, client, custodian headers) -> what tests need to know of it.
@@ -197,8 +222,10 @@ class Worlds:
             url = f"sqlite:///{path}"
         else:
             url = self.request.getfixturevalue("pg_schema")
+            migrated = self.request.getfixturevalue("pg_migrated")
             with self.request.getfixturevalue("pg_engine").begin() as conn:
                 _empty(conn)
+                _restore(conn, migrated)
         application = initialised_app(url, directory)
         client = application.test_client()
         made = recipe(application, client, bearer(custodian_bearer(application, client)))
@@ -208,7 +235,7 @@ class Worlds:
         copy = f'"{self.request.getfixturevalue("pg_snapshot_schema")}"."w{len(self.built)}_{{}}"'
         tables = []
         with self.request.getfixturevalue("pg_engine").begin() as conn:
-            for table in metadata.sorted_tables:
+            for table in _TABLES:
                 if conn.execute(text(f'SELECT EXISTS (SELECT FROM "{table.name}")')).scalar_one():
                     conn.execute(text(f'CREATE TABLE {copy.format(table.name)} AS SELECT * FROM "{table.name}"'))
                     tables.append(table.name)
@@ -222,18 +249,35 @@ def worlds(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 def initialised_app(database_url: str, directory: Path) -> Flask:
     """The real application on `database_url`, migrated and initialised, with its own master key in
-    `directory` (dispose of its engine when done: `app.extensions["passerelle.engine"].dispose()`)."""
+    `directory` (dispose of its engine when done: `app.extensions["passerelle.engine"].dispose()`).
+
+    On PostgreSQL, where every test of the process uses the same schema, the apps share one engine (its
+    pool, emptied by that disposal, and its compiled statements, which an engine compiles once each)."""
     application = create_app({
         "TESTING": True,
         "DATABASE_URL": database_url,
         "INSTANCE_DIR": str(directory),
         "MASTER_KEY_FILE": str(directory / "master.key"),
-    })
+    }, engine=_shared_engine(database_url))
     ensure_master_key(application.config["MASTER_KEY_FILE"])
     db.migrate(application.extensions["passerelle.engine"])
     with application.app_context(), db.write() as conn:
         database.record_settings(conn)  # as `init-db` does: this node's key and the regime
     return application
+
+
+#: The engines apps share, by database URL and the pool size and busy timeout the environment configures.
+_ENGINES: dict[tuple[str, int, int], Engine] = {}
+
+
+def _shared_engine(database_url: str) -> Engine | None:
+    if make_url(database_url).get_backend_name() != "postgresql":
+        return None  # a SQLite file per test: an engine per file
+    configured = load_config()
+    key = (database_url, configured["DB_POOL_SIZE"], configured["DB_BUSY_SECONDS"])
+    if key not in _ENGINES:
+        _ENGINES[key] = db.make_engine(*key)
+    return _ENGINES[key]
 
 
 @pytest.fixture

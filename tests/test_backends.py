@@ -1,8 +1,11 @@
-"""The suite's choice of databases: when CI is on, and which PostgreSQL server is used."""
+"""The suite's choice of databases: when CI is on, which PostgreSQL server is used, and the engine an app
+built for a test is given."""
 from __future__ import annotations
 
 import pytest
 
+from service import db
+from service.app import create_app
 from tests.backends import DEFAULT_POSTGRES_URL, in_ci, postgres_problem, postgres_url
 
 
@@ -36,3 +39,16 @@ def test_a_server_that_does_not_answer_is_explained_in_one_line() -> None:
     assert problem is not None
     assert problem.startswith("PostgreSQL at postgresql://postgres@127.0.0.1:1/test does not answer (")
     assert "\n" not in problem
+
+
+def test_an_app_given_an_engine_uses_it_and_makes_none(tmp_path) -> None:
+    given = db.make_engine(f"sqlite:///{tmp_path / 'passerelle.db'}")
+    made = create_app({"TESTING": True, "DATABASE_URL": given.url.render_as_string(), "INSTANCE_DIR": str(tmp_path),
+                       "MASTER_KEY_FILE": str(tmp_path / "master.key")})
+    shared = create_app({"TESTING": True, "DATABASE_URL": given.url.render_as_string(),
+                         "INSTANCE_DIR": str(tmp_path), "MASTER_KEY_FILE": str(tmp_path / "master.key")},
+                        engine=given)
+    assert shared.extensions["passerelle.engine"] is given
+    assert made.extensions["passerelle.engine"] is not given
+    made.extensions["passerelle.engine"].dispose()
+    given.dispose()

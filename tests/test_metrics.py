@@ -403,3 +403,16 @@ def test_under_gunicorn_a_scrape_sums_every_workers_counts(app, gunicorn):
     after = samples()
     assert value(after, "passerelle_db_pool_size") == WORKERS * per_worker
     assert value(after, "passerelle_http_requests_total", route=ROUTE, method="GET", status="200") == sent
+
+
+def test_apps_sharing_an_engine_count_its_connections_and_writes_once(app, client, custodian_headers):
+    other = create_app({"TESTING": True, "DATABASE_URL": app.config["DATABASE_URL"],
+                        "INSTANCE_DIR": app.config["INSTANCE_DIR"], "MASTER_KEY_FILE": app.config["MASTER_KEY_FILE"]},
+                       engine=app.extensions["passerelle.engine"])
+    before = scrape(client)
+    with other.extensions["passerelle.engine"].connect():
+        during = scrape(client)
+    create(client, custodian_headers, patient())
+    after = scrape(client)
+    assert moved(before, during, "passerelle_db_pool_connections_in_use") == 1
+    assert moved(before, after, "passerelle_resources_written_total", path="api") == 1
