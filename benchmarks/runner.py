@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="parallel `flask ingest` processes when building a dataset (default 2)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild cached datasets in benchmarks/out/")
     parser.add_argument("--plans", action="store_true", help="print the query plans of the timed searches")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the PostgreSQL schemas the run creates (their names are printed at the end), "
+                             "to study its queries afterwards; drop them by hand")
     parser.add_argument("--analyze", action="store_true",
                         help="give SQLite databases planner statistics (ANALYZE) before measuring; by default "
                              "they are removed, so the queries are measured as they run before the product's own "
@@ -149,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                 for name in sections:
                     durations[f"{name} ({db})"] = _section(ctx, name, args.quick)
             finally:
-                backend.drop_all()
+                if args.keep and backend.schemas:
+                    print(f"kept PostgreSQL schemas: {', '.join(backend.schemas)}")
+                else:
+                    backend.drop_all()
                 _stamp(db)
                 datasets[db] = {name: meta for name, (_, meta) in ctx.datasets.memo.items()}
     finally:
