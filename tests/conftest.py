@@ -229,7 +229,7 @@ class Worlds:
         application = initialised_app(url, directory)
         client = application.test_client()
         made = recipe(application, client, bearer(custodian_bearer(application, client)))
-        application.extensions["passerelle.engine"].dispose()  # on SQLite, checkpoints the WAL into the file
+        close_app(application)  # on SQLite, checkpoints the WAL into the file
         if backend == "sqlite":
             return Snapshot(made, directory / "master.key", path)
         copy = f'"{self.request.getfixturevalue("pg_snapshot_schema")}"."w{len(self.built)}_{{}}"'
@@ -249,10 +249,11 @@ def worlds(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 def initialised_app(database_url: str, directory: Path) -> Flask:
     """The real application on `database_url`, migrated and initialised, with its own master key in
-    `directory` (dispose of its engine when done: `app.extensions["passerelle.engine"].dispose()`).
+    `directory` (`close_app` it when done).
 
-    On PostgreSQL, where every test of the process uses the same schema, the apps share one engine (its
-    pool, emptied by that disposal, and its compiled statements, which an engine compiles once each)."""
+    On PostgreSQL, where every test of the process uses the same schema, the apps share one engine: its
+    pool, whose connections stay open from test to test, and its compiled statements, which an engine
+    compiles once each."""
     application = create_app({
         "TESTING": True,
         "DATABASE_URL": database_url,
@@ -280,12 +281,20 @@ def _shared_engine(database_url: str) -> Engine | None:
     return _ENGINES[key]
 
 
+def close_app(application: Flask) -> None:
+    """Done with an app `initialised_app` built: its own engine is disposed (on SQLite, that checkpoints the
+    WAL into the file); a shared one is left as it is, its idle connections ready for the next test."""
+    engine = application.extensions["passerelle.engine"]
+    if engine not in _ENGINES.values():
+        engine.dispose()
+
+
 @pytest.fixture
 def app(database_url: str, tmp_path: Path) -> Iterator[Flask]:
     """The real application on an initialised database, with its own master key."""
     application = initialised_app(database_url, tmp_path)
     yield application
-    application.extensions["passerelle.engine"].dispose()
+    close_app(application)
 
 
 @pytest.fixture

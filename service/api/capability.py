@@ -113,13 +113,26 @@ def answers(app: Flask, api: str, method: str, shape: str, resource_type: str = 
     return answering(app, api, method, shape, resource_type) is not None
 
 
+#: `_interactions` as read, by route table (`_routes`) then (api, type).
+_INTERACTIONS: dict[tuple[tuple[str, tuple[str, ...], str], ...], dict[tuple[str, str], dict[str, Any]]] = {}
+
+
 def _interactions(app: Flask, api: str, resource_type: str) -> dict[str, Any]:
-    """The interactions and conditional flags of one type, as the route table shows them (read
-    once per app: its routes do not change once it serves)."""
-    known = app.extensions.setdefault("passerelle.capability", {})
+    """The interactions and conditional flags of one type, as the route table shows them: read
+    once per route table and process (an app's routes do not change once it serves, and the apps
+    a process builds have the same ones)."""
+    known = _INTERACTIONS.setdefault(_routes(app), {})
     if (api, resource_type) not in known:
         known[api, resource_type] = _read_interactions(app, api, resource_type)
     return known[api, resource_type]
+
+
+def _routes(app: Flask) -> tuple[tuple[str, tuple[str, ...], str], ...]:
+    """The app's route table: each rule's text, methods and endpoint (computed once per app)."""
+    if "passerelle.routes" not in app.extensions:
+        app.extensions["passerelle.routes"] = tuple(sorted(
+            (rule.rule, tuple(sorted(rule.methods or ())), rule.endpoint) for rule in app.url_map.iter_rules()))
+    return app.extensions["passerelle.routes"]
 
 
 def _read_interactions(app: Flask, api: str, resource_type: str) -> dict[str, Any]:
