@@ -2,8 +2,9 @@
 
 The world is built to fail: the patients who do not consent carry the opposite signal in
 greater number, data dated after the index date (features) and before it (label) carry the
-opposite signal too, so a model that saw any of it would learn the wrong sign. Everything runs
-on the real app and database (SQLite and PostgreSQL).
+opposite signal too, so a model that saw any of it would learn the wrong sign. The world is built
+once per test process and backend, and each test that uses it starts on a copy of it. Everything
+runs on the real app and database (SQLite and PostgreSQL).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 from flask import Flask
@@ -27,6 +28,7 @@ from service import db, disclosures, synthetic, training
 from service.release import release_for
 from service.store import features, repository
 from service.store.schema import resources
+from tests.conftest import Recipe
 from tests.fhir_helpers import observation, patient
 from tests.research_world import bearer, token
 from tests.test_aggregate import (
@@ -116,8 +118,34 @@ def people(app: Flask, rows: list[tuple[float, str | None, str]]) -> list[str]:
     return made
 
 
+class World(TypedDict):
+    project: str
+    consenting: list[str]
+    refusing: list[str]
+
+
+def build_world(app: Flask, client: FlaskClient, custodian_headers: dict[str, str]) -> World:
+    """A project; 30 consenting patients whose diabetes follows a high BMI (onset within five years of the
+    index date); 60 who do not consent, for whom it is the other way round."""
+    project = new_project(app, epsilon=1000.0, cap=100.0, suppression=0)
+    consenting = people(app, [(18.0 + i, "2022-03-01" if i >= 15 else None, "female" if i % 2 else "male")
+                              for i in range(30)])
+    refusing = people(app, [(18.0 + i % 30, "2022-03-01" if i % 30 < 15 else None, "female") for i in range(60)])
+    for patient_id in consenting:
+        consent(app, patient_id, project, "aggregate")
+    return {"project": project, "consenting": consenting, "refusing": refusing}
+
+
 @pytest.fixture
-def project(app: Flask) -> str:
+def world_recipe() -> Recipe:
+    return build_world
+
+
+@pytest.fixture
+def project(request: pytest.FixtureRequest, app: Flask) -> str:
+    """The project the test trains in: the world's when the test uses `world`, else a new one without patients."""
+    if "world" in request.fixturenames:
+        return request.getfixturevalue("world")["project"]
     return new_project(app, epsilon=1000.0, cap=100.0, suppression=0)
 
 
@@ -126,28 +154,16 @@ def research(app: Flask, client: FlaskClient, project: str) -> dict[str, str]:
     return bearer(token(client, app, "research", project))
 
 
-@pytest.fixture
-def world(app: Flask, project: str) -> dict[str, list[str]]:
-    """30 consenting patients whose diabetes follows a high BMI (onset within five years of the
-    index date); 60 who do not consent, for whom it is the other way round."""
-    consenting = people(app, [(18.0 + i, "2022-03-01" if i >= 15 else None, "female" if i % 2 else "male")
-                              for i in range(30)])
-    refusing = people(app, [(18.0 + i % 30, "2022-03-01" if i % 30 < 15 else None, "female") for i in range(60)])
-    for patient_id in consenting:
-        consent(app, patient_id, project, "aggregate")
-    return {"consenting": consenting, "refusing": refusing}
-
-
 # -- what is trained on ------------------------------------------------------------------------
 
 
-def test_the_rows_are_the_consenting_patients_one_each(app: Flask, project: str, world: dict[str, list[str]]) -> None:
+def test_the_rows_are_the_consenting_patients_one_each(app: Flask, project: str, world: World) -> None:
     rows = matrix(app, project, train())
     assert rows.patients == sorted(world["consenting"])
 
 
 def test_features_use_only_data_before_the_index_date_and_the_label_only_data_after_it(
-        app: Flask, project: str, world: dict[str, list[str]]) -> None:
+        app: Flask, project: str, world: World) -> None:
     rows = matrix(app, project, train())
     assert sorted(v for (v,) in rows.values) == [18.0 + i for i in range(30)]
     assert rows.labels == [1.0 if v >= 33.0 else 0.0 for (v,) in rows.values]
@@ -165,27 +181,27 @@ def test_data_dated_on_the_index_date_is_the_labels_not_the_features(app: Flask,
 
 
 def test_with_an_index_date_a_feature_may_read_the_labels_search_before_it(app: Flask, project: str,
-                                                                          world: dict[str, list[str]]) -> None:
+                                                                          world: World) -> None:
     """"Diagnosed before the index date" and "diagnosed within the horizon" are two variables."""
     rows = matrix(app, project, train(bmi(), feature("diabetic", has=DIABETES_SEARCH)))
     assert rows.labels is not None and len(rows.labels) == 30
     assert [diabetic for _, diabetic in rows.values] == [1.0 - y for y in rows.labels]
 
 
-def test_the_label_ignores_data_after_the_horizon(app: Flask, project: str, world: dict[str, list[str]]) -> None:
+def test_the_label_ignores_data_after_the_horizon(app: Flask, project: str, world: World) -> None:
     rows = matrix(app, project, train(horizon="2 a"))  # the onsets are in 2022-03, past 2022-01-01
     assert rows.labels == [0.0] * 30
 
 
 def test_without_an_index_date_features_and_label_read_all_data(app: Flask, project: str,
-                                                                world: dict[str, list[str]]) -> None:
+                                                                world: World) -> None:
     rows = matrix(app, project, train(index=None, horizon=None))
     assert sorted(v for (v,) in rows.values) == sorted(min(65.0 - 18.0 - i, 50.0) for i in range(30))  # the latest
     assert rows.labels == [1.0] * 30  # a diabetes at any date
 
 
 def test_a_patient_with_1000_observations_gives_one_clipped_row(app: Flask, project: str,
-                                                                world: dict[str, list[str]]) -> None:
+                                                                world: World) -> None:
     heavy = add_heavy_patient(app)
     consent(app, heavy, project, "aggregate")
     weight = feature("weight", expression=f"Observation?code={LOINC}|{WEIGHT}", reduce="mean", lower=40.0,
@@ -197,7 +213,7 @@ def test_a_patient_with_1000_observations_gives_one_clipped_row(app: Flask, proj
                if patient_id != heavy)  # no weight: the declared missing value, the midpoint
 
 
-def test_builtin_age_and_gender_and_has_features(app: Flask, project: str, world: dict[str, list[str]]) -> None:
+def test_builtin_age_and_gender_and_has_features(app: Flask, project: str, world: World) -> None:
     rows = matrix(app, project, train(
         feature("age", builtin="age", lower=0.0, upper=100.0), feature("female", builtin="gender"),
         feature("hypertension", has=f"Condition?code={SNOMED}|{HYPERTENSION}")))
@@ -211,7 +227,7 @@ def test_builtin_age_and_gender_and_has_features(app: Flask, project: str, world
 
 
 def test_a_model_trained_on_real_signal_has_a_coefficient_of_the_right_sign(
-        client: FlaskClient, research: dict[str, str], world: dict[str, list[str]]) -> None:
+        client: FlaskClient, research: dict[str, str], world: World) -> None:
     response = post(client, research, train(epsilon=100.0))
     assert response.status_code == 200, response.get_json()
     coefficients = document(response.get_json())["parameters"]["coefficients"]
@@ -219,7 +235,7 @@ def test_a_model_trained_on_real_signal_has_a_coefficient_of_the_right_sign(
 
 
 def test_the_answer_carries_exactly_the_documents_numbers(client: FlaskClient, research: dict[str, str],
-                                                          world: dict[str, list[str]]) -> None:
+                                                          world: World) -> None:
     body = post(client, research, train(bmi(), feature("female", builtin="gender"), epsilon=5.0)).get_json()
     doc = document(body)
     coefficient = {p["part"][0]["valueString"]: p["part"][1]["valueDecimal"] for p in body["parameter"]
@@ -235,7 +251,7 @@ def test_the_answer_carries_exactly_the_documents_numbers(client: FlaskClient, r
 
 
 def test_naive_bayes_releases_per_class_means_and_variances(client: FlaskClient, research: dict[str, str],
-                                                            world: dict[str, list[str]]) -> None:
+                                                            world: World) -> None:
     body = post(client, research, train(model="naive-bayes", epsilon=5.0)).get_json()
     doc = document(body)
     classes = [p["part"] for p in body["parameter"] if p["name"] == "class"]
@@ -245,7 +261,7 @@ def test_naive_bayes_releases_per_class_means_and_variances(client: FlaskClient,
 
 
 def test_linear_regression_learns_a_bounded_value(client: FlaskClient, research: dict[str, str],
-                                                  world: dict[str, list[str]]) -> None:
+                                                  world: World) -> None:
     label = param("label", expression=BMI_SEARCH, reduce="max", lower=15.0, upper=50.0)
     response = post(client, research, train(feature("female", builtin="gender"), model="linear-regression",
                                             label=label, index=None, horizon=None, epsilon=10.0))
@@ -255,7 +271,7 @@ def test_linear_regression_learns_a_bounded_value(client: FlaskClient, research:
 
 def test_evaluation_is_a_noisy_confusion_matrix_paid_by_the_same_epsilon(
         app: Flask, client: FlaskClient, research: dict[str, str], project: str,
-        world: dict[str, list[str]]) -> None:
+        world: World) -> None:
     body = train(epsilon=10.0)
     body["parameter"].append(param("evaluate", True))
     response = post(client, research, body)
@@ -267,7 +283,7 @@ def test_evaluation_is_a_noisy_confusion_matrix_paid_by_the_same_epsilon(
 
 
 def test_a_training_set_below_the_suppression_threshold_withholds_the_model(
-        app: Flask, client: FlaskClient, world: dict[str, list[str]]) -> None:
+        app: Flask, client: FlaskClient, world: World) -> None:
     small = new_project(app, epsilon=10.0, cap=1.0, suppression=1000)
     for patient_id in world["consenting"]:
         consent(app, patient_id, small, "aggregate")
@@ -308,7 +324,7 @@ def test_the_readme_example_trains_a_diabetes_model_on_synthetic_patients(app: F
 
 
 def test_a_training_is_disclosed_to_its_patients_as_a_statistical_answer_not_records(
-        app: Flask, client: FlaskClient, research: dict[str, str], project: str, world: dict[str, list[str]]) -> None:
+        app: Flask, client: FlaskClient, research: dict[str, str], project: str, world: World) -> None:
     assert post(client, research, train(epsilon=0.5)).status_code == 200
     with app.app_context(), db.read() as conn:
         [told] = portal_disclosures.received(conn, world["consenting"][0])
@@ -325,7 +341,7 @@ def test_a_training_is_disclosed_to_its_patients_as_a_statistical_answer_not_rec
 
 def test_a_training_spends_its_epsilon_and_a_replay_spends_nothing(
         app: Flask, client: FlaskClient, research: dict[str, str], project: str,
-        world: dict[str, list[str]]) -> None:
+        world: World) -> None:
     first = post(client, research, train(epsilon=0.5))
     again = post(client, research, train(epsilon=0.5))
     assert first.status_code == again.status_code == 200
@@ -335,7 +351,7 @@ def test_a_training_spends_its_epsilon_and_a_replay_spends_nothing(
 
 
 def test_an_idempotency_key_gives_the_recorded_answer(app: Flask, client: FlaskClient, research: dict[str, str],
-                                                      project: str, world: dict[str, list[str]]) -> None:
+                                                      project: str, world: World) -> None:
     first = post(client, research, train(epsilon=0.5), key="k-1")
     consent(app, world["consenting"][0], project, "none")  # new data: only the key can recall the answer
     again = post(client, research, train(epsilon=0.5), key="k-1")
@@ -346,7 +362,7 @@ def test_an_idempotency_key_gives_the_recorded_answer(app: Flask, client: FlaskC
 
 def test_a_withdrawn_patient_is_not_in_the_next_training(app: Flask, client: FlaskClient, research: dict[str, str],
                                                          custodian_headers: dict[str, str], project: str,
-                                                         world: dict[str, list[str]]) -> None:
+                                                         world: World) -> None:
     post(client, research, train(epsilon=0.5))
     withdrawn = world["consenting"][0]
     consent(app, withdrawn, project, "none")
@@ -358,7 +374,7 @@ def test_a_withdrawn_patient_is_not_in_the_next_training(app: Flask, client: Fla
 
 
 def test_an_exhausted_budget_is_refused_403_too_costly(app: Flask, client: FlaskClient,
-                                                       world: dict[str, list[str]]) -> None:
+                                                       world: World) -> None:
     poor = new_project(app, epsilon=1.0, cap=1.0, suppression=0)
     for patient_id in world["consenting"]:
         consent(app, patient_id, poor, "aggregate")
@@ -369,7 +385,7 @@ def test_an_exhausted_budget_is_refused_403_too_costly(app: Flask, client: Flask
     assert spent(app, poor) == 0.75
 
 
-def test_a_record_tier_project_may_train_too(app: Flask, client: FlaskClient, world: dict[str, list[str]]) -> None:
+def test_a_record_tier_project_may_train_too(app: Flask, client: FlaskClient, world: World) -> None:
     records = new_project(app, tier="record", epsilon=10.0, cap=1.0, suppression=0)
     for patient_id in world["consenting"]:
         consent(app, patient_id, records, "aggregate")
@@ -377,7 +393,7 @@ def test_a_record_tier_project_may_train_too(app: Flask, client: FlaskClient, wo
 
 
 def test_a_cohort_whose_noisy_size_is_above_the_row_limit_is_refused_and_its_epsilon_stays_spent(
-        app: Flask, client: FlaskClient, research: dict[str, str], project: str, world: dict[str, list[str]]) -> None:
+        app: Flask, client: FlaskClient, research: dict[str, str], project: str, world: World) -> None:
     app.config["TRAIN_MAX_ROWS"] = 20  # 30 patients, whose size ε (10) buys noise of a patient or less
     response = post(client, research, train(epsilon=100.0))
     assert response.status_code == 400 and "PASSERELLE_TRAIN_MAX_ROWS" in response.get_json()["issue"][0]["diagnostics"]
