@@ -343,7 +343,9 @@ class Backend:
                                 f"SELECT setval(pg_get_serial_sequence('\"{target.schema}\".\"{table.name}\"', "
                                 f"'{column.name}'), COALESCE((SELECT max({column.name}) FROM "
                                 f'"{target.schema}"."{table.name}"), 0) + 1, false)'))
-                conn.execute(text("ANALYZE"))
+                # This copy's tables only: a bare ANALYZE would also read every other schema of the database.
+                conn.execute(text("ANALYZE " + ", ".join(f'"{target.schema}"."{table.name}"'
+                                                         for table in metadata.sorted_tables)))
         finally:
             engine.dispose()
         return target
@@ -466,10 +468,13 @@ def analyze(database: Database) -> None:
         finally:
             conn.close()
         return
+    from service.store.schema import metadata
+
     engine = create_engine(database.url.replace("postgresql://", "postgresql+psycopg://", 1))
     try:
-        with engine.connect() as conn:
-            conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
+        with engine.connect() as conn:  # this database's schema only, not every schema of the server's database
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(
+                "ANALYZE " + ", ".join(f'"{database.schema}"."{table.name}"' for table in metadata.sorted_tables)))
     finally:
         engine.dispose()
 

@@ -47,9 +47,8 @@ from functools import partial
 from typing import Any
 
 import orjson
-from sqlalchemy import text
 
-from benchmarks.aggregate import in_period, releases
+from benchmarks.aggregate import hinted, in_period, releases
 from benchmarks.harness import ROOT, Instance, fmt, median, progress, table
 from benchmarks.research import create_project, patient_ids
 from benchmarks.runner import Context
@@ -172,10 +171,10 @@ def plain_rows(conn: Any, model: str, project_id: str, index: int, until: int, a
 
     def run(sql: str, code: str, **extra: Any) -> list[Any]:
         system, value = code.split("|", 1)
-        return list(conn.execute(text(sql), {**base, "system": system, "code": value, **extra}).all())
+        return list(conn.execute(hinted(sql, conn), {**base, "system": system, "code": value, **extra}).all())
 
     ages = {pid: Bounds(18.0, 90.0).clip(age) for pid, age in conn.execute(
-        text(_PATIENTS), {**base, "year": YEAR_US, "adults": adults}).all()}
+        hinted(_PATIENTS, conn), {**base, "year": YEAR_US, "adults": adults}).all()}
     bmi = dict(run(_latest(BEFORE), BMI, lower=15.0, upper=50.0))
     hypertension = {pid for (pid,) in run(_has(BEFORE), HYPERTENSION)}
     diabetic = {pid for (pid,) in run(_has(BEFORE), DIABETES)}

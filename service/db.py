@@ -102,7 +102,13 @@ def statistics_read() -> Iterator[Connection]:
     """The read transaction (`read`) a statistical answer is computed in: no statement of it runs
     longer than PASSERELLE_STATISTICS_TIMEOUT_SECONDS (at least 1 ms on PostgreSQL): one that does
     is interrupted and `errors.TooCostly` raised. PostgreSQL's `statement_timeout` is set for this
-    transaction only; SQLite's progress handler only while it lasts."""
+    transaction only; SQLite's progress handler only while it lasts.
+
+    On PostgreSQL the transaction's statements are planned without nested loops where another join
+    will do: a statistical answer reads a cohort, and joined by hash its cost grows with the rows read
+    whatever the planner's statistics say. With none (rows just written, autovacuum not yet by), a
+    filter on a consent decision is estimated at one row, and nested loops over the real hundreds
+    re-read every inner row for each outer one: a 240-patient training took seconds per statement."""
     seconds = current_app.config["STATISTICS_TIMEOUT_SECONDS"]
     with read() as conn:
         try:
@@ -111,6 +117,7 @@ def statistics_read() -> Iterator[Connection]:
                     yield conn
             else:
                 conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}")
+                conn.exec_driver_sql("SET LOCAL enable_nestloop = off")
                 yield conn
         except OperationalError as exc:
             if getattr(exc.orig, "sqlstate", None) != "57014" and str(exc.orig) != "interrupted":

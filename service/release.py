@@ -65,6 +65,7 @@ from service.api.searchset import run_search
 from service.auth import Principal
 from service.errors import Forbidden, InvalidRequest, NotFound
 from service.store import cohort, features, jobs, project_groups, search
+from service.store.hints import unindexed
 from service.store.indexer import parse_reference
 from service.store.schema import decision_classes, decisions, history, idx_reference, resources
 from service.store.searchparams import COMPARTMENT, SearchParam, params_for
@@ -149,30 +150,39 @@ def restrict(project_id: str, minimum_tier: int, now: int | None = None, table: 
 
 
 def _allowed(project_id: str, minimum_tier: int, instant: Any, table: Any, types: tuple[str, ...]) -> Any:
-    """`restrict`'s condition on one row (`table`: as `restrict` takes it), judged at `instant`."""
+    """`restrict`'s condition on one row (`table`: as `restrict` takes it), judged at `instant`.
+
+    With patient-compartment types only (an aggregate's filter), the condition is a plain conjunction
+    with no `OR`, so the database can join the decisions instead of probing them row by row
+    (PostgreSQL turns an `EXISTS` into a join only when nothing but `AND` stands above it)."""
     judged = table if isinstance(table, Judged) else Judged.current(table)
     parts = _filter_parts(judged, project_id, minimum_tier, types)
-    if parts.consented is None:
-        return parts.directory
-    return or_(and_(parts.in_compartment, parts.consented.at(instant)), parts.directory,
-               *(and_(is_target, named.at(instant)) for is_target, named in parts.through))
+    alternatives = [parts.directory] if parts.directory is not None else []
+    if parts.consented is not None:
+        alternatives.insert(0, and_(parts.in_compartment, parts.consented.at(instant)))
+        alternatives += [and_(is_target, named.at(instant)) for is_target, named in parts.through]
+    if not alternatives:
+        return false()
+    return alternatives[0] if len(alternatives) == 1 else or_(*alternatives)
 
 
 @dataclass(frozen=True)
 class _Consented:
-    """`EXISTS` a decision of the project that releases the judged row, but for the instant:
-    the clauses that do not depend on it, built once, and the statement's correlation."""
+    """A patient-compartment row is released, but for the instant: what it must be by itself
+    (`row`), and `EXISTS` a decision of the project that releases it, whose clauses that do not
+    depend on the instant are built once, with the statement's correlation."""
 
+    row: tuple[Any, ...]
     clauses: tuple[Any, ...]
     correlate: tuple[Any, ...]
 
     def at(self, instant: int) -> Any:
         """The decision must also be in force at `instant`."""
-        return exists(select(_ONE).where(
+        return and_(*self.row, exists(select(_ONE).where(
             *self.clauses,
             or_(decisions.c.valid_from.is_(None), decisions.c.valid_from <= instant),
             or_(decisions.c.valid_until.is_(None), decisions.c.valid_until >= instant),
-        ).correlate(*self.correlate))
+        ).correlate(*self.correlate)))
 
 
 @dataclass(frozen=True)
@@ -193,7 +203,7 @@ class _Named:
 class _FilterParts:
     in_compartment: Any
     consented: _Consented | None
-    directory: Any
+    directory: Any  # None: no directory type is let through but by `through`
     through: tuple[tuple[Any, _Named], ...]
 
 
@@ -203,7 +213,8 @@ def _filter_parts(judged: Judged, project_id: str, minimum_tier: int, types: tup
     wanted = set(types)
     in_compartment = sorted(wanted & _COMPARTMENT_TYPES)
     directory = wanted - _COMPARTMENT_TYPES
-    directory_clause = and_(_one_of(judged.type, directory - set(_THROUGH_REFERRERS)), _open(judged))
+    listed = directory - set(_THROUGH_REFERRERS)
+    directory_clause = and_(_one_of(judged.type, listed), _open(judged)) if listed else None
     if not in_compartment:
         return _FilterParts(None, None, directory_clause, ())
     through = []
@@ -217,7 +228,8 @@ def _filter_parts(judged: Judged, project_id: str, minimum_tier: int, types: tup
                            idx_reference.join(referrer, referrer.c.pk == idx_reference.c.resource_pk),
                            judged.tables)
             through.append((judged.type == _constant(target), named))
-    return _FilterParts(_one_of(judged.type, in_compartment), _consented(judged, project_id, minimum_tier),
+    # Not an index key on SQLite: the statement's own conditions find its rows (a resource read by key).
+    return _FilterParts(_one_of(unindexed(judged.type), in_compartment), _consented(judged, project_id, minimum_tier),
                         directory_clause, tuple(through))
 
 
@@ -254,7 +266,10 @@ def _open(judged: Judged) -> Any:
 
 
 def _consented(judged: Judged, project_id: str, minimum_tier: int) -> _Consented:
-    """A decision of the project that releases this patient-compartment row (`_Consented.at` an instant)."""
+    """A decision of the project that releases this patient-compartment row (`_Consented.at` an instant).
+
+    What does not depend on the decision (the row is not custodian-only, and no class the patient
+    excluded from the project is the row's type) is tested on the row beside the `EXISTS`, not in it."""
     in_period = or_(
         judged.type == _constant("Patient"),
         and_(decisions.c.period_start.is_(None), decisions.c.period_end.is_(None)),
@@ -262,18 +277,16 @@ def _consented(judged: Judged, project_id: str, minimum_tier: int) -> _Consented
              or_(decisions.c.period_start.is_(None), judged.clinical_low >= decisions.c.period_start),
              or_(decisions.c.period_end.is_(None), judged.clinical_high <= decisions.c.period_end)),
     )
-    return _Consented((
+    excluded_class = exists(select(_ONE).where(
+        decision_classes.c.patient_id == judged.patient_id,
+        decision_classes.c.project_id == project_id,
+        decision_classes.c.resource_type == judged.type).correlate(*judged.tables))
+    return _Consented((_open(judged), not_(excluded_class)), (
         decisions.c.patient_id == judged.patient_id,
         decisions.c.project_id == project_id,
         decisions.c.tier >= minimum_tier,
         judged.sensitive_mask.op("&")(decisions.c.excluded_mask) == 0,
-        _open(judged),
         in_period,
-        # Correlate explicitly: two levels down, auto-correlation would not reach the outer row.
-        not_(exists(select(_ONE).where(
-            decision_classes.c.patient_id == judged.patient_id,
-            decision_classes.c.project_id == project_id,
-            decision_classes.c.resource_type == judged.type).correlate(*judged.tables))),
     ), judged.tables)
 
 

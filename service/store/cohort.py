@@ -31,6 +31,7 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression
 
 from policies.fhirdates import date_range
+from service.store.hints import unindexed
 from service.store.schema import decisions, idx_date, idx_quantity, idx_token, resources
 from service.store.search import RowFilter
 
@@ -262,14 +263,6 @@ def per_patient_values(spec: Value, consented: RowFilter) -> Select[Any]:
         reducer = {"mean": func.avg, "max": func.max, "min": func.min}[spec.reduce]
         per_patient = select(row.c.pid, reducer(row.c.v).label("v")).group_by(row.c.pid).subquery()
     return select(per_patient.c.pid, clip(per_patient.c.v, spec.lower, spec.upper).label("v"))
-
-
-def unindexed(column: Any) -> Any:
-    """`column` as an expression no index is keyed on, so the database checks it on rows it
-    found otherwise and never starts from it, whatever its statistics say: an index table
-    joined on `param` and a resource is read by resource, not scanned by `param` across
-    every resource."""
-    return column.concat("")
 
 
 def _years_before(at: date, years: int) -> int:

@@ -27,6 +27,7 @@ from sqlalchemy import Connection, Float, Select, and_, case, cast, func, select
 
 from service.store import cohort
 from service.store.cohort import Expression, Value
+from service.store.hints import unindexed
 from service.store.schema import idx_date, idx_token, resources
 from service.store.search import RowFilter
 
@@ -131,11 +132,11 @@ def _builtin(column: Column, p: Any, at: int) -> Select[Any]:
     gender as 1 (female), 0 (male) or NULL (anything else), clipped to the column's bounds."""
     if column.source == "age":
         born = p.join(idx_date, and_(idx_date.c.resource_pk == p.c.pk,
-                                     cohort.unindexed(idx_date.c.param) == "birthdate"))
+                                     unindexed(idx_date.c.param) == "birthdate"))
         age = cast(at - func.min(idx_date.c.low), Float) / YEAR_US
         return select(p.c.id, cohort.clip(age, column.lower, column.upper)).select_from(born).group_by(p.c.id)
     gendered = p.join(idx_token, and_(idx_token.c.resource_pk == p.c.pk,
-                                      cohort.unindexed(idx_token.c.param) == "gender"))
+                                      unindexed(idx_token.c.param) == "gender"))
     code = func.min(idx_token.c.code)
     return (select(p.c.id, case((code == "female", 1.0), (code == "male", 0.0), else_=None))
             .select_from(gendered).group_by(p.c.id))
