@@ -129,7 +129,7 @@ class Judged:
 
 
 def restrict(project_id: str, minimum_tier: int, now: int | None = None, table: Any = resources, *,
-             types: Iterable[str] = PATIENT_DATA_TYPES) -> search.RowFilter:
+             types: Iterable[str] = PATIENT_DATA_TYPES, whole_cohorts: bool = False) -> search.RowFilter:
     """The consent filter as SQL: only rows of `types` the project's decisions allow, inside the query.
 
     A patient-compartment row needs a decision of at least `minimum_tier` for its
@@ -142,28 +142,36 @@ def restrict(project_id: str, minimum_tier: int, now: int | None = None, table: 
     this filter names it as its medication (`_THROUGH_REFERRERS`). No custodian-only row
     passes (`_open`).
     `table` is the resources table, an alias of it, or a `Judged` (e.g. `Judged.version()`).
+    `whole_cohorts` is for a statistical read, which reads every consented row of its types: with
+    patient-compartment types only, the condition is then a plain conjunction, which PostgreSQL
+    joins the decisions into (in parallel, and by hash: `db.statistics_read`). Otherwise a row's
+    decision is probed row by row, which suits a read of rows found by key or read a page at a time
+    (joined, a few rows by id were planned from every decision of the project).
     Everything but the instant is built once per (project, tier, types, table) and process.
     """
     allowed = _allowed(project_id, minimum_tier, now if now is not None else db.now_us(), table,
-                       tuple(sorted(set(types))))
+                       tuple(sorted(set(types))), whole_cohorts)
     return lambda statement: statement.where(allowed)
 
 
-def _allowed(project_id: str, minimum_tier: int, instant: Any, table: Any, types: tuple[str, ...]) -> Any:
+def _allowed(project_id: str, minimum_tier: int, instant: Any, table: Any, types: tuple[str, ...],
+             joined: bool = False) -> Any:
     """`restrict`'s condition on one row (`table`: as `restrict` takes it), judged at `instant`.
 
-    With patient-compartment types only (an aggregate's filter), the condition is a plain conjunction
-    with no `OR`, so the database can join the decisions instead of probing them row by row
-    (PostgreSQL turns an `EXISTS` into a join only when nothing but `AND` stands above it)."""
+    `joined` (with patient-compartment types only): a plain conjunction with no `OR`, the row's own
+    tests beside the decision's `EXISTS`, which PostgreSQL turns into a join only when nothing but
+    `AND` stands above it. Otherwise an `OR` of the alternatives, each probing per row."""
     judged = table if isinstance(table, Judged) else Judged.current(table)
     parts = _filter_parts(judged, project_id, minimum_tier, types)
-    alternatives = [parts.directory] if parts.directory is not None else []
-    if parts.consented is not None:
-        alternatives.insert(0, and_(parts.in_compartment, parts.consented.at(instant)))
-        alternatives += [and_(is_target, named.at(instant)) for is_target, named in parts.through]
-    if not alternatives:
-        return false()
-    return alternatives[0] if len(alternatives) == 1 else or_(*alternatives)
+    if parts.consented is None:
+        return parts.directory
+    if joined and not set(types) - _COMPARTMENT_TYPES:
+        return and_(parts.in_compartment, parts.consented.at(instant, beside=True))
+    # `directory` stays an alternative when no directory type is asked for (`… OR false`): PostgreSQL then
+    # keeps each decision test a probe of the row it judges; a lone EXISTS it would join, and it planned a
+    # few rows found by id from every decision of the project.
+    return or_(and_(parts.in_compartment, parts.consented.at(instant)), parts.directory,
+               *(and_(is_target, named.at(instant)) for is_target, named in parts.through))
 
 
 @dataclass(frozen=True)
@@ -176,13 +184,18 @@ class _Consented:
     clauses: tuple[Any, ...]
     correlate: tuple[Any, ...]
 
-    def at(self, instant: int) -> Any:
-        """The decision must also be in force at `instant`."""
-        return and_(*self.row, exists(select(_ONE).where(
+    def at(self, instant: int, *, beside: bool = False) -> Any:
+        """The decision must also be in force at `instant`. The row's own tests go inside the `EXISTS`
+        (the form an `OR` of the filter's alternatives needs: PostgreSQL then probes the decision once
+        per row), or `beside` it, where nothing but `AND` stands above the condition and PostgreSQL
+        joins the decisions (they do not depend on the decision: the same rows pass)."""
+        decided = exists(select(_ONE).where(
             *self.clauses,
+            *(() if beside else self.row),
             or_(decisions.c.valid_from.is_(None), decisions.c.valid_from <= instant),
             or_(decisions.c.valid_until.is_(None), decisions.c.valid_until >= instant),
-        ).correlate(*self.correlate)))
+        ).correlate(*self.correlate))
+        return and_(*self.row, decided) if beside else decided
 
 
 @dataclass(frozen=True)
@@ -203,7 +216,7 @@ class _Named:
 class _FilterParts:
     in_compartment: Any
     consented: _Consented | None
-    directory: Any  # None: no directory type is let through but by `through`
+    directory: Any
     through: tuple[tuple[Any, _Named], ...]
 
 
@@ -213,8 +226,7 @@ def _filter_parts(judged: Judged, project_id: str, minimum_tier: int, types: tup
     wanted = set(types)
     in_compartment = sorted(wanted & _COMPARTMENT_TYPES)
     directory = wanted - _COMPARTMENT_TYPES
-    listed = directory - set(_THROUGH_REFERRERS)
-    directory_clause = and_(_one_of(judged.type, listed), _open(judged)) if listed else None
+    directory_clause = and_(_one_of(judged.type, directory - set(_THROUGH_REFERRERS)), _open(judged))
     if not in_compartment:
         return _FilterParts(None, None, directory_clause, ())
     through = []
@@ -269,7 +281,7 @@ def _consented(judged: Judged, project_id: str, minimum_tier: int) -> _Consented
     """A decision of the project that releases this patient-compartment row (`_Consented.at` an instant).
 
     What does not depend on the decision (the row is not custodian-only, and no class the patient
-    excluded from the project is the row's type) is tested on the row beside the `EXISTS`, not in it."""
+    excluded from the project is the row's type) is kept apart, for `_Consented.at` to place."""
     in_period = or_(
         judged.type == _constant("Patient"),
         and_(decisions.c.period_start.is_(None), decisions.c.period_end.is_(None)),
@@ -714,7 +726,7 @@ class Release:
         the filter's type test short; a type outside the project's is never let through."""
         allowed = {"Patient", *self.types}
         return restrict(self.project.project_id, engine.AGGREGATE, now,
-                        types=tuple(t for t in types if t in allowed))
+                        types=tuple(t for t in types if t in allowed), whole_cohorts=True)
 
     def reserve(self, types: Iterable[str], canonical: str, epsilon: float, idempotency_key: str | None
                 ) -> budget.Claim:
