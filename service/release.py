@@ -150,22 +150,22 @@ def restrict(project_id: str, minimum_tier: int, now: int | None = None, table: 
     Everything but the instant is built once per (project, tier, types, table) and process.
     """
     allowed = _allowed(project_id, minimum_tier, now if now is not None else db.now_us(), table,
-                       tuple(sorted(set(types))), whole_cohorts)
+                       tuple(sorted(set(types))), whole_cohorts=whole_cohorts)
     return lambda statement: statement.where(allowed)
 
 
-def _allowed(project_id: str, minimum_tier: int, instant: Any, table: Any, types: tuple[str, ...],
-             joined: bool = False) -> Any:
+def _allowed(project_id: str, minimum_tier: int, instant: Any, table: Any, types: tuple[str, ...], *,
+             whole_cohorts: bool = False) -> Any:
     """`restrict`'s condition on one row (`table`: as `restrict` takes it), judged at `instant`.
 
-    `joined` (with patient-compartment types only): a plain conjunction with no `OR`, the row's own
+    `whole_cohorts` (with patient-compartment types only): a plain conjunction with no `OR`, the row's own
     tests beside the decision's `EXISTS`, which PostgreSQL turns into a join only when nothing but
     `AND` stands above it. Otherwise an `OR` of the alternatives, each probing per row."""
     judged = table if isinstance(table, Judged) else Judged.current(table)
     parts = _filter_parts(judged, project_id, minimum_tier, types)
     if parts.consented is None:
         return parts.directory
-    if joined and not set(types) - _COMPARTMENT_TYPES:
+    if whole_cohorts and not set(types) - _COMPARTMENT_TYPES:
         return and_(parts.in_compartment, parts.consented.at(instant, beside=True))
     # `directory` stays an alternative when no directory type is asked for (`… OR false`): PostgreSQL then
     # keeps each decision test a probe of the row it judges; a lone EXISTS it would join, and it planned a
@@ -289,6 +289,8 @@ def _consented(judged: Judged, project_id: str, minimum_tier: int) -> _Consented
              or_(decisions.c.period_start.is_(None), judged.clinical_low >= decisions.c.period_start),
              or_(decisions.c.period_end.is_(None), judged.clinical_high <= decisions.c.period_end)),
     )
+    # Correlated explicitly: inside the decision's EXISTS it is two levels down, where auto-correlation
+    # would not reach the judged row.
     excluded_class = exists(select(_ONE).where(
         decision_classes.c.patient_id == judged.patient_id,
         decision_classes.c.project_id == project_id,

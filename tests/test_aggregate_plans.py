@@ -1,6 +1,7 @@
 """How `$aggregate` reads its rows (issue 11): the resources an expression's index finds are
 read by their key, whatever the planner's statistics, so the exact aggregate costs about what
-the same question written by hand in SQL costs."""
+the same question written by hand in SQL costs. On PostgreSQL a statistical read joins the
+consent decisions by hash, while any other read keeps probing each row's decision."""
 from __future__ import annotations
 
 import pytest
