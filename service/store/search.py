@@ -515,18 +515,22 @@ def _date_clause(value: str, low: Any, high: Any) -> ColumnElement[bool]:
         vlow, vhigh = date_range(text)
     except DateFormatError as exc:
         raise ValueError(str(exc)) from None
-    contained = and_(low >= vlow, high <= vhigh)
+
+    def contained() -> ColumnElement[bool]:
+        return and_(low >= vlow, high <= vhigh)
+
+    # Only the prefix's clause is built: a list of hundreds of values would otherwise build nine per value.
     return {
         "eq": contained,
-        "ne": not_(contained),
-        "gt": high > vhigh,
-        "lt": low < vlow,
-        "ge": or_(high > vhigh, contained),
-        "le": or_(low < vlow, contained),
-        "sa": low > vhigh,
-        "eb": high < vlow,
-        "ap": and_(low <= vhigh + _approx(vlow, vhigh), high >= vlow - _approx(vlow, vhigh)),
-    }[prefix]
+        "ne": lambda: not_(contained()),
+        "gt": lambda: high > vhigh,
+        "lt": lambda: low < vlow,
+        "ge": lambda: or_(high > vhigh, contained()),
+        "le": lambda: or_(low < vlow, contained()),
+        "sa": lambda: low > vhigh,
+        "eb": lambda: high < vlow,
+        "ap": lambda: and_(low <= vhigh + _approx(vlow, vhigh), high >= vlow - _approx(vlow, vhigh)),
+    }[prefix]()
 
 
 def _approx(vlow: int, vhigh: int) -> int:
@@ -545,17 +549,17 @@ def _quantity_clause(value: str) -> ColumnElement[bool]:
     half = Decimal(1).scaleb(number.as_tuple().exponent) / 2
     lo, hi, n = float(number - half), float(number + half), float(number)
     column = idx_quantity.c.value
-    clause = {
-        "eq": and_(column >= lo, column < hi),
-        "ne": or_(column < lo, column >= hi),
-        "gt": column > n,
-        "lt": column < n,
-        "ge": column >= n,
-        "le": column <= n,
-        "sa": column > n,
-        "eb": column < n,
-        "ap": and_(column >= n - abs(n) * 0.1, column <= n + abs(n) * 0.1),
-    }[prefix]
+    clause = {  # only the prefix's clause is built (see _date_clause)
+        "eq": lambda: and_(column >= lo, column < hi),
+        "ne": lambda: or_(column < lo, column >= hi),
+        "gt": lambda: column > n,
+        "lt": lambda: column < n,
+        "ge": lambda: column >= n,
+        "le": lambda: column <= n,
+        "sa": lambda: column > n,
+        "eb": lambda: column < n,
+        "ap": lambda: and_(column >= n - abs(n) * 0.1, column <= n + abs(n) * 0.1),
+    }[prefix]()
     if system:
         clause = and_(clause, idx_quantity.c.system == system)
     if code:
