@@ -116,8 +116,8 @@ def statistics_read() -> Iterator[Connection]:
                 with _sqlite_bound(conn, seconds):
                     yield conn
             else:
-                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}")
-                conn.exec_driver_sql("SET LOCAL enable_nestloop = off")
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}; "
+                                     "SET LOCAL enable_nestloop = off")
                 yield conn
         except OperationalError as exc:
             if getattr(exc.orig, "sqlstate", None) != "57014" and str(exc.orig) != "interrupted":

@@ -907,15 +907,20 @@ def release_for(client_id: str, project_id: str | None, minimum_tier: int) -> Re
 
 @contextmanager
 def record_release(principal: Principal) -> Iterator[Release]:
-    """The record-level release of a research caller (refused as by `release_for`) on its project and
-    key version as they were read with its token (`auth.authenticate`), so not read again; its
-    search and read run in one read transaction."""
+    """The record-level release of a research caller (`caller_release`), whose search and read run in
+    one read transaction."""
+    with db.read() as conn:
+        yield caller_release(principal, engine.RECORD, conn)
+
+
+def caller_release(principal: Principal, minimum_tier: int, reading: Connection | None = None) -> Release:
+    """The release view of a research caller (refused as by `release_for`) on its project and key version
+    as they were read with its token (`auth.authenticate`), so not read again."""
     if principal.project is None:
         raise Forbidden("This client is not bound to a research project")
-    project = _receiving(principal.project, engine.RECORD)
-    key = keyring.key_at(project.project_id, principal.key_version)
-    with db.read() as conn:
-        yield _release(principal.client_id, project, engine.RECORD, key, conn)
+    project = _receiving(principal.project, minimum_tier)
+    return _release(principal.client_id, project, minimum_tier,
+                    keyring.key_at(project.project_id, principal.key_version), reading)
 
 
 def _release_in(conn: Connection, client_id: str, project_id: str | None, minimum_tier: int) -> Release:

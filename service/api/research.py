@@ -17,8 +17,8 @@ from service.errors import InvalidRequest, MethodNotAllowed
 from service.release import (
     RESEARCH_RESULT_PARAMS,
     Release,
+    caller_release,
     record_release,
-    release_for,
     research_capability_types,
     research_param_allowed,
 )
@@ -37,7 +37,7 @@ def _base() -> str:
 
 def _records() -> Release:
     """The caller's record-level release (refused for aggregate-only or closed projects)."""
-    return release_for(g.principal.client_id, g.principal.project_id, engine.RECORD)
+    return caller_release(g.principal, engine.RECORD)
 
 
 @bp.get("/metadata")
@@ -88,7 +88,7 @@ def vread(resource_type: str, pseudonym: str, version: str) -> Response:
 def aggregate_operation() -> Response:
     """A differentially private answer (README, "$aggregate"); ε is reserved before it is computed."""
     body = parse_body()
-    release = release_for(g.principal.client_id, g.principal.project_id, engine.AGGREGATE)
+    release = caller_release(g.principal, engine.AGGREGATE)
     return fhir_response(aggregate.answer(release, body, request.headers.get("Idempotency-Key")))
 
 
@@ -96,14 +96,14 @@ def aggregate_operation() -> Response:
 def train_operation() -> Response:
     """A differentially private model (README, "$train"); ε is reserved before it is trained."""
     body = parse_body()
-    release = release_for(g.principal.client_id, g.principal.project_id, engine.AGGREGATE)
+    release = caller_release(g.principal, engine.AGGREGATE)
     return fhir_response(training.answer(release, body, request.headers.get("Idempotency-Key")))
 
 
 @bp.get("/$budget")
 def budget_operation() -> Response:
     """The caller's own project's privacy budget and its history with the questions asked; spends nothing."""
-    release = release_for(g.principal.client_id, g.principal.project_id, engine.AGGREGATE)
+    release = caller_release(g.principal, engine.AGGREGATE)
     return fhir_response(budget_parameters(release.budget()))
 
 
