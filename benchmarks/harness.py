@@ -65,6 +65,7 @@ class Scale:
     accuracy_draws: int          # noise draws per epsilon (section 6)
     train_sizes: tuple[int, ...]    # patients of the model-training databases (section 8)
     train_repeats: tuple[int, ...]  # $train calls per model and ε at each of those sizes (section 8)
+    cli_repeats: int             # timed starts of each command (section 9)
 
 
 SCALES = {
@@ -76,19 +77,19 @@ SCALES = {
         http_requests=100, http_seconds=2, latency_requests=20, latency_seconds=1,
         deid_resources=2_000, research_size=2_000, export_size=2_000,
         agg_patients=1_000, agg_observations=10, agg_repeats=9, agg_timeout=10, accuracy_draws=200,
-        train_sizes=(1_000,), train_repeats=(3,)),
+        train_sizes=(1_000,), train_repeats=(3,), cli_repeats=3),
     "small": Scale(
         "small", ingest_bundles=10_000, ingest_ndjson=10_000, ingest_http=True, search_sizes=(10_000, 100_000),
         http_requests=1_500, http_seconds=5, latency_requests=150, latency_seconds=3,
         deid_resources=10_000, research_size=10_000, export_size=10_000,
         agg_patients=10_000, agg_observations=10, agg_repeats=5, agg_timeout=60, accuracy_draws=2_000,
-        train_sizes=(1_000, 10_000), train_repeats=(5, 5)),
+        train_sizes=(1_000, 10_000), train_repeats=(5, 5), cli_repeats=5),
     "full": Scale(
         "full", ingest_bundles=20_000, ingest_ndjson=100_000, ingest_http=True, search_sizes=(10_000, 1_000_000),
         http_requests=5_000, http_seconds=30, latency_requests=300, latency_seconds=15,
         deid_resources=100_000, research_size=100_000, export_size=100_000,
         agg_patients=100_000, agg_observations=10, agg_repeats=3, agg_timeout=180, accuracy_draws=10_000,
-        train_sizes=(1_000, 10_000, 100_000), train_repeats=(5, 5, 3)),
+        train_sizes=(1_000, 10_000, 100_000), train_repeats=(5, 5, 3), cli_repeats=7),
 }
 
 

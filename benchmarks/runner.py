@@ -30,15 +30,16 @@ from benchmarks.harness import (
     workdir,
 )
 
-SECTIONS = ("ingest", "search", "deid", "research", "export", "aggregate", "nodes", "training")
+SECTIONS = ("ingest", "search", "deid", "research", "export", "aggregate", "nodes", "training", "cli")
 TITLES = {
     "ingest": "1. ingest", "search": "2. read/search", "deid": "3. de-identification",
     "research": "4. research vs custodian", "export": "5. $export", "aggregate": "6. $aggregate",
     "nodes": "7. one node vs two behind nginx", "training": "8. model training ($train vs scikit-learn)",
+    "cli": "9. CLI start-up",
 }
 # `--quick` (make bench-quick): every guarded ratio at the quick scale, PostgreSQL when it answers;
 # of section 6 only its latency part (budget reservations and DP accuracy have no ratio to guard).
-QUICK = {"sqlite": ("ingest", "search", "deid", "research", "aggregate"), "postgresql": ("aggregate",)}
+QUICK = {"sqlite": ("ingest", "search", "deid", "research", "aggregate", "cli"), "postgresql": ("aggregate",)}
 QUICK_ENTRY = {"aggregate": "latency"}
 QUICK_FAIL_FACTOR = 3.0
 
