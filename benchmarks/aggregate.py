@@ -199,13 +199,13 @@ def _released(body: dict[str, Any]) -> str:
 
 
 AGE_BINS = tuple(f"{a}-{b - 1}" for a, b in pairwise(EDGES))
-GENDER_BINS = ("male", "female", "other", "unknown")
 
 
 def _short(value: Any) -> str:
-    if isinstance(value, dict):
-        bins = GENDER_BINS if set(value) & set(GENDER_BINS) else AGE_BINS
-        return ", ".join(str(value.get(label, 0)) for label in bins)
+    if isinstance(value, dict) and set(value) <= set(AGE_BINS):
+        return ", ".join(str(value.get(label, 0)) for label in AGE_BINS)
+    if isinstance(value, dict):  # other bins (gender): each named
+        return ", ".join(f"{label} {count:,}" for label, count in sorted(value.items()))
     if isinstance(value, tuple):
         return f"n={value[0]:,}, mean={value[1]}"
     return f"{value:,}" if isinstance(value, int) else str(value)
