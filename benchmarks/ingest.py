@@ -29,7 +29,7 @@ from benchmarks.harness import (
     verdict,
 )
 from benchmarks.runner import Context
-from service.api.capability import resource_types
+from service import validation
 
 TARGET = 1_500
 SECTION = "ingest"
@@ -66,9 +66,9 @@ def _api_in_process(ctx: Context, organisations: list[bytes], bundles: list[byte
                 raise RuntimeError(f"transaction answered {response.status_code}: {response.get_data()[:300]!r}")
             return response.get_data()
 
-        # Every R4B model loaded first, as each gunicorn worker does when it starts (post_worker_init in
-        # deploy/gunicorn.conf.py): a server's steady state, not the first import of each type's model.
-        resource_types()
+        # What validation reads loaded first, as each gunicorn worker does when it starts (post_worker_init
+        # in deploy/gunicorn.conf.py): a server's steady state, not the first import of each type's model.
+        validation.load()
         start = time.perf_counter()
         for body in organisations:
             post(body)

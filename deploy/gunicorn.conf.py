@@ -70,8 +70,9 @@ if os.path.isdir("/dev/shm"):
 
 
 def post_worker_init(worker: Any) -> None:
-    """Warm each worker process up: load every R4B model and diffprivlib (which the CLI never
-    loads) and start its export worker thread now.
+    """Warm each worker process up: load what validation reads (every R4B model, data types
+    included, and the R4 schema's validator) and diffprivlib (which the CLI never loads), and
+    start its export worker thread now.
 
     The app would start that thread on its first request anyway (so `gunicorn wsgi:app`
     without this file runs exports too); starting it here runs queued jobs before any
@@ -82,10 +83,12 @@ def post_worker_init(worker: Any) -> None:
     """
     import diffprivlib  # noqa: F401 - policies.dp imports it lazily; load it now, not on the first $aggregate
 
+    from service import validation
     from service.api.capability import resource_types
     from service.export import start_worker
 
-    resource_types()  # load every R4B model now, not on the first /metadata request
+    validation.load()  # not on the first requests that validate
+    resource_types()  # not on the first /metadata request
     start_worker(worker.wsgi)
 
 

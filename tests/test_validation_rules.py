@@ -1,10 +1,15 @@
 """What the validator accepts is stored exactly as sent, and its rules come from the
-specification's data: the invariants' keys and expressions, the narrative's allowed XHTML.
+specification's data: the invariants' keys and expressions, the narrative's allowed XHTML; all it
+reads is loaded at once when a gunicorn worker starts.
 
 (The refusals are in tests/test_validation_invalid_content.py.)
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +19,7 @@ from service.validation.generate import _quoted_names, _r4_0_1
 from tests.fhir_helpers import create, observation, patient
 
 XHTML = 'xmlns="http://www.w3.org/1999/xhtml"'
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def vital(**extra: Any) -> dict[str, Any]:
@@ -139,3 +145,26 @@ def test_each_invariant_check_agrees_with_the_specifications_fhirpath(key):
     verdicts = [(checks[key](node), evaluate(node, path, {}, models["r4"]) == [True]) for node in nodes]
     assert all(ours == spec for ours, spec in verdicts), verdicts
     assert {ours for ours, _ in verdicts} == {True, False}  # each case set keeps and breaks the invariant
+
+
+# What a gunicorn worker runs as it starts (deploy/gunicorn.conf.py), then validation of a demo population;
+# prints the modules validating it imported.
+_LOADED_FIRST = """
+import json, sys
+from service import synthetic, validation
+validation.load()
+resources = list(synthetic.ndjson_resources(30, 7))
+before = set(sys.modules)
+for resource in resources:
+    validation.validate(resource)
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_once_validation_is_loaded_validating_imports_no_module() -> None:
+    """Every model a resource's elements need is loaded with the rest, not on the first request that
+    validates one (fhir.resources imports a data type's model the first time it meets one)."""
+    child = subprocess.run([sys.executable, "-c", _LOADED_FIRST], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout.strip().splitlines()[-1]) == []

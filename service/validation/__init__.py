@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from service.errors import InvalidRequest, NotFound
-from service.validation import invariants, r4
+from service.validation import bindings, invariants, r4
 
 _ABSTRACT = frozenset({"Resource", "DomainResource"})
 
@@ -47,6 +47,25 @@ def _model(resource_type: str) -> type | None:
         return None
     # Data types (HumanName, …) are models too; only resources may be stored.
     return model if issubclass(model, Resource) and model.get_resource_type() == resource_type else None
+
+
+def load() -> None:
+    """Load everything validation reads, once per process, so that no request pays for it: the R4
+    schema's compiled validator, the invariants' and bindings' tables, and every R4B model, data
+    types included. fhir.resources imports the model of an element's type the first time a
+    resource holding one is validated: loading resource models alone left a server's first
+    Bundles 2–3× slower than the next ones."""
+    from fhir.resources.R4B import fhirtypes, get_fhir_model_class
+
+    r4.validator()
+    invariants.definitions()
+    bindings.by_type()
+    for name in dir(fhirtypes):
+        if name.endswith("Type") and name[:1].isupper():
+            try:
+                get_fhir_model_class(name[:-4])
+            except ValueError:  # a primitive type: no model of its own
+                continue
 
 
 #: A version id as this server writes them: 1, 2, … (at most 9 digits, within the column's range).

@@ -60,7 +60,8 @@ def _dispatching(definitions: dict[str, Any]) -> dict[str, Any]:
 
 
 @cache
-def _validator() -> Any:
+def validator() -> Any:
+    """The compiled validator of the R4 schema, `ResourceList` dispatching on `resourceType`."""
     import jsonschema_rs  # compiled once per process (~0.2 s)
 
     return jsonschema_rs.Draft7Validator({"$ref": f"#/definitions/{RESOURCE}",
@@ -111,7 +112,7 @@ def _describe(error: Any, resource_type: str) -> Problem:
 
 def check(resource: dict[str, Any]) -> Problem | None:
     """The first problem the R4 schema finds in a resource (whose `resourceType` is an R4 type), or None."""
-    validator = _validator()
-    if validator.is_valid(resource):
+    schema_validator = validator()
+    if schema_validator.is_valid(resource):
         return None
-    return _describe(next(iter(validator.iter_errors(resource))), resource["resourceType"])
+    return _describe(next(iter(schema_validator.iter_errors(resource))), resource["resourceType"])
