@@ -51,13 +51,14 @@ def _model(resource_type: str) -> type | None:
 
 def load() -> None:
     """Load everything validation reads, once per process, so that no request pays for it: the R4
-    schema's compiled validator, the invariants' and bindings' tables, and every R4B model, data
-    types included. fhir.resources imports the model of an element's type the first time a
-    resource holding one is validated: loading resource models alone left a server's first
-    Bundles 2–3× slower than the next ones."""
+    schema's compiled validator and its table of element types, the invariants' texts and the
+    bindings' tables, and every R4B model, data types included. fhir.resources imports the model
+    of an element's type the first time a resource holding one is validated: loading resource
+    models alone left a server's first Bundles 2–3× slower than the next ones."""
     from fhir.resources.R4B import fhirtypes, get_fhir_model_class
 
     r4.validator()
+    r4.element_types()
     invariants.definitions()
     bindings.by_type()
     for name in dir(fhirtypes):
