@@ -573,13 +573,7 @@ preload_app = True
 
 
 def on_starting(server):
-    import diffprivlib  # noqa: F401
-
-    from service import validation
-    from service.api.capability import resource_types
-
-    validation.load()
-    resource_types()
+    warm_up()  # deploy/gunicorn.conf.py's, executed above
 
 
 def post_fork(server, worker):

@@ -69,10 +69,21 @@ if os.path.isdir("/dev/shm"):
     worker_tmp_dir = "/dev/shm"  # worker heartbeats off the (possibly slow) disk
 
 
+def warm_up() -> None:
+    """Load what requests would otherwise load on first use: what validation reads (every R4B model,
+    data types included, and the R4 schema's validator), the capability statement's type list and
+    diffprivlib (which the CLI never loads)."""
+    import diffprivlib  # noqa: F401 - policies.dp imports it lazily; load it now, not on the first $aggregate
+
+    from service import validation
+    from service.api.capability import resource_types
+
+    validation.load()  # not on the first requests that validate
+    resource_types()  # not on the first /metadata request
+
+
 def post_worker_init(worker: Any) -> None:
-    """Warm each worker process up: load what validation reads (every R4B model, data types
-    included, and the R4 schema's validator) and diffprivlib (which the CLI never loads), and
-    start its export worker thread now.
+    """Warm each worker process up (`warm_up`) and start its export worker thread now.
 
     The app would start that thread on its first request anyway (so `gunicorn wsgi:app`
     without this file runs exports too); starting it here runs queued jobs before any
@@ -81,14 +92,9 @@ def post_worker_init(worker: Any) -> None:
     in the database, so any worker of any node may take a job; a worker that dies
     mid-job loses its lease and another one starts it again.
     """
-    import diffprivlib  # noqa: F401 - policies.dp imports it lazily; load it now, not on the first $aggregate
-
-    from service import validation
-    from service.api.capability import resource_types
     from service.export import start_worker
 
-    validation.load()  # not on the first requests that validate
-    resource_types()  # not on the first /metadata request
+    warm_up()
     start_worker(worker.wsgi)
 
 
